@@ -1,0 +1,55 @@
+"""mpmesh: a faster, hang-proof replacement for ``multiprocessing.Manager`` and ``Pool``.
+
+A ``Master`` hosts a broker and spawns named worker groups; master and children send
+each other requests; every process of the mesh shares state through the broker.
+"""
+
+from __future__ import annotations
+
+from ._child import Child as Child
+from ._errors import AuthenticationError as AuthenticationError
+from ._errors import BrokerUnavailable as BrokerUnavailable
+from ._errors import FencedError as FencedError
+from ._errors import LockTimeout as LockTimeout
+from ._errors import MeshClosed as MeshClosed
+from ._errors import MeshError as MeshError
+from ._errors import NoHandler as NoHandler
+from ._errors import NotFound as NotFound
+from ._errors import RemoteError as RemoteError
+from ._errors import RequestTimeout as RequestTimeout
+from ._errors import SerializationError as SerializationError
+from ._errors import WorkerLost as WorkerLost
+from ._master import Master as Master
+from ._master import ProcessStats as ProcessStats
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AuthenticationError",
+    "BrokerUnavailable",
+    "Child",
+    "FencedError",
+    "LockTimeout",
+    "MeshClosed",
+    "MeshError",
+    "Master",
+    "NoHandler",
+    "NotFound",
+    "ProcessStats",
+    "RemoteError",
+    "RequestTimeout",
+    "SerializationError",
+    "WorkerLost",
+]
+
+
+def _fixup_module_metadata() -> None:
+    """Make reprs, tracebacks and pickles show ``mpmesh.X``, the public path."""
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("mpmesh._"):
+            obj.__module__ = "mpmesh"
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

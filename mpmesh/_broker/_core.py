@@ -1,0 +1,207 @@
+"""BrokerCore: the peer table, and one place that routes each message to its owner.
+
+``on_message(peer, msg, now)``, ``on_peer_lost(peer, now)`` and ``on_tick(now)`` mutate
+state and return the actions to perform; the I/O driver (``_io/_loop.py``) performs them.
+Shared-state components (cache, locks, pub/sub, objects, ...) plug in by name and receive
+the ``Op`` messages addressed to them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from .._wire._messages import (
+    Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Hello, Message, Op, Ready, Reply,
+    Request, Role, Serve,
+)
+from ._actions import Action, Close, Notify, Send
+from ._routing import STRATEGIES, UNLIMITED, Group, Router, Worker, WorkerState
+
+__all__ = ["LOCAL_PEER", "BrokerCore", "Component", "Peer"]
+
+# The peer id of the in-process host (a Master's own client). Socket peers start at 1.
+LOCAL_PEER: Final = 0
+
+
+class Component(Protocol):
+    """Broker-held state reached through ``Op`` messages (see ``_broker/_cache.py``...)."""
+
+    def on_op(self, peer: int, msg: Op, now: float) -> list[Action]: ...
+
+    def on_peer_lost(self, peer: int, now: float) -> list[Action]: ...
+
+    def on_tick(self, now: float) -> list[Action]: ...
+
+    def next_deadline(self) -> float | None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Peer:
+    id: int
+    instance_id: int = -1
+    role: Role = Role.CLIENT
+    pid: int = 0
+    name: str = ""
+    group: str = ""
+    hostname: str = ""
+    worker: Worker | None = None
+    last_seen: float = 0.0
+    leaving: bool = False
+    hello: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class BrokerCore:
+    """All broker state; pure: no I/O, no threads, no clock."""
+
+    def __init__(self, *, rng: random.Random | None = None) -> None:
+        self.router = Router(rng or random.Random())
+        self.peers: dict[int, Peer] = {}
+        self.by_instance: dict[int, Peer] = {}
+        self.components: dict[str, Component] = {}
+        self._instances = itertools.count(1)
+        self.ops = 0
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def on_connect(self, peer: int, now: float) -> None:
+        """A socket peer connected (and authenticated); it must say Hello first."""
+        self.peers[peer] = Peer(peer, last_seen=now)
+
+    def add_local(self, name: str, pid: int, hostname: str, now: float) -> Peer:
+        """Register the in-process host; it serves requests whose target is ``""``."""
+        peer = self.peers[LOCAL_PEER] = Peer(LOCAL_PEER, role=Role.MASTER, pid=pid, name=name,
+                                             hostname=hostname, last_seen=now, hello=True)
+        peer.instance_id = next(self._instances)
+        self.by_instance[peer.instance_id] = peer
+        host = Worker(name or "master", None, UNLIMITED, supervised=False)
+        self.router.attach(host, LOCAL_PEER, pid, peer.instance_id, UNLIMITED)
+        self.router.host = peer.worker = host
+        return peer
+
+    def _hello(self, peer: Peer, msg: Hello, now: float) -> list[Action]:
+        peer.hello = True
+        peer.pid, peer.role, peer.name, peer.group, peer.hostname = (
+            msg.pid, Role(msg.role), msg.name, msg.group, msg.hostname)
+        peer.instance_id = next(self._instances)
+        self.by_instance[peer.instance_id] = peer
+        actions: list[Action] = []
+        worker = self.router.workers.get(msg.name) if msg.name else None
+        if worker is not None and worker.supervised:
+            if worker.peer is not None or worker.state not in (WorkerState.STARTING, WorkerState.LOST):
+                return [Close(peer.id, f"a process named {msg.name!r} is already connected")]
+            peer.worker = worker
+            actions.append(Send(peer.id, Ready(peer.instance_id, msg.name)))
+            actions += self.router.attach(worker, peer.id, msg.pid, peer.instance_id, msg.capacity)
+            actions.append(Notify("child-started", {"name": worker.name, "pid": msg.pid,
+                                                    "group": worker.group.name if worker.group else None,
+                                                    "instance_id": peer.instance_id}))
+            return actions
+        name = msg.name or f"{'client' if peer.role is Role.CLIENT else 'peer'}-{peer.instance_id}"
+        anon = Worker(name, None, msg.capacity, supervised=False)
+        self.router.attach(anon, peer.id, msg.pid, peer.instance_id, msg.capacity)
+        peer.worker = anon
+        return [Send(peer.id, Ready(peer.instance_id, name))]
+
+    def on_peer_lost(self, peer_id: int, now: float) -> list[Action]:
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            return []
+        self.by_instance.pop(peer.instance_id, None)
+        actions = self.router.on_origin_lost(peer_id)
+        worker = peer.worker
+        if worker is not None and worker.peer == peer_id:
+            actions += self.router.on_worker_lost(worker, now)
+        for component in self.components.values():
+            actions += component.on_peer_lost(peer_id, now)
+        return actions
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def on_message(self, peer_id: int, msg: Message, now: float) -> list[Action]:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return []
+        peer.last_seen = now
+        cls = type(msg)
+        if cls is Request:
+            return self._request(peer, msg, now)  # type: ignore[arg-type]
+        if cls is Reply or cls is Failure:
+            return self.router.on_result(peer_id, msg, peer.worker, now)  # type: ignore[arg-type]
+        if cls is Op:
+            return self._op(peer, msg, now)  # type: ignore[arg-type]
+        if cls is Heartbeat:
+            return []
+        if cls is Serve:
+            if peer.worker is None:
+                return []
+            return self.router.set_capacity(peer.worker, msg.capacity, now)  # type: ignore[attr-defined]
+        if cls is Cancel:
+            return self.router.cancel(peer_id, msg.rid)  # type: ignore[attr-defined]
+        if cls is Hello:
+            if peer.hello:
+                return [Close(peer_id, "Hello sent twice")]
+            return self._hello(peer, msg, now)  # type: ignore[arg-type]
+        if cls is Goodbye:
+            peer.leaving = True
+            return []
+        return [Close(peer_id, f"{cls.__name__} is not a message peers may send")]
+
+    def _request(self, peer: Peer, req: Request, now: float) -> list[Action]:
+        if not peer.hello:
+            return [Close(peer.id, "Request before Hello")]
+        if req.target_id >= 0:
+            target_peer = self.by_instance.get(req.target_id)
+            where: Worker | Group | None = target_peer.worker if target_peer else None
+            label = f"instance {req.target_id}"
+        else:
+            where = self.router.resolve(req.target)
+            label = repr(req.target) if req.target else "the master"
+        if where is None:
+            if not req.target and req.target_id < 0:
+                return [Send(peer.id, Failure(req.rid, ErrorCode.NO_HANDLER,
+                                              "this mesh has no master to serve requests", b""))]
+            return [Send(peer.id, Failure(req.rid, ErrorCode.NOT_FOUND,
+                                          f"no child, group or node named {label}", b""))]
+        return self.router.submit(peer.id, req, where, now)
+
+    def _op(self, peer: Peer, msg: Op, now: float) -> list[Action]:
+        self.ops += 1
+        component = self.components.get(msg.component)
+        if component is None:
+            return [Send(peer.id, Failure(msg.rid, ErrorCode.NOT_FOUND,
+                                          f"this broker has no {msg.component!r} component", b""))]
+        return component.on_op(peer.id, msg, now)
+
+    # -- time -------------------------------------------------------------------------------
+
+    def on_tick(self, now: float) -> list[Action]:
+        actions = self.router.on_tick(now)
+        for component in self.components.values():
+            actions += component.on_tick(now)
+        return actions
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self.router.next_deadline(),
+                                 *(c.next_deadline() for c in self.components.values()))
+                     if d is not None]
+        return min(deadlines) if deadlines else None
+
+    # -- the owner's controls -----------------------------------------------------------------
+
+    def declare_group(self, name: str, strategy: str, max_concurrency: int | None = None) -> Group:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        if name in self.router.workers:
+            raise ValueError(f"{name!r} is already the name of a child")
+        return self.router.declare_group(name, strategy, max_concurrency)
+
+    def declare_child(self, name: str, group: str | None, capacity: int) -> Worker:
+        if name in self.router.workers or name in self.router.groups:
+            raise ValueError(f"a child or group named {name!r} already exists")
+        if not name:
+            raise ValueError("a child needs a non-empty name")
+        return self.router.declare_worker(name, group, capacity)

@@ -1,0 +1,509 @@
+"""Request lifecycle: queues, load-balancing strategies, the in-flight table, deadlines.
+
+Theory of operation
+-------------------
+A *worker* is a place requests are delivered to: a child the master spawned (known by
+name before its process connects), the master itself (target ``""``), or any other
+connected peer (addressable only by instance id). A *group* is a named list of workers
+with a strategy and an optional cap on in-flight requests.
+
+Every request becomes a *job* with a broker-wide id (``brid``). A job waits in the
+priority queue of its target (a worker's own queue, or its group's queue) until a
+worker with spare capacity takes it; then it is RUNNING and listed in that worker's
+``running`` table until the worker answers. Sequential workers have capacity 1, so the
+broker, not the child, decides the order in which they see requests.
+
+    submit ──► QUEUED ──(worker has capacity)──► RUNNING ──(Reply/Failure)──► DONE
+                 │                                  │
+                 └─(deadline)─► DONE (never runs)   ├─(deadline)─► ABANDONED ──(late answer)──► DONE
+                                                    └─(worker lost)─► retry: QUEUED | DONE (WorkerLost)
+
+An ABANDONED job still occupies its worker's capacity: the work really is still
+running there, and the late answer is dropped when it arrives.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from .._wire._messages import Cancel, ErrorCode, Failure, Reply, Request, Shutdown
+from ._actions import Action, Notify, Send
+
+__all__ = ["STRATEGIES", "Group", "Job", "JobState", "Router", "Worker", "WorkerState"]
+
+STRATEGIES: Final = ("round-robin", "random", "least-busy")
+# How long a worker whose connection dropped keeps its jobs while we wait to learn how
+# its process ended (so WorkerLost can name the signal). Longer delays the error.
+LOST_GRACE_S: Final = 0.5
+# Smoothing factor of the response-time moving average: ~the last 10 requests dominate.
+EMA_ALPHA: Final = 0.2
+UNLIMITED: Final = 1 << 30
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"   # declared, its process has not said Hello yet
+    READY = "ready"
+    STOPPING = "stopping"   # finishing what it holds; takes nothing new
+    LOST = "lost"           # connection gone; waiting to learn how the process ended
+    DOWN = "down"           # gone for good
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    ABANDONED = "abandoned"
+    DONE = "done"
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    brid: int
+    origin: int
+    origin_rid: int
+    action: str
+    payload: bytes
+    priority: int
+    timeout: float | None
+    target: str
+    deadline: float
+    where: Worker | Group | None = None
+    retries_left: int = 0
+    retry_delay: float = 0.0
+    attempt: int = 1
+    seq: int = 0
+    state: JobState = JobState.QUEUED
+    worker: Worker | None = None
+    started: float = 0.0
+    not_before: float = 0.0
+
+
+class JobQueue:
+    """Priority queue of jobs: higher priority first, FIFO among equals."""
+
+    __slots__ = ("_heap", "live")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Job]] = []
+        self.live = 0
+
+    def push(self, job: Job) -> None:
+        heapq.heappush(self._heap, (-job.priority, job.seq, job))
+        self.live += 1
+
+    def _clean(self) -> None:
+        heap = self._heap
+        while heap and heap[0][2].state is not JobState.QUEUED:
+            heapq.heappop(heap)
+
+    def peek(self) -> Job | None:
+        self._clean()
+        return self._heap[0][2] if self._heap else None
+
+    def pop(self) -> Job:
+        self._clean()
+        job = heapq.heappop(self._heap)[2]
+        self.live -= 1
+        return job
+
+    def discard(self, job: Job) -> None:
+        """Account for a queued job that left by another way (timeout, cancel)."""
+        self.live -= 1
+        if len(self._heap) > 64 and len(self._heap) > 4 * self.live:
+            self._heap = [e for e in self._heap if e[2].state is JobState.QUEUED]
+            heapq.heapify(self._heap)
+
+    def drain(self) -> Iterator[Job]:
+        while self.peek() is not None:
+            yield self.pop()
+
+    def __len__(self) -> int:
+        return self.live
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    name: str
+    group: Group | None
+    capacity: int
+    state: WorkerState = WorkerState.STARTING
+    supervised: bool = True
+    peer: int | None = None
+    pid: int = 0
+    instance_id: int = -1
+    busy: int = 0
+    running: dict[int, Job] = field(default_factory=dict)
+    queue: JobQueue = field(default_factory=JobQueue)
+    handled: int = 0
+    errors: int = 0
+    ema: float = 0.0
+    restarts: int = 0
+    lost_at: float = 0.0
+    down_reason: str = ""
+
+    @property
+    def free(self) -> bool:
+        return self.state is WorkerState.READY and self.busy < self.capacity
+
+
+@dataclass(eq=False, slots=True)
+class Group:
+    name: str
+    strategy: str
+    members: list[Worker] = field(default_factory=list)
+    queue: JobQueue = field(default_factory=JobQueue)
+    max_concurrency: int | None = None
+    busy: int = 0
+    rr: int = 0
+
+    @property
+    def has_room(self) -> bool:
+        return self.max_concurrency is None or self.busy < self.max_concurrency
+
+
+def describe(worker: Worker) -> str:
+    return f"worker {worker.name!r} (pid {worker.pid})"
+
+
+class Router:
+    """Owns workers, groups and jobs; every method returns the actions to perform."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self.workers: dict[str, Worker] = {}
+        self.groups: dict[str, Group] = {}
+        self.jobs: dict[int, Job] = {}          # brid -> job, QUEUED or RUNNING/ABANDONED
+        self._by_origin: dict[tuple[int, int], Job] = {}
+        self._timers: list[tuple[float, int, Job]] = []
+        self._brids = itertools.count(1)
+        self._seqs = itertools.count()
+        self.host: Worker | None = None
+
+    # -- declarations (from the mesh's owner) -----------------------------------------
+
+    def declare_group(self, name: str, strategy: str, max_concurrency: int | None) -> Group:
+        group = self.groups.get(name)
+        if group is None:
+            group = self.groups[name] = Group(name, strategy, max_concurrency=max_concurrency)
+        return group
+
+    def declare_worker(self, name: str, group: str | None, capacity: int) -> Worker:
+        worker = Worker(name, self.groups[group] if group else None, capacity)
+        self.workers[name] = worker
+        if worker.group is not None:
+            worker.group.members.append(worker)
+        return worker
+
+    def attach(self, worker: Worker, peer: int, pid: int, instance_id: int,
+               capacity: int) -> list[Action]:
+        """A worker's process has connected: it may now take requests."""
+        worker.peer, worker.pid, worker.instance_id = peer, pid, instance_id
+        worker.capacity = max(0, capacity)
+        worker.state = WorkerState.READY
+        return self._pump_worker(worker, 0.0)
+
+    def set_capacity(self, worker: Worker, capacity: int, now: float) -> list[Action]:
+        worker.capacity = max(0, capacity)
+        actions = self._pump_worker(worker, now)
+        if worker.group is not None:
+            actions += self._pump_group(worker.group, now)
+        return actions
+
+    # -- requests ------------------------------------------------------------------------
+
+    def resolve(self, target: str) -> Worker | Group | None:
+        if not target:
+            return self.host
+        return self.workers.get(target) or self.groups.get(target)
+
+    def submit(self, origin: int, req: Request, where: Worker | Group, now: float) -> list[Action]:
+        timeout = req.timeout if req.timeout >= 0 else None
+        job = Job(
+            next(self._brids), origin, req.rid, req.action, req.payload, req.priority,
+            timeout, req.target or where.name,
+            now + timeout if timeout is not None else float("inf"),
+            where=where, retries_left=max(0, req.retries), retry_delay=req.retry_delay,
+            seq=next(self._seqs),
+        )
+        unavailable = self._unavailable(where)
+        if unavailable:
+            return [Send(origin, Failure(req.rid, ErrorCode.UNAVAILABLE, unavailable, b""))]
+        self.jobs[job.brid] = job
+        self._by_origin[(origin, req.rid)] = job
+        if timeout is not None:
+            heapq.heappush(self._timers, (job.deadline, job.brid, job))
+        return self._enqueue(job, where, now)
+
+    def _unavailable(self, where: Worker | Group) -> str:
+        if isinstance(where, Worker):
+            if where.state in (WorkerState.DOWN, WorkerState.STOPPING):
+                return f"child {where.name!r} is not running ({where.down_reason or where.state.value})"
+            return ""
+        if not any(w.state not in (WorkerState.DOWN, WorkerState.STOPPING) for w in where.members):
+            return f"group {where.name!r} has no running member"
+        return ""
+
+    def _enqueue(self, job: Job, where: Worker | Group, now: float) -> list[Action]:
+        job.state = JobState.QUEUED
+        where.queue.push(job)
+        if isinstance(where, Worker):
+            return self._pump_worker(where, now)
+        return self._pump_group(where, now)
+
+    def _pump_group(self, group: Group, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while group.queue.live and group.has_room:
+            worker = self._pick(group)
+            if worker is None:
+                break
+            actions.append(self._start(group.queue.pop(), worker, now))
+        return actions
+
+    def _pump_worker(self, worker: Worker, now: float) -> list[Action]:
+        actions: list[Action] = []
+        group = worker.group
+        while worker.free:
+            own = worker.queue.peek()
+            shared = group.queue.peek() if group is not None and group.has_room else None
+            if own is None and shared is None:
+                break
+            if shared is None or (own is not None and (-own.priority, own.seq) < (-shared.priority, shared.seq)):
+                job = worker.queue.pop()
+            else:
+                assert group is not None
+                job = group.queue.pop()
+            actions.append(self._start(job, worker, now))
+        return actions
+
+    def _pick(self, group: Group) -> Worker | None:
+        members = group.members
+        n = len(members)
+        if group.strategy == "random":
+            free = [w for w in members if w.free]
+            return self._rng.choice(free) if free else None
+        best: Worker | None = None
+        for i in range(n):
+            w = members[(group.rr + i) % n]
+            if not w.free:
+                continue
+            if group.strategy == "round-robin":
+                group.rr = (group.rr + i + 1) % n
+                return w
+            if best is None or w.busy < best.busy:
+                best = w
+        if best is not None:
+            group.rr = (members.index(best) + 1) % n
+        return best
+
+    def _start(self, job: Job, worker: Worker, now: float) -> Action:
+        job.state = JobState.RUNNING
+        job.worker = worker
+        job.started = now
+        worker.busy += 1
+        worker.running[job.brid] = job
+        if worker.group is not None:
+            worker.group.busy += 1
+        timeout = -1.0 if job.timeout is None else max(0.0, job.deadline - now)
+        assert worker.peer is not None
+        return Send(worker.peer, Request(job.brid, job.priority, -1, 0, timeout, 0.0, job.action, "",
+                                          job.payload))
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def on_result(self, peer: int, msg: Reply | Failure, worker: Worker | None, now: float) -> list[Action]:
+        if worker is None:
+            return []
+        job = worker.running.pop(msg.rid, None)
+        if job is None:
+            return []  # stale: the job was abandoned and already finished
+        self._release(worker, job)
+        if isinstance(msg, Failure) and msg.code == ErrorCode.CANCELLED:
+            return self._pump_worker(worker, now)
+        worker.handled += 1
+        if isinstance(msg, Failure):
+            worker.errors += 1
+        elapsed = now - job.started
+        worker.ema = elapsed if worker.handled == 1 else worker.ema + EMA_ALPHA * (elapsed - worker.ema)
+        actions: list[Action] = []
+        if job.state is JobState.RUNNING:
+            self._finish(job)
+            if isinstance(msg, Reply):
+                actions.append(Send(job.origin, Reply(job.origin_rid, msg.payload)))
+            else:
+                actions.append(Send(job.origin, Failure(job.origin_rid, msg.code, msg.message, msg.payload)))
+        else:
+            self._finish(job)
+        actions += self._pump_worker(worker, now)
+        return actions
+
+    def _release(self, worker: Worker, job: Job) -> None:
+        worker.busy -= 1
+        if worker.group is not None:
+            worker.group.busy -= 1
+
+    def _finish(self, job: Job) -> None:
+        job.state = JobState.DONE
+        self.jobs.pop(job.brid, None)
+        if self._by_origin.get((job.origin, job.origin_rid)) is job:
+            del self._by_origin[(job.origin, job.origin_rid)]
+
+    def _fail(self, job: Job, code: ErrorCode, message: str) -> list[Action]:
+        """Fail a job towards its origin; a RUNNING one becomes ABANDONED on its worker."""
+        was_queued = job.state is JobState.QUEUED
+        if was_queued:
+            self._queue_of(job).discard(job)
+        running = job.state is JobState.RUNNING and job.worker is not None and job.brid in job.worker.running
+        self._finish(job)
+        actions: list[Action] = [Send(job.origin, Failure(job.origin_rid, code, message, b""))]
+        if running:
+            assert job.worker is not None and job.worker.peer is not None
+            job.state = JobState.ABANDONED
+            actions.append(Send(job.worker.peer, Cancel(job.brid)))
+        return actions
+
+    def _queue_of(self, job: Job) -> JobQueue:
+        assert job.where is not None
+        return job.where.queue
+
+    def cancel(self, origin: int, rid: int) -> list[Action]:
+        """The origin gave up on a request (its future was cancelled)."""
+        job = self._by_origin.get((origin, rid))
+        if job is None:
+            return []
+        actions = self._fail(job, ErrorCode.CANCELLED, "cancelled by the caller")
+        return actions[1:]  # the origin already knows
+
+    # -- time -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        timers = self._timers
+        while timers and timers[0][2].state in (JobState.DONE, JobState.ABANDONED):
+            heapq.heappop(timers)
+        candidates = [timers[0][0]] if timers else []
+        candidates += [w.lost_at + LOST_GRACE_S for w in self.workers.values()
+                       if w.state is WorkerState.LOST and w.running]
+        return min(candidates) if candidates else None
+
+    def on_tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, _, job = heapq.heappop(timers)
+            if job.state not in (JobState.QUEUED, JobState.RUNNING) or job.deadline != deadline:
+                continue
+            where = "while queued" if job.state is JobState.QUEUED else (
+                f"on {describe(job.worker)}" if job.worker else "")
+            actions += self._fail(job, ErrorCode.TIMEOUT,
+                                  f"request {job.action!r} to {job.target!r} timed out after "
+                                  f"{job.timeout:g} s {where} (attempt {job.attempt})")
+        for worker in self.workers.values():
+            if worker.state is WorkerState.LOST and worker.running and now >= worker.lost_at + LOST_GRACE_S:
+                actions += self._fail_running(worker, "closed its connection", now)
+        return actions
+
+    # -- peers going away ---------------------------------------------------------------------
+
+    def on_origin_lost(self, peer: int) -> list[Action]:
+        """Jobs a vanished peer asked for: drop the queued ones, cancel the running ones."""
+        actions: list[Action] = []
+        for (origin, _), job in list(self._by_origin.items()):
+            if origin == peer:
+                actions += self._fail(job, ErrorCode.CANCELLED, "")[1:]
+        return actions
+
+    def on_worker_lost(self, worker: Worker, now: float) -> list[Action]:
+        """The worker's connection closed; its process may not have been reaped yet."""
+        worker.peer = None
+        if not worker.supervised:
+            return self.worker_down(worker, "closed its connection", now)
+        if worker.state is not WorkerState.DOWN:
+            worker.state = WorkerState.LOST
+            worker.lost_at = now
+        return []
+
+    def worker_down(self, worker: Worker, how: str, now: float, *, restarting: bool = False) -> list[Action]:
+        """The worker's process is gone (``how``: "died with SIGKILL", ...)."""
+        worker.peer = None
+        worker.down_reason = how
+        worker.state = WorkerState.STARTING if restarting else WorkerState.DOWN
+        actions = self._fail_running(worker, how, now)
+        if not restarting:
+            for job in worker.queue.drain():
+                self._finish(job)
+                actions.append(Send(job.origin, Failure(job.origin_rid, ErrorCode.UNAVAILABLE,
+                                                        f"child {worker.name!r} {how}", b"")))
+            group = worker.group
+            if group is not None and self._unavailable(group):
+                for job in group.queue.drain():
+                    self._finish(job)
+                    actions.append(Send(job.origin, Failure(job.origin_rid, ErrorCode.UNAVAILABLE,
+                                                            self._unavailable(group), b"")))
+        return actions
+
+    def _fail_running(self, worker: Worker, how: str, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for job in list(worker.running.values()):
+            del worker.running[job.brid]
+            self._release(worker, job)
+            if job.state is not JobState.RUNNING:
+                self._finish(job)
+                continue
+            actions += self._retry_or_fail(job, worker, how, now)
+        return actions
+
+    def _retry_or_fail(self, job: Job, worker: Worker, how: str, now: float) -> list[Action]:
+        if job.retries_left > 0:
+            job.retries_left -= 1
+            job.attempt += 1
+            job.worker = None
+            if job.timeout is not None:
+                job.deadline = now + job.timeout
+                heapq.heappush(self._timers, (job.deadline, job.brid, job))
+            where = job.where
+            if where is not None and not self._unavailable(where):
+                retry = Notify("request-retry", {"action": job.action, "target": job.target,
+                                                 "attempt": job.attempt, "reason": how})
+                return [retry, *self._enqueue(job, where, now)]
+        self._finish(job)
+        message = (f"{describe(worker)} {how} while handling {job.action!r} "
+                   f"(request {job.origin_rid}, attempt {job.attempt})")
+        return [Send(job.origin, Failure(job.origin_rid, ErrorCode.WORKER_LOST, message, b""))]
+
+    def stop_worker(self, worker: Worker, timeout: float) -> list[Action]:
+        """Ask a worker to finish and exit; it takes no new requests meanwhile."""
+        if worker.state in (WorkerState.DOWN, WorkerState.STOPPING):
+            return []
+        peer = worker.peer
+        worker.state = WorkerState.STOPPING
+        worker.down_reason = "shut down"
+        actions: list[Action] = []
+        for job in worker.queue.drain():
+            self._finish(job)
+            actions.append(Send(job.origin, Failure(job.origin_rid, ErrorCode.UNAVAILABLE,
+                                                    f"child {worker.name!r} is shutting down", b"")))
+        if peer is not None:
+            actions.append(Send(peer, Shutdown(timeout)))
+        return actions
+
+    def forget(self, worker: Worker) -> None:
+        self.workers.pop(worker.name, None)
+        if worker.group is not None and worker in worker.group.members:
+            worker.group.members.remove(worker)
+
+    def fail_all(self, code: ErrorCode, message: str) -> list[Action]:
+        actions: list[Action] = []
+        for job in list(self.jobs.values()):
+            if job.state in (JobState.QUEUED, JobState.RUNNING):
+                actions += self._fail(job, code, message)[:1]
+        return actions
+
+    def pending_count(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.state is JobState.QUEUED)
+
+    def each_worker(self, pred: Callable[[Worker], bool]) -> list[Worker]:
+        return [w for w in self.workers.values() if pred(w)]

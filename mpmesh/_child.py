@@ -1,0 +1,322 @@
+"""The Child runtime: connect to the broker, serve requests, talk back to the master.
+
+A *sequential* child runs one request at a time, in its main thread, in the order the
+broker sends them (the broker holds the priority queue and sends the next request only
+when the previous one is answered). A *concurrent* child runs up to ``max_concurrency``
+at once: plain functions on a thread pool, ``async def`` handlers on an event loop.
+
+The main thread in ``run()`` reads the socket itself (see ``_client``): a request costs
+no thread hand-off in a sequential child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import inspect
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+from . import _deadline
+from ._client import MeshFuture, SocketClient, make_hello
+from ._errors import MeshClosed, MeshError
+from ._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async
+from ._wire import _codec
+from ._wire._messages import (
+    Cancel, ErrorCode, Failure, Goodbye, Message, Reply, Request, Role, Serve, Shutdown,
+)
+
+__all__ = ["Child", "process_main", "run_target"]
+
+log = logging.getLogger("mpmesh.child")
+
+F = TypeVar("F", bound=Callable[..., Any])
+MODES: Final = ("sequential", "concurrent")
+DEFAULT_CONCURRENCY: Final = 16
+ENV_CONFIG: Final = "MPMESH_CHILD"  # hex of a pickled config dict, for script children
+# Exit status of a child whose master vanished (EX_TEMPFAIL): it did not fail itself.
+EXIT_MASTER_GONE: Final = 75
+
+
+def check_mode(mode: str, max_concurrency: int | None) -> int:
+    """Validate a mode; return the number of requests such a child takes at once."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'sequential' or 'concurrent', not {mode!r}")
+    if max_concurrency is not None and (not isinstance(max_concurrency, int) or max_concurrency < 1):
+        raise ValueError(f"max_concurrency must be a positive int, not {max_concurrency!r}")
+    if mode == "sequential":
+        return 1
+    return max_concurrency or DEFAULT_CONCURRENCY
+
+
+class Child:
+    """A worker's handle on its mesh: handlers, requests to the master, ``run()``.
+
+    Inside a process the master spawned with a script or module target, ``Child()``
+    connects using the details the master put in the environment; a callable target
+    receives its ``Child`` as first argument.
+    """
+
+    def __init__(self, mode: str | None = None, *, max_concurrency: int | None = None) -> None:
+        raw = os.environ.get(ENV_CONFIG)
+        if not raw:
+            raise MeshError("mpmesh.Child() only works in a process spawned by a mpmesh Master")
+        config = _codec.loads(bytes.fromhex(raw))
+        assert isinstance(config, dict)
+        self._setup(config, mode, max_concurrency)
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any]) -> Child:
+        child = cls.__new__(cls)
+        child._setup(config, None, None)
+        return child
+
+    def _setup(self, config: dict[str, Any], mode: str | None, max_concurrency: int | None) -> None:
+        self.name: str = config["name"]
+        self.group: str | None = config.get("group") or None
+        self.mode: str = mode or config.get("mode", "sequential")
+        self.max_concurrency = check_mode(self.mode, max_concurrency or config.get("max_concurrency"))
+        self.pid = os.getpid()
+        self._timeout: float | None = config.get("timeout")
+        self._handlers = HandlerRegistry(f"child {self.name!r}")
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._active: dict[int, concurrent.futures.Future[Any]] = {}
+        self._stopping = False
+        self._master_gone = False
+        self._ran = False
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._async: AsyncRunner | None = None
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._client = SocketClient(
+            config["address"], config["authkey"],
+            make_hello(Role.CHILD, name=self.name, group=self.group or "", capacity=0),
+        )
+        self.instance_id: int = self._client.instance_id
+        self._client.on_incoming = self._on_incoming
+        _start_watchdog(self._client)
+
+    # -- handlers -----------------------------------------------------------------------
+
+    def handler(self, action: str) -> Callable[[F], F]:
+        """Decorator: serve ``action`` with the decorated function."""
+        return self._handlers.handler(action)
+
+    def register_handler(self, action: str, fn: Callable[[Any], Any]) -> None:
+        """Serve ``action`` with ``fn(data)`` (plain or ``async def``)."""
+        self._handlers.register(action, fn)
+
+    # -- requests to the master ---------------------------------------------------------------
+
+    def request(self, action: str, data: object = None, *, timeout: float | None = None) -> MeshFuture:
+        """Ask the master to run ``action``; returns a ``concurrent.futures.Future``."""
+        _deadline.check_timeout(timeout)
+        return self._client.request(action, "", data, timeout=self._timeout if timeout is None else timeout)
+
+    def send_request(self, action: str, data: object = None, *, timeout: float | None = None) -> object:
+        """Ask the master to run ``action`` and wait for its result.
+
+        Raises:
+            RequestTimeout: no answer within ``timeout`` (default: the master's).
+            NoHandler: the master has no handler for ``action``.
+        """
+        _deadline.check_timeout(timeout)
+        timeout = self._timeout if timeout is None else timeout
+        return self._client.call(action, "", data, timeout=timeout)
+
+    async def arequest(self, action: str, data: object = None, *, timeout: float | None = None) -> object:
+        """``send_request`` for asyncio code."""
+        return await asyncio.wrap_future(self.request(action, data, timeout=timeout))
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve requests until the master shuts this child down (or goes away)."""
+        if self._ran:
+            raise RuntimeError("Child.run() was already called")
+        self._ran = True
+        client = self._client
+        try:
+            client.send_message(Serve(self.max_concurrency))
+        except MeshError:
+            return
+        if self.mode == "sequential":
+            self._run_sequential()
+        else:
+            self._run_concurrent()
+
+    def _run_sequential(self) -> None:
+        inbox = self._inbox
+        wait_until = self._client.wait_until
+        ready = lambda: bool(inbox) or self._stopping  # noqa: E731
+        while True:
+            if not inbox:
+                if self._stopping:
+                    return
+                wait_until(ready, _deadline.FOREVER)
+                continue
+            req = inbox.popleft()
+            fn = self._handlers.get(req.action)
+            if fn is None:
+                answer: Reply | Failure = self._handlers.missing(req)
+            elif inspect.iscoroutinefunction(fn):
+                if self._aloop is None:
+                    self._aloop = asyncio.new_event_loop()
+                answer = self._aloop.run_until_complete(invoke_async(fn, req))
+            else:
+                answer = invoke(fn, req)
+            self._answer(answer)
+
+    def _run_concurrent(self) -> None:
+        idle = lambda: self._stopping and not self._active  # noqa: E731
+        self._client.wait_until(idle, _deadline.FOREVER)
+
+    def _answer(self, answer: Reply | Failure) -> None:
+        try:
+            self._client.send_message(answer)
+        except MeshError:
+            pass  # the broker is gone; the watchdog or run() ends this process
+
+    def _on_incoming(self, msg: Message) -> None:
+        """Called by whichever thread is reading the socket."""
+        cls = type(msg)
+        if cls is Request:
+            if self.mode == "sequential":
+                self._inbox.append(msg)  # type: ignore[arg-type]
+            else:
+                self._start_concurrent(msg)  # type: ignore[arg-type]
+        elif cls is Cancel:
+            self._cancel(msg.rid)  # type: ignore[attr-defined]
+        elif cls is Shutdown:
+            self._stopping = True
+        elif cls is Goodbye:
+            self._stopping = True
+            self._master_gone = True
+            self._inbox.clear()
+
+    def _start_concurrent(self, req: Request) -> None:
+        fn = self._handlers.get(req.action)
+        if fn is None:
+            self._answer(self._handlers.missing(req))
+            return
+        done = self._done_callback(req.rid)
+        if inspect.iscoroutinefunction(fn):
+            if self._async is None:
+                self._async = AsyncRunner(f"mpmesh-{self.name}-async")
+            fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            self._active[req.rid] = fut
+            self._async.submit(fn, req, lambda answer: (fut.set_result(None), done(answer)))
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.max_concurrency, f"mpmesh-{self.name}")
+        pool_fut = self._pool.submit(invoke, fn, req)
+        self._active[req.rid] = pool_fut
+        pool_fut.add_done_callback(lambda f: None if f.cancelled() else done(f.result()))
+
+    def _done_callback(self, rid: int) -> Callable[[Reply | Failure], None]:
+        def done(answer: Reply | Failure) -> None:
+            self._active.pop(rid, None)
+            self._answer(answer)
+            if self._stopping and not self._active:
+                self._client._wake_followers()
+        return done
+
+    def _cancel(self, rid: int) -> None:
+        for req in self._inbox:
+            if req.rid == rid:
+                self._inbox.remove(req)
+                break
+        else:
+            fut = self._active.get(rid)
+            if fut is None or not fut.cancel():
+                return
+            self._active.pop(rid, None)
+        self._answer(Failure(rid, ErrorCode.CANCELLED, "cancelled before it started", b""))
+
+    def close(self) -> None:
+        """Leave the mesh: close the connection and stop helper threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._async is not None:
+            self._async.close()
+        if self._aloop is not None:
+            self._aloop.close()
+        self._client.close()
+
+    def __repr__(self) -> str:
+        return f"<Child {self.name!r} group={self.group!r} mode={self.mode} pid={self.pid}>"
+
+
+def _start_watchdog(client: SocketClient) -> None:
+    """Exit this process as soon as the broker's end of the socket hangs up.
+
+    The main thread notices an idle hang-up itself; this catches a master that died
+    while a handler runs for a long time, so no child outlives its master.
+    """
+    rdhup = getattr(select, "POLLRDHUP", 0)
+    if not rdhup:  # pragma: no cover - macOS: the reader notices EOF instead
+        return
+    fd = client.fileno()
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, rdhup)
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            if any(mask & select.POLLNVAL for _, mask in events):
+                return
+            if isinstance(client._closed, MeshClosed):
+                return  # we closed it ourselves
+            os._exit(EXIT_MASTER_GONE)
+
+    threading.Thread(target=watch, name="mpmesh-watchdog", daemon=True).start()
+
+
+# -- process entry points ------------------------------------------------------------------
+
+def run_target(config: dict[str, Any]) -> int:
+    """Run a callable target in this (new) process; return its exit status."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master stops us in order
+    os.environ.update(config.get("env") or {})
+    try:
+        target, args, kwargs = _codec.loads(config["target"])  # type: ignore[misc]
+        child = Child._from_config(config)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    code = 0
+    try:
+        target(child, *args, **kwargs)
+        if child._handlers and not child._ran:
+            child.run()  # a target that registered handlers but forgot run() still serves
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        master_gone = child._master_gone
+        child.close()
+    if master_gone and code == 0:
+        code = EXIT_MASTER_GONE
+    return code
+
+
+def process_main(config_blob: bytes) -> None:
+    """Entry point of a child started by ``multiprocessing`` (spawn, forkserver)."""
+    config = _codec.loads(config_blob)
+    assert isinstance(config, dict)
+    code = run_target(config)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)

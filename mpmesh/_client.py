@@ -1,0 +1,495 @@
+"""The one client: request ids, futures, results and errors, over two transports.
+
+``SocketClient`` talks to a broker over its Unix socket. It has no dedicated reader
+thread by default: a thread that waits for a reply reads the socket itself (the
+*leader*), dispatching whatever else arrives; other waiting threads are *followers* and
+are woken when their reply lands or leadership frees up. A blocking call therefore costs
+no thread hand-off. ``start_reader()`` adds a background reader for processes that must
+receive pushes while nobody waits (subscribers).
+
+``LocalClient`` is a Master's own client: the broker runs in the same process, so a
+request is handed to the core directly and replies arrive from the broker's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import queue
+import select
+import socket
+import socket as _socket
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from . import _deadline
+from ._errors import (
+    AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, NoHandler, NotFound,
+    RemoteError, RemoteProtocolError, RequestTimeout, SerializationError, WorkerLost,
+)
+from ._wire import _codec
+from ._wire._connection import Connection, Phase, Side
+from ._wire._messages import (
+    Cancel, ErrorCode, Failure, Goodbye, Hello, Message, Op, Ready, Reply, Request, encode,
+)
+
+if TYPE_CHECKING:
+    from ._io._loop import BrokerLoop
+
+__all__ = ["ClientBase", "LocalClient", "MeshFuture", "SocketClient", "error_for"]
+
+log = logging.getLogger("mpmesh.client")
+
+RECV_BYTES: Final = 64 * 1024
+CONNECT_TIMEOUT_S: Final = 10.0
+# Slack added to the client's own guard over a request's total time, so the broker's
+# precise RequestTimeout normally wins the race and the client's guard only catches a
+# broker that stopped answering.
+GUARD_SLACK_S: Final = 2.0
+
+
+# -- futures -----------------------------------------------------------------------------
+
+class _Dispatcher:
+    """One daemon thread per process that runs user callbacks off the I/O threads."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._queue = queue.SimpleQueue()
+                    self._thread = threading.Thread(target=self._run, name="mpmesh-callbacks", daemon=True)
+                    self._thread.start()
+                    self._pid = os.getpid()
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            fn, args = q.get()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("callback %r raised", fn)
+
+
+dispatcher = _Dispatcher()
+
+
+class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A ``concurrent.futures.Future`` whose callbacks never run on an I/O thread,
+    and whose ``cancel()`` withdraws the request from the broker."""
+
+    _client: ClientBase | None = None
+    _rid = 0
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future], object]) -> None:  # type: ignore[type-arg,override]
+        if self.done():
+            super().add_done_callback(fn)
+        else:
+            super().add_done_callback(lambda fut: dispatcher.submit(fn, fut))
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        client = self._client
+        if cancelled and client is not None:
+            client._forget(self._rid)
+        return cancelled
+
+
+# -- errors ------------------------------------------------------------------------------
+
+_SIMPLE: Final[dict[int, type[BaseException]]] = {
+    ErrorCode.NOT_FOUND: NotFound,
+    ErrorCode.NO_HANDLER: NoHandler,
+    ErrorCode.TIMEOUT: RequestTimeout,
+    ErrorCode.WORKER_LOST: WorkerLost,
+    ErrorCode.UNAVAILABLE: WorkerLost,
+    ErrorCode.SERIALIZATION: SerializationError,
+    ErrorCode.CLOSED: MeshClosed,
+    ErrorCode.BAD_REQUEST: ValueError,
+    ErrorCode.REMOTE_TEXT: RemoteError,
+}
+
+
+def error_for(msg: Failure) -> BaseException:
+    """The exception a caller sees for a Failure."""
+    if msg.code == ErrorCode.REMOTE:
+        return _codec.unpack_exception(msg.payload, msg.message)
+    if msg.code == ErrorCode.CANCELLED:
+        return concurrent.futures.CancelledError(msg.message)
+    return _SIMPLE.get(msg.code, MeshError)(msg.message)
+
+
+# -- the shared part ---------------------------------------------------------------------
+
+class ClientBase:
+    """Request ids, pending futures and result decoding, independent of the transport."""
+
+    def __init__(self) -> None:
+        self._rids = itertools.count(1)
+        self._pending: dict[int, MeshFuture] = {}
+        self._closed: BaseException | None = None
+        self.on_incoming: Callable[[Message], None] = self._drop_incoming
+        self.instance_id = -1
+        self.name = ""
+
+    # transport hooks
+    def _send(self, msg: Message) -> None:
+        raise NotImplementedError
+
+    def wait(self, fut: MeshFuture, deadline: float) -> object:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _drop_incoming(self, msg: Message) -> None:
+        log.debug("no one takes %s here; dropped", type(msg).__name__)
+
+    def _new_future(self) -> tuple[int, MeshFuture]:
+        if self._closed is not None:
+            raise self._closed_error()
+        rid = next(self._rids)
+        fut = MeshFuture()
+        fut._client = self
+        fut._rid = rid
+        self._pending[rid] = fut
+        return rid, fut
+
+    def _closed_error(self) -> BaseException:
+        err = self._closed
+        if isinstance(err, MeshClosed):
+            return MeshClosed(str(err))
+        return BrokerUnavailable(str(err))
+
+    def request(self, action: str, target: str | int, data: object = None, *,
+                timeout: float | None = None, priority: int = 0, retries: int = 0,
+                retry_delay: float = 0.0) -> MeshFuture:
+        """Send a request; the future resolves to the handler's return value."""
+        payload = _codec.dumps(data)  # before taking any resource (STYLE rule 5)
+        rid, fut = self._new_future()
+        if isinstance(target, int) and not isinstance(target, bool):
+            name, target_id = "", target
+        else:
+            name, target_id = str(target), -1
+        try:
+            self._send(Request(rid, priority, target_id, retries,
+                               -1.0 if timeout is None else float(timeout), retry_delay,
+                               action, name, payload))
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return fut
+
+    def op(self, component: str, op: str, args: object = None, *, timeout: float | None = None,
+           payload: bytes | None = None) -> MeshFuture:
+        """An operation on broker-held state; ``args`` is pickled unless ``payload`` is given."""
+        raw = _codec.dumps(args) if payload is None else payload
+        rid, fut = self._new_future()
+        try:
+            self._send(Op(rid, -1.0 if timeout is None else float(timeout), component, op, raw))
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return fut
+
+    def call(self, action: str, target: str | int, data: object = None, *,
+             timeout: float | None = None, priority: int = 0, retries: int = 0,
+             retry_delay: float = 0.0) -> object:
+        """Blocking ``request``: the result, or the remote exception raised here."""
+        fut = self.request(action, target, data, timeout=timeout, priority=priority,
+                           retries=retries, retry_delay=retry_delay)
+        return self.wait(fut, self.guard_deadline(timeout, retries, retry_delay))
+
+    @staticmethod
+    def guard_deadline(timeout: float | None, retries: int, retry_delay: float) -> float:
+        if timeout is None:
+            return _deadline.FOREVER
+        return _deadline.after(timeout * (retries + 1) + retry_delay * retries + GUARD_SLACK_S)
+
+    def _resolve(self, msg: Reply | Failure) -> None:
+        fut = self._pending.pop(msg.rid, None)
+        if fut is None or fut.done():
+            return
+        if type(msg) is Reply:
+            try:
+                result = _codec.loads(msg.payload)
+            except SerializationError as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+        else:
+            fut.set_exception(error_for(msg))  # type: ignore[arg-type]
+
+    def _forget(self, rid: int) -> None:
+        """The caller gave up on ``rid``: tell the broker, drop the future."""
+        if self._pending.pop(rid, None) is not None and self._closed is None:
+            try:
+                self._send(Cancel(rid))
+            except (MeshError, OSError):
+                pass
+
+    def _fail_pending(self, exc_factory: Callable[[], BaseException]) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc_factory())
+
+    def _timed_out(self, fut: MeshFuture) -> BaseException:
+        fut.cancel()
+        return RequestTimeout("no answer in time: the broker did not respond (it may be overloaded or gone)")
+
+    async def arequest(self, *args: object, **kwargs: object) -> object:
+        return await asyncio.wrap_future(self.request(*args, **kwargs))  # type: ignore[arg-type]
+
+
+# -- in-process transport ----------------------------------------------------------------
+
+class LocalClient(ClientBase):
+    """A Master's client: messages go straight into the in-process broker core."""
+
+    def __init__(self, loop: BrokerLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def _send(self, msg: Message) -> None:
+        self._loop.submit_local(msg)
+
+    def deliver(self, msgs: list[Message]) -> None:
+        """Called by the broker (any thread, no lock held) with messages for us."""
+        for msg in msgs:
+            cls = type(msg)
+            if cls is Reply or cls is Failure:
+                self._resolve(msg)  # type: ignore[arg-type]
+            else:
+                self.on_incoming(msg)
+
+    def wait(self, fut: MeshFuture, deadline: float) -> object:
+        try:
+            return fut.result(_deadline.remaining(deadline))
+        except concurrent.futures.TimeoutError:
+            if fut.done():
+                return fut.result()
+            raise self._timed_out(fut) from None
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if self._closed is None:
+            self._closed = exc or MeshClosed("the mesh was shut down")
+            self._fail_pending(self._closed_error)
+
+
+# -- socket transport --------------------------------------------------------------------
+
+class SocketClient(ClientBase):
+    """A connection to a broker's Unix socket, authenticated and introduced by Hello."""
+
+    def __init__(self, address: str, authkey: bytes, hello: Hello, *,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+        super().__init__()
+        self.address = address
+        self._sock = sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self._conn = Connection(Side.PEER, authkey, os.urandom)
+        self._buf = bytearray(RECV_BYTES)
+        self._view = memoryview(self._buf)
+        self._send_lock = threading.Lock()
+        self._read_lock = threading.RLock()
+        self._leader: int | None = None
+        self._cv = threading.Condition(threading.Lock())
+        self._followers = 0
+        self._reader: threading.Thread | None = None
+        self._pid = os.getpid()
+        deadline = _deadline.after(connect_timeout)
+        try:
+            sock.settimeout(connect_timeout)
+            sock.connect(address)
+            self._handshake(hello, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def _handshake(self, hello: Hello, deadline: float) -> None:
+        try:
+            while self._conn.phase is Phase.HANDSHAKE:
+                self._sock.settimeout(_deadline.remaining(deadline))
+                data = self._sock.recv(4096)
+                if not data:
+                    raise BrokerUnavailable(f"the broker at {self.address} closed the connection during the handshake")
+                out = self._conn.receive_data(data)
+                if out:
+                    self._sock.sendall(out)
+            self._sock.sendall(self._conn.send(hello))
+            while True:
+                for msg in self._conn.events():
+                    if isinstance(msg, Ready):
+                        self.instance_id, self.name = msg.instance_id, msg.name
+                        return
+                    raise RemoteProtocolError(f"expected Ready, got {type(msg).__name__}")
+                self._sock.settimeout(_deadline.remaining(deadline))
+                data = self._sock.recv(4096)
+                if not data:
+                    raise BrokerUnavailable(f"the broker at {self.address} refused us after the handshake")
+                self._conn.receive_data(data)
+        except AuthenticationError:
+            raise
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise BrokerUnavailable(f"no broker listens at {self.address}: {exc}") from None
+        except _socket.timeout:
+            raise BrokerUnavailable(f"the broker at {self.address} did not answer in time") from None
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot talk to the broker at {self.address}: {exc}") from None
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _send(self, msg: Message) -> None:
+        if self._closed is not None:
+            raise self._closed_error()
+        data = encode(msg)
+        try:
+            with self._send_lock:
+                self._sock.sendall(data)
+        except OSError as exc:
+            self._broken(f"the connection to the broker failed: {exc}")
+            raise self._closed_error() from None
+
+    def send_message(self, msg: Message) -> None:
+        """Send a message that expects no reply (Reply, Failure, Heartbeat...)."""
+        self._send(msg)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def wait(self, fut: MeshFuture, deadline: float) -> object:
+        if not self.wait_until(fut.done, deadline) and not fut.done():
+            raise self._timed_out(fut)
+        return fut.result()
+
+    def wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
+        """Block until ``predicate()`` holds (True) or ``deadline`` passes (False).
+
+        The calling thread reads the socket itself when nobody else does.
+        """
+        me = threading.get_ident()
+        while not predicate():
+            if self._closed is not None:
+                return predicate()
+            timeout = _deadline.remaining(deadline)
+            if timeout == 0:
+                return False
+            if self._leader in (None, me) and self._read_lock.acquire(blocking=False):
+                outer, self._leader = self._leader, me
+                try:
+                    while not predicate() and self._closed is None:
+                        if not self._read_once(_deadline.remaining(deadline)):
+                            break
+                finally:
+                    self._leader = outer
+                    self._read_lock.release()
+                    self._wake_followers()
+            else:
+                with self._cv:
+                    self._followers += 1
+                    try:
+                        if not predicate() and self._leader is not None and self._closed is None:
+                            self._cv.wait(timeout)
+                    finally:
+                        self._followers -= 1
+        return True
+
+    def _wake_followers(self) -> None:
+        if self._followers:
+            with self._cv:
+                self._cv.notify_all()
+
+    def _read_once(self, timeout: float | None) -> bool:
+        """Read what is there (waiting up to ``timeout``) and dispatch it; False on timeout."""
+        try:
+            if timeout is not None and not self._poller.poll(timeout * 1000):
+                return False
+            n = self._sock.recv_into(self._buf)
+        except OSError as exc:
+            self._broken(f"reading from the broker failed: {exc}")
+            return True
+        if n == 0:
+            self._broken("the broker closed the connection")
+            return True
+        try:
+            self._conn.receive_data(self._view[:n])
+        except RemoteProtocolError as exc:
+            self._broken(f"the broker sent garbage: {exc}")
+            return True
+        for msg in self._conn.events():
+            cls = type(msg)
+            if cls is Reply or cls is Failure:
+                self._resolve(msg)  # type: ignore[arg-type]
+            else:
+                try:
+                    self.on_incoming(msg)
+                except Exception:
+                    log.exception("handling %s failed", cls.__name__)
+        self._wake_followers()
+        return True
+
+    def start_reader(self) -> None:
+        """Read in the background from now on, so pushes arrive while nobody waits."""
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read_forever, name="mpmesh-reader", daemon=True)
+            self._reader.start()
+
+    def _read_forever(self) -> None:
+        while self._closed is None:
+            with self._read_lock:
+                self._leader = threading.get_ident()
+                try:
+                    self._read_once(None)
+                finally:
+                    self._leader = None
+            self._wake_followers()
+
+    def _broken(self, why: str) -> None:
+        if self._closed is None:
+            self._closed = BrokerUnavailable(why)
+            log.debug("connection lost: %s", why)
+            self._fail_pending(self._closed_error)
+            try:
+                self.on_incoming(Goodbye())
+            except Exception:
+                log.exception("handling the broker's departure failed")
+        self._wake_followers()
+
+    def close(self) -> None:
+        """Say goodbye and close; pending requests fail with MeshClosed."""
+        if self._closed is None:
+            self._closed = MeshClosed("this connection to the mesh was closed")
+            if self._pid == os.getpid():
+                try:
+                    with self._send_lock:
+                        self._sock.sendall(encode(Goodbye()))
+                except OSError:
+                    pass
+            self._fail_pending(self._closed_error)
+        try:
+            self._sock.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._wake_followers()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+def make_hello(role: int, *, name: str = "", group: str = "", capacity: int = 0) -> Hello:
+    return Hello(os.getpid(), role, capacity, name, group, socket.gethostname())

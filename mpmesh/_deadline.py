@@ -1,0 +1,40 @@
+"""Timeouts become absolute monotonic deadlines once, at the public edge (STYLE rule 6).
+
+Below the API every blocking call takes a deadline and waits ``remaining(deadline)``;
+no layer can stretch a timeout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Final
+
+__all__ = ["FOREVER", "after", "check_timeout", "expired", "remaining"]
+
+FOREVER: Final = math.inf
+
+
+def check_timeout(timeout: float | None, what: str = "timeout") -> None:
+    """Raise ValueError for a negative or NaN timeout, as the stdlib does."""
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"{what} must be a non-negative number or None, not {timeout!r}")
+
+
+def after(timeout: float | None) -> float:
+    """Return the deadline ``timeout`` seconds from now (``FOREVER`` for None)."""
+    check_timeout(timeout)
+    if timeout is None:
+        return FOREVER
+    return time.monotonic() + timeout
+
+
+def remaining(deadline: float) -> float | None:
+    """Seconds left until ``deadline`` (never negative), or None when it is ``FOREVER``."""
+    if deadline == FOREVER:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+def expired(deadline: float) -> bool:
+    return deadline != FOREVER and time.monotonic() >= deadline

@@ -1,0 +1,1 @@
+"""The only package that touches sockets, selectors, processes and the clock."""

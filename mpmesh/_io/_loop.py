@@ -1,0 +1,386 @@
+"""The broker's event loop: one selector serves every connection; no thread per client.
+
+It drives a ``BrokerCore``: bytes in -> ``Connection`` -> messages -> core -> actions ->
+bytes out. The core is guarded by one lock, so the host process's own threads (a
+Master's callers) can also submit messages in-process and write the resulting frames
+themselves, without a thread hop (``submit_local``).
+
+Writes never block: frames are appended to the peer's outbound buffer and flushed with
+non-blocking sends; what the kernel does not take waits for EVENT_WRITE. Messages for
+the in-process host and ``Notify`` events are handed to callbacks *after* the lock is
+released, on the thread that produced them; those callbacks must not block.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+from .._broker._actions import Action, Close, Notify, Send
+from .._broker._core import LOCAL_PEER, BrokerCore
+from .._errors import AuthenticationError, RemoteProtocolError
+from .._wire._connection import Connection, Phase, Side
+from .._wire._messages import Message, Request, encode
+
+__all__ = ["BrokerLoop"]
+
+log = logging.getLogger("mpmesh.broker")
+
+RECV_BYTES: Final = 256 * 1024  # one reusable buffer; recv_into never allocates per call
+# A peer whose unsent output passes this is not reading: disconnect it rather than let
+# the broker grow without bound (pub/sub drops messages well before this; see _pubsub).
+MAX_OUTBOUND_BYTES: Final = 256 * 2**20
+
+
+class _Conn:
+    __slots__ = ("id", "sock", "conn", "out", "closing", "writing")
+
+    def __init__(self, peer_id: int, sock: socket.socket, conn: Connection) -> None:
+        self.id = peer_id
+        self.sock = sock
+        self.conn = conn
+        self.out = bytearray()
+        self.closing = ""
+        self.writing = False
+
+
+LocalSink = Callable[[list[Message]], None]
+NotifySink = Callable[[list[Notify]], None]
+
+
+class BrokerLoop:
+    """Runs the broker on a selector; start it on a thread with ``start()``."""
+
+    def __init__(self, core: BrokerCore, listener: socket.socket, authkey: bytes, *,
+                 on_local: LocalSink, on_notify: NotifySink) -> None:
+        self.core = core
+        self.lock = threading.Lock()
+        self._listener = listener
+        self._authkey = authkey
+        self._on_local = on_local
+        self._on_notify = on_notify
+        self._sel = selectors.DefaultSelector()
+        self._conns: dict[int, _Conn] = {}
+        self._next_id = LOCAL_PEER + 1
+        self._buf = bytearray(RECV_BYTES)
+        self._view = memoryview(self._buf)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._pending_write: set[_Conn] = set()
+        self._readers: dict[int, Callable[[], None]] = {}
+        self._reader_changes: list[tuple[int, Callable[[], None] | None]] = []
+        self._deferred: list[tuple[list[Message], list[Notify]]] = []
+        self._sleep_until = 0.0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        listener.setblocking(False)
+        self._sel.register(listener, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+
+    # -- running --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mpmesh-broker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop and close every connection (idempotent)."""
+        self._stopping = True
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._once()
+        except Exception:  # pragma: no cover - a bug; make it loud, then fail peers
+            log.exception("broker loop crashed")
+        finally:
+            self._close_all()
+
+    def _once(self) -> None:
+        deadline = self.core.next_deadline()
+        now = time.monotonic()
+        if deadline is None:
+            timeout = None
+            self._sleep_until = float("inf")
+        else:
+            timeout = max(0.0, deadline - now)
+            self._sleep_until = deadline
+        events = self._sel.select(timeout)
+        for key, mask in events:
+            obj = key.data
+            if obj is None:
+                if key.fileobj is self._listener:
+                    self._accept()
+                else:
+                    self._drain_wake()
+            elif isinstance(obj, _Conn):
+                if mask & selectors.EVENT_READ:
+                    self._read(obj)
+                if mask & selectors.EVENT_WRITE and obj.id in self._conns:
+                    with self.lock:
+                        self._flush(obj, on_loop=True)
+            elif key.fileobj in self._readers:
+                obj()
+        if self._deferred:
+            with self.lock:
+                deferred, self._deferred = self._deferred, []
+            for local, notes in deferred:
+                self._deliver(local, notes)
+        deadline = self.core.next_deadline()
+        if deadline is not None and deadline <= time.monotonic():
+            self.run_core(lambda now: self.core.on_tick(now))
+
+    # -- cross-thread entry points ----------------------------------------------------------
+
+    def run_core(self, fn: Callable[[float], list[Action]]) -> None:
+        """Run ``fn(now)`` under the core lock and perform the actions it returns."""
+        with self.lock:
+            actions = fn(time.monotonic())
+            local, notes = self._perform(actions)
+        self._deliver(local, notes)
+
+    def submit_local(self, msg: Message) -> None:
+        """Hand a message from the in-process host to the core (any thread)."""
+        with self.lock:
+            now = time.monotonic()
+            local, notes = self._perform(self.core.on_message(LOCAL_PEER, msg, now))
+        self._deliver(local, notes)
+        if type(msg) is Request and msg.timeout >= 0 and now + msg.timeout < self._sleep_until:  # type: ignore[attr-defined]
+            self._wake()
+
+    def add_reader(self, fd: int, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fd`` is readable (None removes)."""
+        with self.lock:
+            self._reader_changes.append((fd, callback))
+        if threading.current_thread() is self._thread:
+            self._apply_reader_changes()
+        else:
+            self._wake()
+
+    def _apply_reader_changes(self) -> None:
+        with self.lock:
+            changes, self._reader_changes = self._reader_changes, []
+        for fd, callback in changes:
+            if callback is None:
+                if self._readers.pop(fd, None) is not None:
+                    self._sel.unregister(fd)
+            elif fd not in self._readers:
+                self._readers[fd] = callback
+                self._sel.register(fd, selectors.EVENT_READ, callback)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self.lock:
+            pending, self._pending_write = self._pending_write, set()
+            for conn in pending:
+                if conn.id in self._conns:
+                    self._flush(conn, on_loop=True)
+        self._apply_reader_changes()
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept a connection: %s", exc)
+                    return
+                raise
+            sock.setblocking(False)
+            peer_id = self._next_id
+            self._next_id += 1
+            conn = _Conn(peer_id, sock, Connection(Side.BROKER, self._authkey, os.urandom))
+            with self.lock:
+                self._conns[peer_id] = conn
+                conn.out += conn.conn.initiate()
+                self._flush(conn, on_loop=True)
+            if peer_id in self._conns:
+                self._sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.writing else 0), conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            n = conn.sock.recv_into(self._buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(conn, f"read failed: {exc}")
+            return
+        if n == 0:
+            self._lost(conn, "closed the connection")
+            return
+        wire = conn.conn
+        was_ready = wire.phase is Phase.READY
+        try:
+            reply = wire.receive_data(self._view[:n])
+        except AuthenticationError as exc:
+            log.warning("peer %d: %s; closing it", conn.id, exc)
+            with self.lock:
+                conn.out += wire.rejection()
+                conn.closing = str(exc)
+                self._flush(conn, on_loop=True)
+            return
+        except RemoteProtocolError as exc:
+            log.warning("peer %d sent garbage (%s); closing it", conn.id, exc)
+            self._lost(conn, f"protocol error: {exc}")
+            return
+        with self.lock:
+            now = time.monotonic()
+            if reply:
+                conn.out += reply
+            if not was_ready and wire.phase is Phase.READY:
+                self.core.on_connect(conn.id, now)
+            actions: list[Action] = []
+            on_message = self.core.on_message
+            for msg in wire.events():
+                actions += on_message(conn.id, msg, now)
+            local, notes = self._perform(actions)
+            if reply:
+                self._flush(conn, on_loop=True)
+        self._deliver(local, notes)
+
+    def _lost(self, conn: _Conn, why: str) -> None:
+        with self.lock:
+            self._drop(conn)
+            local, notes = self._perform(self.core.on_peer_lost(conn.id, time.monotonic()))
+        log.debug("peer %d lost: %s", conn.id, why)
+        self._deliver(local, notes)
+
+    def _drop(self, conn: _Conn) -> None:
+        """Forget a connection and close its socket (lock held)."""
+        if self._conns.pop(conn.id, None) is None:
+            return
+        self._pending_write.discard(conn)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _perform(self, actions: list[Action]) -> tuple[list[Message], list[Notify]]:
+        """Queue every action's bytes, then flush each touched peer once (lock held)."""
+        local: list[Message] = []
+        notes: list[Notify] = []
+        touched: dict[int, _Conn] = {}
+        conns = self._conns
+        for action in actions:
+            cls = type(action)
+            if cls is Send:
+                peer = action.peer  # type: ignore[union-attr]
+                if peer == LOCAL_PEER:
+                    local.append(action.msg)  # type: ignore[union-attr]
+                    continue
+                conn = conns.get(peer)
+                if conn is None or conn.closing:
+                    continue
+                conn.out += encode(action.msg)  # type: ignore[union-attr]
+                if len(conn.out) > MAX_OUTBOUND_BYTES:
+                    conn.closing = f"{len(conn.out)} bytes unread: the peer is not reading"
+                    log.warning("peer %d: %s; disconnecting it", peer, conn.closing)
+                    conn.out.clear()
+                touched[peer] = conn
+            elif cls is Close:
+                conn = conns.get(action.peer)  # type: ignore[union-attr]
+                if conn is not None:
+                    conn.closing = action.reason  # type: ignore[union-attr]
+                    touched[conn.id] = conn
+            else:
+                notes.append(action)  # type: ignore[arg-type]
+        on_loop = threading.current_thread() is self._thread
+        for conn in touched.values():
+            self._flush(conn, on_loop)
+        return local, notes
+
+    def _flush(self, conn: _Conn, on_loop: bool) -> None:
+        """Send what the kernel takes now; arrange EVENT_WRITE for the rest (lock held)."""
+        out = conn.out
+        while out:
+            try:
+                sent = conn.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                out.clear()
+                conn.closing = conn.closing or "write failed"
+                break
+            del out[:sent]
+        if out:
+            if not conn.writing:
+                if on_loop:
+                    conn.writing = True
+                    if conn.id in self._conns and conn.sock.fileno() >= 0:
+                        try:
+                            self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+                        except KeyError:
+                            pass  # registered by _accept right after this flush
+                else:
+                    self._pending_write.add(conn)
+                    self._wake()
+            return
+        if conn.writing and on_loop:
+            conn.writing = False
+            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        if conn.closing:
+            if on_loop:
+                self._drop_and_forget(conn)
+            else:
+                self._pending_write.add(conn)
+                self._wake()
+
+    def _drop_and_forget(self, conn: _Conn) -> None:
+        reason = conn.closing
+        self._drop(conn)
+        actions = self.core.on_peer_lost(conn.id, time.monotonic())
+        if actions:
+            log.debug("peer %d closed by the broker: %s", conn.id, reason)
+            local, notes = self._perform(actions)
+            # Called with the lock held: defer deliveries to the loop's next turn.
+            self._deferred.append((local, notes))
+            self._wake()
+
+    def _deliver(self, local: list[Message], notes: list[Notify]) -> None:
+        if local:
+            self._on_local(local)
+        if notes:
+            self._on_notify(notes)
+
+    def _close_all(self) -> None:
+        with self.lock:
+            for conn in list(self._conns.values()):
+                self._drop(conn)
+        for fd in list(self._readers):
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        self._readers.clear()
+        self._sel.close()
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,225 @@
+"""The zygote: a single-threaded process that forks a Master's children.
+
+Forking a process that runs threads can deadlock the child (a lock held by another
+thread is copied locked; Python 3.12+ warns). A Master runs threads (its broker, its
+handler pool), so it never forks a child itself. It starts the zygote first — by
+``os.fork()`` while it is still single-threaded (fast: modules stay imported), otherwise
+as a fresh interpreter (``python -m mpmesh._io._zygote``) — and asks it to fork.
+
+Pipes between the two carry length-prefixed pickles (both ends are ours)::
+
+    master ──ctl──► zygote     ("fork", token, config) | ("exec", token, argv, env) | ("init", ...)
+    master ◄─report─ zygote    ("started", token, pid) | ("exited", pid, status) | ("failed", token, text)
+    master ──life──► zygote    never written: EOF means the master is gone
+
+When the master goes away (``ctl`` or ``life`` reaches EOF) the zygote terminates every
+child it forked, removes the mesh's socket and key files, and exits: a master killed
+with SIGKILL leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import selectors
+import signal
+import struct
+import sys
+import time
+from typing import Any, Final, NoReturn
+
+__all__ = ["main", "read_frames", "serve", "write_frame"]
+
+_LEN: Final = struct.Struct("!I")
+# After SIGTERM, how long children of a vanished master get before SIGKILL.
+TERM_GRACE_S: Final = 1.0
+
+
+def write_frame(fd: int, obj: object) -> None:
+    data = pickle.dumps(obj, 5)
+    view = memoryview(_LEN.pack(len(data)) + data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            import select
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+def read_frames(buf: bytearray, data: bytes) -> list[Any]:
+    """Append ``data`` to ``buf``; return every complete object it now holds."""
+    buf += data
+    out = []
+    while len(buf) >= 4:
+        (size,) = _LEN.unpack_from(buf)
+        if len(buf) < 4 + size:
+            break
+        out.append(pickle.loads(bytes(buf[4 : 4 + size])))
+        del buf[: 4 + size]
+    return out
+
+
+class _Zygote:
+    def __init__(self, ctl: int, report: int, life: int) -> None:
+        self.ctl, self.report, self.life = ctl, report, life
+        self.children: set[int] = set()
+        self.cleanup: list[str] = []
+        self.buf = bytearray()
+        self.sig_r, self.sig_w = os.pipe()
+        os.set_blocking(self.sig_r, False)
+        os.set_blocking(self.sig_w, False)
+
+    def serve(self) -> NoReturn:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.sig_w)
+        sel = selectors.DefaultSelector()
+        sel.register(self.ctl, selectors.EVENT_READ, "ctl")
+        sel.register(self.life, selectors.EVENT_READ, "life")
+        sel.register(self.sig_r, selectors.EVENT_READ, "sig")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "sig":
+                        self._drain_signals()
+                    elif key.data == "life" or not self._read_commands():
+                        self._finish()
+        except BaseException:  # pragma: no cover - last resort: never leave orphans
+            self._finish()
+
+    def _drain_signals(self) -> None:
+        try:
+            while os.read(self.sig_r, 256):
+                pass
+        except BlockingIOError:
+            pass
+        self._reap()
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            write_frame(self.report, ("exited", pid, os.waitstatus_to_exitcode(status)))
+
+    def _read_commands(self) -> bool:
+        try:
+            data = os.read(self.ctl, 65536)
+        except InterruptedError:
+            return True
+        if not data:
+            return False
+        for cmd in read_frames(self.buf, data):
+            self._command(cmd)
+        return True
+
+    def _command(self, cmd: tuple[Any, ...]) -> None:
+        kind = cmd[0]
+        if kind == "init":
+            _, path, cwd, cleanup = cmd
+            sys.path[:] = path
+            if cwd:
+                try:
+                    os.chdir(cwd)
+                except OSError:
+                    pass
+            self.cleanup = list(cleanup)
+        elif kind == "cleanup":
+            self.cleanup = list(cmd[1])
+        elif kind in ("fork", "exec"):
+            token = cmd[1]
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                write_frame(self.report, ("failed", token, f"fork failed: {exc}"))
+                return
+            if pid == 0:
+                self._in_child(cmd)
+            self.children.add(pid)
+            write_frame(self.report, ("started", token, pid))
+
+    def _in_child(self, cmd: tuple[Any, ...]) -> NoReturn:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (self.ctl, self.report, self.sig_r, self.sig_w):
+                os.close(fd)
+            if cmd[0] == "exec":
+                _, _, argv, env, cwd = cmd
+                os.closerange(3, self.life)
+                os.closerange(self.life + 1, 1 << 16)
+                if cwd:
+                    os.chdir(cwd)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.execve(argv[0], argv, env)
+            os.close(self.life)
+            from .._child import run_target
+
+            code = run_target(cmd[2])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def _finish(self) -> NoReturn:
+        """The master is gone or done: no child outlives it."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in list(self.children):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    self.children.discard(pid)
+            deadline = time.monotonic() + TERM_GRACE_S
+            while self.children and time.monotonic() < deadline:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    self.children.clear()
+                    break
+                if pid:
+                    self.children.discard(pid)
+                else:
+                    time.sleep(0.01)
+        for path in self.cleanup:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    pass
+        os._exit(0)
+
+
+def serve(ctl: int, report: int, life: int, cleanup: list[str]) -> NoReturn:
+    """Run the zygote in this process (called right after ``os.fork()``)."""
+    zygote = _Zygote(ctl, report, life)
+    zygote.cleanup = list(cleanup)
+    zygote.serve()
+
+
+def main() -> NoReturn:
+    """``python -m mpmesh._io._zygote CTL REPORT LIFE``: a freshly started zygote."""
+    ctl, report, life = (int(arg) for arg in sys.argv[1:4])
+    _Zygote(ctl, report, life).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""Master: hosts the broker, spawns and supervises children, talks to them both ways.
+
+It composes four pieces: the broker loop (a thread of this process, see
+``docs/architecture.md`` for why), the supervisor (process lifecycle), the local client
+(this process's requests go straight into the broker core) and a handler registry for
+requests children send to the master. Each public method is a few lines over them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import logging
+import os
+import random
+import socket
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from . import _deadline
+from ._broker._core import BrokerCore
+from ._broker._routing import STRATEGIES, Worker, WorkerState
+from ._child import check_mode
+from ._client import LocalClient, MeshFuture, dispatcher
+from ._errors import MeshClosed, NotFound
+from ._handlers import AsyncRunner, HandlerRegistry, invoke
+from ._io import _paths
+from ._io._loop import BrokerLoop
+from ._broker._actions import Notify
+from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
+from ._wire._messages import ErrorCode, Message, Request
+
+__all__ = ["EVENTS", "Master", "ProcessStats"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+EVENTS: Final = ("child-started", "child-exit", "heartbeat-missed", "auto-restart", "request-retry")
+# After SIGTERM, how long a child gets before SIGKILL during shutdown.
+TERMINATE_GRACE_S: Final = 1.0
+# Threads serving children's requests to the master (each handler call holds one).
+MASTER_HANDLER_THREADS: Final = 32
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    """What one child has done so far (``Master.process_stats``)."""
+
+    name: str
+    pid: int | None
+    alive: bool
+    requests_handled: int
+    requests_active: int
+    average_response_time: float
+    errors: int
+    restarts: int
+
+
+class Master:
+    """Hosts a mesh: the broker, named children and groups, requests both ways.
+
+    Use it as a context manager; leaving the block shuts every child down.
+    """
+
+    def __init__(self, name: str | None = None, *, authkey: bytes | None = None,
+                 timeout: float | None = 30.0, retries: int = 0, retry_delay: float = 0.1,
+                 heartbeat_interval: float = 1.0, heartbeat_miss_threshold: int = 3,
+                 start_method: str | None = None, logger: logging.Logger | None = None) -> None:
+        _deadline.check_timeout(timeout)
+        _deadline.check_timeout(retry_delay, "retry_delay")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, not {retries!r}")
+        method = start_method or default_start_method()
+        if method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, not {method!r}")
+        if authkey is not None and not isinstance(authkey, (bytes, bytearray)):
+            raise TypeError("authkey must be bytes")
+        self.name = name or _paths.new_mesh_name()
+        self.authkey = bytes(authkey) if authkey else os.urandom(32)
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_miss_threshold = heartbeat_miss_threshold
+        self.start_method = method
+        self.log = logger or logging.getLogger("mpmesh")
+        self.address = _paths.socket_path(self.name)
+        self._key_path = _paths.key_path(self.name)
+        self._closed = False
+        self._specs: dict[str, ChildSpec] = {}
+        self._callbacks: dict[str, list[Callable[[dict[str, Any]], object]]] = {e: [] for e in EVENTS}
+        self._handlers = HandlerRegistry("the master")
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._async: AsyncRunner | None = None
+
+        self._supervisor = Supervisor(
+            {"address": self.address, "authkey": self.authkey, "timeout": timeout},
+            [self.address, self._key_path], self._on_exit,
+        )
+        if method == "fork":
+            # Before this process starts any thread of ours: fork the zygote now.
+            self._supervisor.fork_zygote_if_safe()
+        try:
+            listener = _listen(self.address)
+        except BaseException:
+            self._supervisor.close()
+            raise
+        _write_key(self._key_path, self.authkey)
+        self._core = BrokerCore(rng=random.Random())
+        self._client = LocalClient(None)  # type: ignore[arg-type]
+        self._loop = BrokerLoop(self._core, listener, self.authkey,
+                                on_local=self._client.deliver, on_notify=self._on_notify)
+        self._client._loop = self._loop
+        self._client.on_incoming = self._on_incoming
+        self._core.add_local("master", os.getpid(), socket.gethostname(), time.monotonic())
+        self._supervisor.attach(self._loop)
+        self._loop.start()
+        self._atexit = _make_atexit(weakref.ref(self))
+        atexit.register(self._atexit)
+
+    # -- context manager ----------------------------------------------------------------------
+
+    def __enter__(self) -> Master:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._specs)} children"
+        return f"<Master {self.name!r} {state}>"
+
+    # -- children -------------------------------------------------------------------------------
+
+    def spawn_child(self, name: str, target: Callable[..., Any] | str, mode: str = "sequential",
+                    group: str | None = None, *, args: tuple[Any, ...] = (),
+                    kwargs: dict[str, Any] | None = None, max_concurrency: int | None = None,
+                    auto_restart: bool = True, env: dict[str, str] | None = None) -> None:
+        """Start a child process named ``name`` that runs ``target``.
+
+        ``target`` is a callable taking the ``Child`` first, or the path of a script /
+        the name of a module that creates ``mpmesh.Child()`` itself.
+
+        Raises:
+            ValueError: duplicate name, unknown mode, bad max_concurrency.
+        """
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a child needs a non-empty string name, not {name!r}")
+        if not (callable(target) or isinstance(target, str)):
+            raise TypeError(f"target must be a callable or a script/module name, not {type(target).__name__}")
+        capacity = check_mode(mode, max_concurrency)
+        spec = ChildSpec(name, target, mode, group, capacity, tuple(args), dict(kwargs or {}),
+                         dict(env) if env else None, auto_restart, self.start_method)
+        with self._loop.lock:
+            if group is not None and group not in self._core.router.groups:
+                self._core.declare_group(group, "round-robin")
+            self._core.declare_child(name, group, capacity)
+        self._specs[name] = spec
+        try:
+            self._supervisor.start(spec)
+        except BaseException:
+            self._specs.pop(name, None)
+            with self._loop.lock:
+                self._core.router.forget(self._core.router.workers[name])
+            raise
+
+    def spawn_group(self, group: str, target: Callable[..., Any] | str, size: int,
+                    mode: str = "concurrent", strategy: str = "round-robin", **child_opts: Any) -> list[str]:
+        """Start ``size`` children named ``f"{group}-{i}"`` that share a queue; return their names."""
+        self._check_open()
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, not {size!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        check_mode(mode, child_opts.get("max_concurrency"))
+        with self._loop.lock:
+            if group in self._core.router.groups:
+                raise ValueError(f"group {group!r} already exists")
+            self._core.declare_group(group, strategy)
+        names = [f"{group}-{i}" for i in range(size)]
+        for child in names:
+            self.spawn_child(child, target, mode, group, **child_opts)
+        return names
+
+    def configure_group(self, group: str, *, strategy: str | None = None,
+                        max_concurrency: int | None = None, auto_restart: bool | None = None) -> None:
+        """Change how a group balances its requests, caps them, and restarts its members."""
+        self._check_open()
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        if max_concurrency is not None and (not isinstance(max_concurrency, int) or max_concurrency < 1):
+            raise ValueError(f"max_concurrency must be a positive int, not {max_concurrency!r}")
+
+        def change(now: float) -> list[Any]:
+            g = self._core.router.groups.get(group)
+            if g is None:
+                raise NotFound(f"no group named {group!r}")
+            if strategy is not None:
+                g.strategy = strategy
+            if max_concurrency is not None:
+                g.max_concurrency = max_concurrency
+            return self._core.router._pump_group(g, now)
+
+        self._loop.run_core(change)
+        if auto_restart is not None:
+            for spec in self._specs.values():
+                if spec.group == group:
+                    spec.auto_restart = auto_restart
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def request(self, action: str, target: str | int, data: object = None, *,
+                timeout: float | None = None, retries: int | None = None,
+                retry_delay: float | None = None, priority: int = 0) -> MeshFuture:
+        """Send a request; return a ``concurrent.futures.Future`` of its result."""
+        self._check_open()
+        return self._client.request(action, target, data, **self._options(timeout, retries, retry_delay),
+                                    priority=priority)
+
+    def send_request(self, action: str, target: str | int, data: object = None, *,
+                     timeout: float | None = None, retries: int | None = None,
+                     retry_delay: float | None = None, priority: int = 0) -> object:
+        """Run ``action`` on ``target`` (child, group or instance id) and return its result.
+
+        Raises:
+            NotFound: no such child or group.  NoHandler: the target lacks ``action``.
+            RequestTimeout: no answer within ``timeout`` (per attempt).
+            WorkerLost: the process died while handling it.  MeshClosed: after shutdown.
+        """
+        self._check_open()
+        options = self._options(timeout, retries, retry_delay)
+        return self._client.call(action, target, data, priority=priority, **options)
+
+    async def arequest(self, action: str, target: str | int, data: object = None, *,
+                       timeout: float | None = None, retries: int | None = None,
+                       retry_delay: float | None = None, priority: int = 0) -> object:
+        """``send_request`` for asyncio code."""
+        import asyncio
+
+        fut = self.request(action, target, data, timeout=timeout, retries=retries,
+                           retry_delay=retry_delay, priority=priority)
+        return await asyncio.wrap_future(fut)
+
+    def _options(self, timeout: float | None, retries: int | None, retry_delay: float | None) -> dict[str, Any]:
+        _deadline.check_timeout(timeout)
+        _deadline.check_timeout(retry_delay, "retry_delay")
+        if retries is not None and retries < 0:
+            raise ValueError(f"retries must be >= 0, not {retries!r}")
+        return {"timeout": self.timeout if timeout is None else timeout,
+                "retries": self.retries if retries is None else retries,
+                "retry_delay": self.retry_delay if retry_delay is None else retry_delay}
+
+    def broadcast(self, action: str, group: str, data: object = None, *,
+                  timeout: float | None = None) -> dict[str, object]:
+        """Run ``action`` on every member of ``group``; map each name to its result or exception."""
+        self._check_open()
+        members = [w.name for w in self._group(group).members if w.state is not WorkerState.DOWN]
+        futures = {name: self.request(action, name, data, timeout=timeout) for name in members}
+        results: dict[str, object] = {}
+        for name, fut in futures.items():
+            try:
+                results[name] = self._client.wait(fut, self._client.guard_deadline(
+                    self.timeout if timeout is None else timeout, 0, 0))
+            except Exception as exc:
+                results[name] = exc
+        return results
+
+    # -- the master's own handlers ------------------------------------------------------------------
+
+    def register_handler(self, action: str, fn: Callable[[Any], Any]) -> None:
+        """Serve ``child.send_request(action, data)`` with ``fn(data)`` (plain or ``async def``)."""
+        self._handlers.register(action, fn)
+
+    def handler(self, action: str) -> Callable[[F], F]:
+        """Decorator form of ``register_handler``."""
+        return self._handlers.handler(action)
+
+    def _on_incoming(self, msg: Message) -> None:
+        """A child's request for the master, or a cancel (broker thread, no lock held)."""
+        if type(msg) is not Request:
+            return
+        req: Request = msg  # type: ignore[assignment]
+        fn = self._handlers.get(req.action)
+        if fn is None:
+            self._loop.submit_local(self._handlers.missing(req))
+        elif self._handlers.is_async(req.action):
+            if self._async is None:
+                self._async = AsyncRunner("mpmesh-master-async")
+            self._async.submit(fn, req, self._loop.submit_local)
+        else:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(MASTER_HANDLER_THREADS, "mpmesh-master-handler")
+            self._pool.submit(lambda: self._loop.submit_local(invoke(fn, req)))
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def on(self, event: str, callback: Callable[[dict[str, Any]], object]) -> None:
+        """Call ``callback(info)`` (on a helper thread) whenever ``event`` happens."""
+        if event not in self._callbacks:
+            raise ValueError(f"unknown event {event!r}; expected one of {', '.join(EVENTS)}")
+        self._callbacks[event].append(callback)
+
+    def _emit(self, event: str, info: dict[str, Any]) -> None:
+        for callback in self._callbacks[event]:
+            dispatcher.submit(callback, info)
+
+    def _on_notify(self, notes: list[Notify]) -> None:
+        for note in notes:
+            self.log.debug("%s %s", note.event, note.info)
+            self._emit(note.event, dict(note.info))
+
+    def _on_exit(self, name: str, pid: int, exitcode: int) -> None:
+        """A child process ended (broker thread)."""
+        how = describe_exit(exitcode)
+        spec = self._specs.get(name)
+        level = logging.INFO if exitcode == 0 or self._closed else logging.WARNING
+        self.log.log(level, "child %r (pid %d) %s", name, pid, how)
+        self._emit("child-exit", {"name": name, "pid": pid, "exitcode": exitcode,
+                                  "signal": -exitcode if exitcode < 0 else None,
+                                  "group": spec.group if spec else None})
+
+        def down(now: float) -> list[Any]:
+            worker = self._core.router.workers.get(name)
+            if worker is None or worker.pid not in (pid, 0) and worker.state is not WorkerState.STARTING:
+                return []
+            return self._core.router.worker_down(worker, how, now)
+
+        self._loop.run_core(down)
+
+    # -- introspection ------------------------------------------------------------------------------
+
+    def children(self) -> list[str]:
+        """Names of the children spawned so far (and not shut down for good), in order."""
+        return [n for n, w in self._core.router.workers.items() if n in self._specs]
+
+    def is_alive(self, name: str) -> bool:
+        """Whether child ``name``'s process is running."""
+        self._worker(name)
+        return self._supervisor.alive(name)
+
+    def process_stats(self, name: str) -> ProcessStats:
+        """Counters for one child: requests handled and active, response time, errors, restarts."""
+        w = self._worker(name)
+        return ProcessStats(name, self._supervisor.pid(name), self._supervisor.alive(name),
+                            w.handled, len(w.running), w.ema, w.errors, w.restarts)
+
+    def _worker(self, name: str) -> Worker:
+        worker = self._core.router.workers.get(name)
+        if worker is None or name not in self._specs:
+            raise NotFound(f"no child named {name!r}")
+        return worker
+
+    def _group(self, group: str) -> Any:
+        g = self._core.router.groups.get(group)
+        if g is None:
+            raise NotFound(f"no group named {group!r}")
+        return g
+
+    # -- shutting down ------------------------------------------------------------------------------
+
+    def shutdown_child(self, name: str, timeout: float = 10.0) -> None:
+        """Stop child ``name`` for good: let it finish what it holds, then terminate, then kill."""
+        _deadline.check_timeout(timeout)
+        self._check_open()
+        self._worker(name)
+        self._specs[name].auto_restart = False
+        self._stop([name], timeout)
+
+    def _stop(self, names: list[str], timeout: float | None) -> None:
+        router = self._core.router
+
+        def ask(now: float) -> list[Any]:
+            actions: list[Any] = []
+            for n in names:
+                actions += router.stop_worker(router.workers[n], timeout if timeout is not None else -1.0)
+            return actions
+
+        self._loop.run_core(ask)
+        live = [n for n in names if self._supervisor.alive(n)]
+        if self._supervisor.wait_exited(live, timeout):
+            return
+        for sig_name in ("SIGTERM", "SIGKILL"):
+            import signal
+
+            for n in live:
+                self._supervisor.kill(n, getattr(signal, sig_name))
+            if self._supervisor.wait_exited(live, TERMINATE_GRACE_S if sig_name == "SIGTERM" else 10.0):
+                return
+        self.log.error("children %s did not exit after SIGKILL", [n for n in live if self._supervisor.alive(n)])
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every child (in parallel, gracefully first) and the broker. Idempotent."""
+        _deadline.check_timeout(timeout)
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            atexit.unregister(self._atexit)
+            for spec in self._specs.values():
+                spec.auto_restart = False
+            self._stop(list(self._specs), timeout)
+            self._loop.run_core(lambda now: self._core.router.fail_all(ErrorCode.CLOSED, "the mesh was shut down"))
+        finally:
+            self._client.close()
+            self._loop.stop()
+            self._supervisor.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._async is not None:
+                self._async.close()
+            for path in (self.address, self._key_path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MeshClosed(f"mesh {self.name!r} was shut down")
+
+
+def _make_atexit(ref: weakref.ref[Master]) -> Callable[[], None]:
+    def shutdown_at_exit() -> None:
+        master = ref()
+        if master is not None:
+            master.shutdown(timeout=2.0)
+    return shutdown_at_exit
+
+
+def _listen(path: str) -> socket.socket:
+    """Bind a Unix socket at ``path``, replacing a stale one a dead mesh left behind."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)
+            else:
+                raise ValueError(f"a mesh is already listening at {path}") from None
+            finally:
+                probe.close()
+            sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _write_key(path: str, key: bytes) -> None:
+    """Leave the authkey where only this user can read it, for ``mpmesh.connect``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, key)
+    finally:
+        os.close(fd)

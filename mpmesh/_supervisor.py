@@ -1,0 +1,339 @@
+"""Process lifecycle: start children, learn how they end, stop them in order.
+
+How a child starts depends on the start method:
+
+- ``fork``: the zygote (``_io/_zygote.py``) forks it; the Master itself never forks
+  once it runs threads. Script and module targets are forked and exec'd there too.
+- ``spawn`` / ``forkserver``: ``multiprocessing`` starts it from the Master (both are
+  safe from a threaded process).
+
+Either way the broker loop learns of an exit without polling: the zygote reports it on
+a pipe, a ``multiprocessing`` child's sentinel becomes readable. ``on_exit(name, pid,
+exitcode)`` then runs on the loop thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from ._errors import MeshError
+from ._io import _zygote
+from ._wire import _codec
+
+if TYPE_CHECKING:
+    from ._io._loop import BrokerLoop
+
+__all__ = ["ChildSpec", "Supervisor", "default_start_method", "describe_exit"]
+
+START_METHODS: Final = ("fork", "spawn", "forkserver")
+SPAWN_TIMEOUT_S: Final = 30.0
+
+
+def default_start_method() -> str:
+    """The start method ``multiprocessing`` would use, without fixing its context."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method:
+        return method
+    if sys.platform == "linux":
+        return "fork" if sys.version_info < (3, 14) else "forkserver"
+    return "spawn"
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``-9`` -> ``"died with SIGKILL"``, ``1`` -> ``"exited with code 1"``."""
+    if exitcode is None:
+        return "closed its connection"
+    if exitcode < 0:
+        try:
+            return f"died with {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"died with signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def threads_in_process() -> int:
+    """OS threads in this process (what Python 3.12+ counts before warning on fork)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[17])
+    except (OSError, ValueError, IndexError):
+        return threading.active_count()
+
+
+@dataclass
+class ChildSpec:
+    """Everything needed to start (and restart) a child the same way."""
+
+    name: str
+    target: Callable[..., Any] | str
+    mode: str
+    group: str | None
+    max_concurrency: int
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] | None = None
+    auto_restart: bool = True
+    start_method: str = "fork"
+
+
+@dataclass(eq=False)
+class _Proc:
+    name: str
+    pid: int
+    mp: multiprocessing.process.BaseProcess | None = None
+    exitcode: int | None = None
+    reported: bool = False
+
+
+class Supervisor:
+    """Starts children and turns their exits into ``on_exit`` calls on the loop thread."""
+
+    def __init__(self, mesh: dict[str, Any], cleanup: list[str],
+                 on_exit: Callable[[str, int, int], None]) -> None:
+        self._mesh = mesh  # address, authkey, timeout: what every child needs
+        self._cleanup = cleanup
+        self._on_exit = on_exit
+        self._loop: BrokerLoop | None = None
+        self._procs: dict[str, _Proc] = {}
+        self._by_pid: dict[int, _Proc] = {}
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self._starting: dict[int, tuple[str, concurrent.futures.Future[int]]] = {}
+        self._ctl_w = self._report_r = self._life_w = -1
+        self._zygote_pid = 0
+        self._zygote_popen: subprocess.Popen[bytes] | None = None
+        self._report_buf = bytearray()
+        self.exited = threading.Condition(self._lock)
+
+    # -- the zygote ---------------------------------------------------------------------
+
+    def fork_zygote_if_safe(self) -> bool:
+        """Fork the zygote now, if this process is single-threaded (fast path)."""
+        if threads_in_process() != 1 or not hasattr(os, "fork"):
+            return False
+        ctl_r, ctl_w = os.pipe()
+        report_r, report_w = os.pipe()
+        life_r, life_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the zygote
+            for fd in (ctl_w, report_r, life_w):
+                os.close(fd)
+            _zygote.serve(ctl_r, report_w, life_r, self._cleanup)
+        for fd in (ctl_r, report_w, life_r):
+            os.close(fd)
+        self._adopt_zygote(ctl_w, report_r, life_w)
+        self._zygote_pid = pid
+        return True
+
+    def _exec_zygote(self) -> None:
+        ctl_r, ctl_w = os.pipe()
+        report_r, report_w = os.pipe()
+        life_r, life_w = os.pipe()
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        try:
+            self._zygote_popen = subprocess.Popen(
+                [sys.executable, "-m", "mpmesh._io._zygote", str(ctl_r), str(report_w), str(life_r)],
+                pass_fds=(ctl_r, report_w, life_r), env=env, stdin=subprocess.DEVNULL,
+            )
+        finally:
+            for fd in (ctl_r, report_w, life_r):
+                os.close(fd)
+        self._adopt_zygote(ctl_w, report_r, life_w)
+        _zygote.write_frame(self._ctl_w, ("init", list(sys.path), os.getcwd(), self._cleanup))
+        if self._loop is not None:
+            self._loop.add_reader(self._report_r, self._on_report)
+
+    def _adopt_zygote(self, ctl_w: int, report_r: int, life_w: int) -> None:
+        for fd in (ctl_w, report_r, life_w):
+            os.set_inheritable(fd, False)
+        self._ctl_w, self._report_r, self._life_w = ctl_w, report_r, life_w
+
+    def attach(self, loop: BrokerLoop) -> None:
+        """Start listening for exits on ``loop`` (called once the loop exists)."""
+        self._loop = loop
+        if self._report_r >= 0:
+            loop.add_reader(self._report_r, self._on_report)
+
+    def _on_report(self) -> None:
+        try:
+            data = os.read(self._report_r, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            assert self._loop is not None
+            self._loop.add_reader(self._report_r, None)
+            return
+        for report in _zygote.read_frames(self._report_buf, data):
+            kind = report[0]
+            if kind == "started":
+                _, token, pid = report
+                name, fut = self._starting.pop(token)
+                proc = _Proc(name, pid)
+                with self._lock:
+                    self._procs[name] = self._by_pid[pid] = proc
+                fut.set_result(pid)
+            elif kind == "failed":
+                _, token, text = report
+                self._starting.pop(token)[1].set_exception(MeshError(text))
+            elif kind == "exited":
+                _, pid, code = report
+                proc = self._by_pid.get(pid)
+                if proc is not None:
+                    self._exit(proc, code)
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self, spec: ChildSpec) -> int:
+        """Start the child described by ``spec``; return its pid."""
+        config = {**self._mesh, "name": spec.name, "group": spec.group, "mode": spec.mode,
+                  "max_concurrency": spec.max_concurrency, "env": spec.env}
+        if isinstance(spec.target, str):
+            return self._start_script(spec, config)
+        config["target"] = _codec.dumps_by_value((spec.target, spec.args, spec.kwargs))
+        if spec.start_method == "fork":
+            return self._via_zygote(spec.name, ("fork", 0, config))
+        ctx = multiprocessing.get_context(spec.start_method)
+        from ._child import process_main
+
+        blob = _codec.dumps(config)
+        proc = ctx.Process(target=process_main, args=(blob,), name=f"mpmesh:{spec.name}")
+        with _environ(spec.env):
+            proc.start()
+        assert proc.pid is not None and self._loop is not None
+        record = _Proc(spec.name, proc.pid, mp=proc)
+        with self._lock:
+            self._procs[spec.name] = self._by_pid[proc.pid] = record
+        self._loop.add_reader(proc.sentinel, lambda: self._on_sentinel(record))
+        return proc.pid
+
+    def _start_script(self, spec: ChildSpec, config: dict[str, Any]) -> int:
+        target = str(spec.target)
+        if target.endswith(".py") or os.sep in target:
+            if not os.path.exists(target):
+                raise ValueError(f"no script at {target!r}")
+            argv = [sys.executable, os.path.abspath(target)]
+        else:
+            argv = [sys.executable, "-m", target]
+        argv += [str(arg) for arg in spec.args]
+        env = {**os.environ, **(spec.env or {})}
+        from ._child import ENV_CONFIG
+
+        env[ENV_CONFIG] = _codec.dumps(config).hex()
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        return self._via_zygote(spec.name, ("exec", 0, argv, env, os.getcwd()))
+
+    def _via_zygote(self, name: str, cmd: tuple[Any, ...]) -> int:
+        if self._ctl_w < 0:
+            with self._lock:
+                if self._ctl_w < 0:
+                    self._exec_zygote()
+        token = next(self._tokens)
+        fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._starting[token] = (name, fut)
+        try:
+            _zygote.write_frame(self._ctl_w, (cmd[0], token, *cmd[2:]))
+        except OSError as exc:
+            self._starting.pop(token, None)
+            raise MeshError(f"cannot start child {name!r}: the zygote is gone ({exc})") from None
+        try:
+            return fut.result(SPAWN_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            raise MeshError(f"child {name!r} did not start within {SPAWN_TIMEOUT_S:g} s") from None
+
+    # -- exits ------------------------------------------------------------------------------
+
+    def _on_sentinel(self, proc: _Proc) -> None:
+        assert proc.mp is not None and self._loop is not None
+        self._loop.add_reader(proc.mp.sentinel, None)
+        proc.mp.join(0)
+        self._exit(proc, proc.mp.exitcode if proc.mp.exitcode is not None else -1)
+
+    def _exit(self, proc: _Proc, code: int) -> None:
+        if proc.reported:
+            return
+        with self._lock:
+            proc.reported = True
+            proc.exitcode = code
+            self._by_pid.pop(proc.pid, None)
+            self.exited.notify_all()
+        if proc.mp is not None:
+            proc.mp.close()
+        self._on_exit(proc.name, proc.pid, code)
+
+    # -- control -------------------------------------------------------------------------------
+
+    def pid(self, name: str) -> int | None:
+        proc = self._procs.get(name)
+        return proc.pid if proc is not None else None
+
+    def alive(self, name: str) -> bool:
+        proc = self._procs.get(name)
+        return proc is not None and proc.exitcode is None
+
+    def exitcode(self, name: str) -> int | None:
+        proc = self._procs.get(name)
+        return proc.exitcode if proc is not None else None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self._procs.get(name)
+        if proc is not None and proc.exitcode is None:
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait_exited(self, names: list[str], timeout: float | None) -> bool:
+        """Wait until every named child has been reported exited."""
+        with self.exited:
+            return self.exited.wait_for(lambda: not any(self.alive(n) for n in names), timeout)
+
+    def close(self) -> None:
+        """Stop the zygote (it kills whatever it still runs) and reap it."""
+        for fd in (self._ctl_w, self._life_w):
+            if fd >= 0:
+                os.close(fd)
+        self._ctl_w = self._life_w = -1
+        if self._zygote_pid:
+            os.waitpid(self._zygote_pid, 0)
+            self._zygote_pid = 0
+        if self._zygote_popen is not None:
+            self._zygote_popen.wait()
+            self._zygote_popen = None
+        if self._report_r >= 0:
+            if self._loop is not None:
+                self._loop.add_reader(self._report_r, None)
+            os.close(self._report_r)
+            self._report_r = -1
+
+
+class _environ:
+    """Temporarily extend ``os.environ`` (a spawned child copies it at start)."""
+
+    def __init__(self, extra: dict[str, str] | None) -> None:
+        self._extra = extra or {}
+        self._saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> None:
+        for key, value in self._extra.items():
+            self._saved[key] = os.environ.get(key)
+            os.environ[key] = value
+
+    def __exit__(self, *exc: object) -> None:
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,109 @@
+"""User payloads: pickle protocol 5 first, dill when pickle refuses.
+
+Lambdas, closures and functions defined in ``__main__`` or interactively cross processes
+through dill. Plain ``pickle.loads`` reads both (dill's output only refers to importable
+helpers in ``dill``), so the reader never needs to know which one wrote the bytes.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Final
+
+from .._errors import RemoteError, RemoteTraceback, SerializationError
+
+__all__ = ["dumps", "dumps_by_value", "loads", "pack_exception", "unpack_exception"]
+
+PROTOCOL: Final = 5
+# Types pickle has refused once; their instances go straight to dill afterwards.
+_DILL_TYPES: set[type] = set()
+_FUNCTION_TYPES: Final = (type(lambda: None), type(print))
+
+
+def _dill_dumps(obj: object) -> bytes:
+    import dill  # imported lazily: ~30 ms, and most payloads never need it
+
+    return dill.dumps(obj, protocol=PROTOCOL, recurse=True)  # type: ignore[no-any-return]
+
+
+def dumps(obj: object) -> bytes:
+    """Serialize ``obj``; raise SerializationError naming its type if nothing can."""
+    cls = type(obj)
+    if cls not in _DILL_TYPES:
+        try:
+            return pickle.dumps(obj, PROTOCOL)
+        except Exception as exc:
+            first: BaseException = exc
+        else:  # pragma: no cover - unreachable
+            pass
+    else:
+        first = TypeError("pickle refused this type before")
+    try:
+        data = _dill_dumps(obj)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot serialize object of type {cls.__module__}.{cls.__qualname__}: "
+            f"pickle: {first}; dill: {exc}"
+        ) from exc
+    if cls not in _FUNCTION_TYPES:
+        _DILL_TYPES.add(cls)
+    return data
+
+
+def dumps_by_value(obj: object) -> bytes:
+    """Serialize with dill, so functions from ``__main__`` travel by value (spawn targets)."""
+    try:
+        return _dill_dumps(obj)
+    except Exception as exc:
+        cls = type(obj)
+        raise SerializationError(
+            f"cannot serialize object of type {cls.__module__}.{cls.__qualname__}: {exc}"
+        ) from exc
+
+
+def loads(data: bytes) -> object:
+    """Deserialize what ``dumps`` produced; SerializationError if that fails."""
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise SerializationError(f"cannot deserialize payload ({len(data)} bytes): {exc!r}") from exc
+
+
+def pack_exception(exc: BaseException) -> tuple[bytes | None, str]:
+    """Return ``(pickled (exc, traceback text) or None, traceback text)``.
+
+    The exception is checked to survive a round trip here, in the process that raised
+    it, so the caller never receives bytes it cannot rebuild.
+    """
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    cause, context = exc.__cause__, exc.__context__
+    tb = exc.__traceback__
+    try:
+        exc.__cause__ = exc.__context__ = None
+        exc.__traceback__ = None
+        data = pickle.dumps((exc, text), PROTOCOL)
+        pickle.loads(data)
+    except Exception:
+        try:
+            data = _dill_dumps((exc, text))
+            pickle.loads(data)
+        except Exception:
+            return None, text
+    finally:
+        exc.__cause__, exc.__context__, exc.__traceback__ = cause, context, tb
+    return data, text
+
+
+def unpack_exception(payload: bytes | None, text: str) -> BaseException:
+    """Rebuild a remote exception with its traceback chained as ``__cause__``."""
+    if payload:
+        try:
+            exc, tb_text = pickle.loads(payload)
+        except Exception:
+            pass
+        else:
+            if isinstance(exc, BaseException):
+                exc.__cause__ = RemoteTraceback(tb_text)
+                return exc  # type: ignore[no-any-return]
+    return RemoteError(text)

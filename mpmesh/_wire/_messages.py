@@ -1,0 +1,275 @@
+"""One frozen, slotted dataclass per message kind, and their byte encoding.
+
+Routing metadata is encoded with ``struct`` and UTF-8, never pickle: the broker routes
+a request without unpickling anything, and garbage fails here, at decode time. User data
+travels in ``payload`` fields as opaque bytes (see ``_codec``).
+
+Field order rule: numeric fields (int, float) first, then ``str`` and ``bytes`` fields.
+Each class's layout is compiled once into a ``struct.Struct``:
+``<numbers...><u32 length of each variable field...><variable fields...>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import operator
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from .._errors import RemoteProtocolError
+from ._frames import HEADER
+
+__all__ = [
+    "Answer", "Cancel", "Challenge", "ErrorCode", "Failure", "Goodbye", "Heartbeat",
+    "Hello", "KINDS", "Message", "Op", "Push", "Ready", "Rejected", "Reply", "Request",
+    "Role", "Serve", "Shutdown", "Welcome", "decode", "encode", "HANDSHAKE_KINDS",
+]
+
+_FORMATS: Final = {"int": "q", "float": "d", "bool": "?"}
+
+
+class Role(enum.IntEnum):
+    """What kind of process a peer is; decides what the broker lets it do."""
+
+    CLIENT = 0  # joined with connect(), a Manager client, a proxy user
+    CHILD = 1   # a worker the master spawned
+    MASTER = 2  # the in-process host of a Master
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a request failed; each maps to one exception class on the caller's side."""
+
+    REMOTE = 1          # payload: pickled (exception, traceback text)
+    REMOTE_TEXT = 2     # an exception that could not be pickled; message holds the text
+    NOT_FOUND = 3
+    NO_HANDLER = 4
+    TIMEOUT = 5
+    WORKER_LOST = 6
+    SERIALIZATION = 7
+    CLOSED = 8
+    CANCELLED = 9       # child -> broker only: a cancelled request never ran
+    UNAVAILABLE = 10    # the target is down for good
+    BAD_REQUEST = 11    # ValueError-like misuse detected by the broker
+
+
+class Message:
+    """Base of every message. ``KIND`` is the frame's kind byte."""
+
+    __slots__ = ()
+    KIND: ClassVar[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge(Message):
+    KIND: ClassVar[int] = 1
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Message):
+    KIND: ClassVar[int] = 2
+    digest: bytes
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    KIND: ClassVar[int] = 3
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Message):
+    KIND: ClassVar[int] = 4
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message after the handshake: who this peer is."""
+
+    KIND: ClassVar[int] = 10
+    pid: int
+    role: int
+    capacity: int       # requests it accepts at once (1 = sequential)
+    name: str           # "" for an anonymous client
+    group: str
+    hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    KIND: ClassVar[int] = 11
+    instance_id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    """Ask ``target`` (a name, or ``target_id`` >= 0) to run ``action``."""
+
+    KIND: ClassVar[int] = 20
+    rid: int
+    priority: int
+    target_id: int      # an instance id, or -1 to route by ``target``
+    retries: int        # further attempts after WorkerLost / RequestTimeout
+    timeout: float      # seconds for each attempt, < 0 for none
+    retry_delay: float
+    action: str
+    target: str         # child or group name; "" = the mesh's host (the master)
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    KIND: ClassVar[int] = 21
+    rid: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Failure(Message):
+    KIND: ClassVar[int] = 22
+    rid: int
+    code: int
+    message: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Broker -> worker: the caller gave up on this request; skip it if not started."""
+
+    KIND: ClassVar[int] = 23
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Op(Message):
+    """An operation on broker-held state (cache, locks, pub/sub, objects, admin)."""
+
+    KIND: ClassVar[int] = 30
+    rid: int
+    timeout: float
+    component: str
+    op: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Push(Message):
+    """Broker -> peer, outside any request: a pub/sub delivery or a notice."""
+
+    KIND: ClassVar[int] = 31
+    stream: int
+    key: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    KIND: ClassVar[int] = 40
+    busy: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    """Broker -> child: finish what you hold, take nothing new, exit."""
+
+    KIND: ClassVar[int] = 41
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Serve(Message):
+    """Peer -> broker: send me up to ``capacity`` requests at once (0: none).
+
+    A child says Hello with capacity 0 and sends Serve from ``run()``, so no request
+    reaches it before its handlers are registered.
+    """
+
+    KIND: ClassVar[int] = 43
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye(Message):
+    """Peer -> broker: I am leaving on purpose (not a crash)."""
+
+    KIND: ClassVar[int] = 42
+
+
+class _Layout:
+    __slots__ = ("cls", "fixed", "get", "n_num", "var_kinds")
+
+    def __init__(self, cls: type[Message]) -> None:
+        fmt = "!"
+        var_kinds: list[str] = []
+        seen_var = False
+        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            kind = field.type if isinstance(field.type, str) else field.type.__name__
+            if kind in _FORMATS:
+                if seen_var:
+                    raise TypeError(f"{cls.__name__}: numeric field after a variable one")
+                fmt += _FORMATS[kind]
+            elif kind in ("str", "bytes"):
+                seen_var = True
+                var_kinds.append(kind)
+            else:
+                raise TypeError(f"{cls.__name__}.{field.name}: unsupported type {kind}")
+        self.cls = cls
+        names = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        getter = operator.attrgetter(*names) if names else (lambda _msg: ())
+        self.get = (lambda msg: (getter(msg),)) if len(names) == 1 else getter
+        self.n_num = len(fmt) - 1
+        self.var_kinds = tuple(var_kinds)
+        self.fixed = struct.Struct(fmt + "I" * len(var_kinds))
+
+
+KINDS: Final[dict[int, _Layout]] = {
+    cls.KIND: _Layout(cls)
+    for cls in (Challenge, Answer, Welcome, Rejected, Hello, Ready, Request, Reply,
+                Failure, Cancel, Op, Push, Heartbeat, Shutdown, Serve, Goodbye)
+}
+HANDSHAKE_KINDS: Final = frozenset({Challenge.KIND, Answer.KIND, Welcome.KIND, Rejected.KIND})
+_BY_CLASS: Final = {layout.cls: layout for layout in KINDS.values()}
+_pack_header = HEADER.pack
+
+
+def encode(msg: Message) -> bytes:
+    """Return the whole frame (header included) for ``msg``."""
+    layout = _BY_CLASS[type(msg)]
+    values = layout.get(msg)
+    nums = values[: layout.n_num]
+    var: list[bytes] = [v.encode() if isinstance(v, str) else v for v in values[layout.n_num :]]
+    fixed = layout.fixed.pack(*nums, *map(len, var))
+    body_len = len(fixed) + sum(map(len, var))
+    return b"".join((_pack_header(body_len, msg.KIND), fixed, *var))
+
+
+def decode(kind: int, body: bytes) -> Message:
+    """Build the message of ``kind`` from its body; RemoteProtocolError on garbage."""
+    layout = KINDS.get(kind)
+    if layout is None:
+        raise RemoteProtocolError(f"unknown message kind {kind}")
+    fixed = layout.fixed
+    try:
+        head = fixed.unpack_from(body, 0)
+        n_num = layout.n_num
+        values: list[Any] = list(head[:n_num])
+        pos = fixed.size
+        for size, vkind in zip(head[n_num:], layout.var_kinds):
+            chunk = body[pos : pos + size]
+            if len(chunk) != size:
+                raise ValueError("truncated field")
+            pos += size
+            values.append(chunk.decode() if vkind == "str" else chunk)
+        if pos != len(body):
+            raise ValueError(f"{len(body) - pos} trailing bytes")
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(
+            f"malformed {layout.cls.__name__} frame ({len(body)} bytes): {exc}"
+        ) from None
+    return layout.cls(*values)
