@@ -28,6 +28,7 @@ from typing import Any, Final, TypeVar
 from . import _deadline
 from ._client import MeshFuture, SocketClient, make_hello
 from ._errors import MeshClosed, MeshError
+from ._shared import SharedState
 from ._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async
 from ._wire import _codec
 from ._wire._messages import (
@@ -57,7 +58,7 @@ def check_mode(mode: str, max_concurrency: int | None) -> int:
     return max_concurrency or DEFAULT_CONCURRENCY
 
 
-class Child:
+class Child(SharedState):
     """A worker's handle on its mesh: handlers, requests to the master, ``run()``.
 
     Inside a process the master spawned with a script or module target, ``Child()``

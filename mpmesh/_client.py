@@ -34,7 +34,7 @@ from ._errors import (
 from ._wire import _codec
 from ._wire._connection import Connection, Phase, Side
 from ._wire._messages import (
-    Cancel, ErrorCode, Failure, Goodbye, Hello, Message, Op, Ready, Reply, Request, encode,
+    Cancel, ErrorCode, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, encode,
 )
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ class ClientBase:
         self._pending: dict[int, MeshFuture] = {}
         self._closed: BaseException | None = None
         self.on_incoming: Callable[[Message], None] = self._drop_incoming
+        self.on_push: Callable[[Push], None] = self._drop_incoming
         self.instance_id = -1
         self.name = ""
 
@@ -272,6 +273,8 @@ class LocalClient(ClientBase):
             cls = type(msg)
             if cls is Reply or cls is Failure:
                 self._resolve(msg)  # type: ignore[arg-type]
+            elif cls is Push:
+                self.on_push(msg)  # type: ignore[arg-type]
             else:
                 self.on_incoming(msg)
 
@@ -434,11 +437,14 @@ class SocketClient(ClientBase):
             cls = type(msg)
             if cls is Reply or cls is Failure:
                 self._resolve(msg)  # type: ignore[arg-type]
-            else:
-                try:
+                continue
+            try:
+                if cls is Push:
+                    self.on_push(msg)  # type: ignore[arg-type]
+                else:
                     self.on_incoming(msg)
-                except Exception:
-                    log.exception("handling %s failed", cls.__name__)
+            except Exception:
+                log.exception("handling %s failed", cls.__name__)
         self._wake_followers()
         return True
 

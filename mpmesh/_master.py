@@ -12,24 +12,21 @@ import atexit
 import concurrent.futures
 import logging
 import os
-import random
-import socket
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from . import _deadline
-from ._broker._core import BrokerCore
 from ._broker._routing import STRATEGIES, Worker, WorkerState
 from ._child import check_mode
 from ._client import LocalClient, MeshFuture, dispatcher
 from ._errors import MeshClosed, NotFound
 from ._handlers import AsyncRunner, HandlerRegistry, invoke
 from ._io import _paths
-from ._io._loop import BrokerLoop
+from ._io._host import BrokerHost
 from ._broker._actions import Notify
+from ._shared import SharedState
 from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
 from ._wire._messages import ErrorCode, Message, Request
 
@@ -57,7 +54,7 @@ class ProcessStats:
     restarts: int
 
 
-class Master:
+class Master(SharedState):
     """Hosts a mesh: the broker, named children and groups, requests both ways.
 
     Use it as a context manager; leaving the block shuts every child down.
@@ -85,37 +82,31 @@ class Master:
         self.heartbeat_miss_threshold = heartbeat_miss_threshold
         self.start_method = method
         self.log = logger or logging.getLogger("mpmesh")
-        self.address = _paths.socket_path(self.name)
-        self._key_path = _paths.key_path(self.name)
         self._closed = False
         self._specs: dict[str, ChildSpec] = {}
         self._callbacks: dict[str, list[Callable[[dict[str, Any]], object]]] = {e: [] for e in EVENTS}
         self._handlers = HandlerRegistry("the master")
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._async: AsyncRunner | None = None
-
+        self.address = _paths.socket_path(self.name)
         self._supervisor = Supervisor(
             {"address": self.address, "authkey": self.authkey, "timeout": timeout},
-            [self.address, self._key_path], self._on_exit,
+            [self.address, _paths.key_path(self.name)], self._on_exit,
         )
         if method == "fork":
             # Before this process starts any thread of ours: fork the zygote now.
             self._supervisor.fork_zygote_if_safe()
         try:
-            listener = _listen(self.address)
+            self._host = BrokerHost(self.name, self.authkey, on_notify=self._on_notify)
         except BaseException:
             self._supervisor.close()
             raise
-        _write_key(self._key_path, self.authkey)
-        self._core = BrokerCore(rng=random.Random())
-        self._client = LocalClient(None)  # type: ignore[arg-type]
-        self._loop = BrokerLoop(self._core, listener, self.authkey,
-                                on_local=self._client.deliver, on_notify=self._on_notify)
-        self._client._loop = self._loop
+        self._core = self._host.core
+        self._loop = self._host.loop
+        self._client = self._host.client
         self._client.on_incoming = self._on_incoming
-        self._core.add_local("master", os.getpid(), socket.gethostname(), time.monotonic())
         self._supervisor.attach(self._loop)
-        self._loop.start()
+        self._host.start_thread()
         self._atexit = _make_atexit(weakref.ref(self))
         atexit.register(self._atexit)
 
@@ -403,18 +394,12 @@ class Master:
             self._stop(list(self._specs), timeout)
             self._loop.run_core(lambda now: self._core.router.fail_all(ErrorCode.CLOSED, "the mesh was shut down"))
         finally:
-            self._client.close()
-            self._loop.stop()
+            self._host.close()
             self._supervisor.close()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
             if self._async is not None:
                 self._async.close()
-            for path in (self.address, self._key_path):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
 
     def _check_open(self) -> None:
         if self._closed:
@@ -427,38 +412,3 @@ def _make_atexit(ref: weakref.ref[Master]) -> Callable[[], None]:
         if master is not None:
             master.shutdown(timeout=2.0)
     return shutdown_at_exit
-
-
-def _listen(path: str) -> socket.socket:
-    """Bind a Unix socket at ``path``, replacing a stale one a dead mesh left behind."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            sock.bind(path)
-        except OSError:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)
-            else:
-                raise ValueError(f"a mesh is already listening at {path}") from None
-            finally:
-                probe.close()
-            sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _write_key(path: str, key: bytes) -> None:
-    """Leave the authkey where only this user can read it, for ``mpmesh.connect``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, key)
-    finally:
-        os.close(fd)

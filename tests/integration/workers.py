@@ -1,0 +1,78 @@
+"""Targets and handlers for integration tests (importable, so every start method works)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import mpmesh
+
+
+class CustomError(Exception):
+    """A picklable exception with extra state."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message, code)
+        self.code = code
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        raise TypeError("not today")
+
+
+def basic(child: mpmesh.Child) -> None:
+    """A worker with a handler for every behaviour the tests need."""
+
+    @child.handler("square")
+    def square(x: int) -> int:
+        return x * x
+
+    @child.handler("echo")
+    def echo(x: object) -> object:
+        return x
+
+    @child.handler("whoami")
+    def whoami(_: object) -> dict[str, object]:
+        return {"name": child.name, "group": child.group, "pid": os.getpid(),
+                "instance_id": child.instance_id}
+
+    @child.handler("sleep")
+    def sleep(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    @child.handler("raise")
+    def raise_(message: str) -> None:
+        raise CustomError(message, 42)
+
+    @child.handler("raise-unpicklable")
+    def raise_unpicklable(_: object) -> None:
+        raise Unpicklable("boom")
+
+    @child.handler("unpicklable-result")
+    def unpicklable_result(_: object) -> object:
+        return (x for x in range(3))
+
+    @child.handler("ask-master")
+    def ask_master(data: object) -> object:
+        return child.send_request("master-echo", data)
+
+    @child.handler("kill-self")
+    def kill_self(sig: int) -> None:
+        os.kill(os.getpid(), sig)
+        time.sleep(10)
+
+    @child.handler("exit")
+    def exit_(code: int) -> None:
+        os._exit(code)
+
+    @child.handler("async-square")
+    async def async_square(x: int) -> int:
+        import asyncio
+
+        await asyncio.sleep(0)
+        return x * x
+
+    child.run()
