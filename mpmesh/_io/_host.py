@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from .._broker._actions import Notify
+from .._broker._components import default_components
 from .._broker._core import BrokerCore, Component
 from .._client import LocalClient
 from .._wire._messages import Message
@@ -44,7 +45,7 @@ class BrokerHost:
             os.unlink(self.address)
             raise
         self.core = BrokerCore(rng=random.Random())
-        self.core.components.update(components or {})
+        self.core.components.update(default_components() if components is None else components)
         self.client = LocalClient(None)  # type: ignore[arg-type]
         self.loop = BrokerLoop(self.core, listener, authkey, on_local=self.client.deliver,
                                on_notify=on_notify or (lambda notes: None))
