@@ -32,7 +32,7 @@ from ._shared import SharedState
 from ._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async
 from ._wire import _codec
 from ._wire._messages import (
-    Cancel, ErrorCode, Failure, Goodbye, Message, Reply, Request, Role, Serve, Shutdown,
+    Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Message, Reply, Request, Role, Serve, Shutdown,
 )
 
 __all__ = ["Child", "process_main", "run_target"]
@@ -103,6 +103,19 @@ class Child(SharedState):
         self.instance_id: int = self._client.instance_id
         self._client.on_incoming = self._on_incoming
         _start_watchdog(self._client)
+        self._beating = threading.Event()
+        interval = config.get("heartbeat_interval")
+        if interval:
+            threading.Thread(target=self._heartbeat, args=(float(interval),),
+                             name="mpmesh-heartbeat", daemon=True).start()
+
+    def _heartbeat(self, interval: float) -> None:
+        """Beat on a thread of its own, so a handler busy for minutes still looks alive."""
+        while not self._beating.wait(interval):
+            try:
+                self._client.send_message(Heartbeat(len(self._active)))
+            except MeshError:
+                return
 
     # -- handlers -----------------------------------------------------------------------
 
@@ -243,6 +256,7 @@ class Child(SharedState):
 
     def close(self) -> None:
         """Leave the mesh: close the connection and stop helper threads."""
+        self._beating.set()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._async is not None:

@@ -9,31 +9,35 @@ requests children send to the master. Each public method is a few lines over the
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import logging
 import os
+import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from . import _deadline
+from ._broker._actions import Notify
 from ._broker._routing import STRATEGIES, Worker, WorkerState
 from ._child import check_mode
-from ._client import LocalClient, MeshFuture, dispatcher
+from ._client import MeshFuture, dispatcher
 from ._errors import MeshClosed, NotFound
 from ._handlers import AsyncRunner, HandlerRegistry, invoke
 from ._io import _paths
 from ._io._host import BrokerHost
-from ._broker._actions import Notify
 from ._shared import SharedState
 from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
 from ._wire._messages import ErrorCode, Message, Request
 
-__all__ = ["EVENTS", "Master", "ProcessStats"]
+__all__ = ["EVENTS", "GroupStats", "Master", "ProcessStats"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-EVENTS: Final = ("child-started", "child-exit", "heartbeat-missed", "auto-restart", "request-retry")
+EVENTS: Final = ("child-started", "child-exit", "heartbeat-missed", "auto-restart", "request-retry",
+                  "heartbeat-resumed")
 # After SIGTERM, how long a child gets before SIGKILL during shutdown.
 TERMINATE_GRACE_S: Final = 1.0
 # Threads serving children's requests to the master (each handler call holds one).
@@ -42,7 +46,10 @@ MASTER_HANDLER_THREADS: Final = 32
 
 @dataclass(frozen=True)
 class ProcessStats:
-    """What one child has done so far (``Master.process_stats``)."""
+    """What one child has done so far (``Master.process_stats``).
+
+    ``average_response_time`` is an exponential moving average in seconds.
+    """
 
     name: str
     pid: int | None
@@ -52,6 +59,42 @@ class ProcessStats:
     average_response_time: float
     errors: int
     restarts: int
+    healthy: bool
+    group: str | None
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Totals for one group (``Master.group_stats``)."""
+
+    name: str
+    strategy: str
+    members: list[str]
+    max_concurrency: int | None
+    queue_length: int
+    requests_active: int
+    requests_handled: int
+    errors: int
+    restarts: int
+
+
+class _RestartPolicy:
+    """Exponential back-off plus a storm guard: at most ``limit`` restarts per ``window``."""
+
+    def __init__(self, limit: int, window: float, backoff: float, backoff_max: float) -> None:
+        self.limit, self.window, self.backoff, self.backoff_max = limit, window, backoff, backoff_max
+        self._recent: dict[str, collections.deque[float]] = {}
+
+    def next_delay(self, name: str, now: float) -> float | None:
+        """Seconds to wait before restarting ``name``; None when it restarts too often."""
+        recent = self._recent.setdefault(name, collections.deque())
+        while recent and now - recent[0] > self.window:
+            recent.popleft()
+        if len(recent) >= self.limit:
+            return None
+        delay = 0.0 if not recent else min(self.backoff * 2 ** (len(recent) - 1), self.backoff_max)
+        recent.append(now + delay)
+        return delay
 
 
 class Master(SharedState):
@@ -63,11 +106,15 @@ class Master(SharedState):
     def __init__(self, name: str | None = None, *, authkey: bytes | None = None,
                  timeout: float | None = 30.0, retries: int = 0, retry_delay: float = 0.1,
                  heartbeat_interval: float = 1.0, heartbeat_miss_threshold: int = 3,
-                 start_method: str | None = None, logger: logging.Logger | None = None) -> None:
+                 start_method: str | None = None, logger: logging.Logger | None = None,
+                 restart_limit: int = 10, restart_window: float = 60.0,
+                 restart_backoff: float = 0.1, restart_backoff_max: float = 10.0) -> None:
         _deadline.check_timeout(timeout)
         _deadline.check_timeout(retry_delay, "retry_delay")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, not {retries!r}")
+        if not heartbeat_interval > 0 or heartbeat_miss_threshold < 1:
+            raise ValueError("heartbeat_interval must be > 0 and heartbeat_miss_threshold >= 1")
         method = start_method or default_start_method()
         if method not in START_METHODS:
             raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, not {method!r}")
@@ -82,6 +129,7 @@ class Master(SharedState):
         self.heartbeat_miss_threshold = heartbeat_miss_threshold
         self.start_method = method
         self.log = logger or logging.getLogger("mpmesh")
+        self._restarts = _RestartPolicy(restart_limit, restart_window, restart_backoff, restart_backoff_max)
         self._closed = False
         self._specs: dict[str, ChildSpec] = {}
         self._callbacks: dict[str, list[Callable[[dict[str, Any]], object]]] = {e: [] for e in EVENTS}
@@ -90,7 +138,8 @@ class Master(SharedState):
         self._async: AsyncRunner | None = None
         self.address = _paths.socket_path(self.name)
         self._supervisor = Supervisor(
-            {"address": self.address, "authkey": self.authkey, "timeout": timeout},
+            {"address": self.address, "authkey": self.authkey, "timeout": timeout,
+             "heartbeat_interval": heartbeat_interval},
             [self.address, _paths.key_path(self.name)], self._on_exit,
         )
         if method == "fork":
@@ -105,6 +154,7 @@ class Master(SharedState):
         self._loop = self._host.loop
         self._client = self._host.client
         self._client.on_incoming = self._on_incoming
+        self._core.router.enable_heartbeats(heartbeat_interval, heartbeat_miss_threshold, time.monotonic())
         self._supervisor.attach(self._loop)
         self._host.start_thread()
         self._atexit = _make_atexit(weakref.ref(self))
@@ -299,43 +349,132 @@ class Master(SharedState):
 
     def _on_notify(self, notes: list[Notify]) -> None:
         for note in notes:
-            self.log.debug("%s %s", note.event, note.info)
-            self._emit(note.event, dict(note.info))
+            info = dict(note.info)
+            if note.event == "heartbeat-missed":
+                name = str(info["name"])
+                spec = self._specs.get(name)
+                restart = spec is not None and spec.auto_restart and not self._closed
+                self.log.warning("child %r (pid %s) missed its heartbeats for %.1f s%s", name,
+                                 info["pid"], info["silent_for"], "; killing it to restart it" if restart else "")
+                if restart:
+                    self._supervisor.kill(name)
+            elif note.event == "request-retry":
+                self.log.info("retrying %r on %r (attempt %s of %s): %s", info["action"],
+                              info["target"], info["attempt"], info["attempts"], info["reason"])
+            elif note.event == "heartbeat-resumed":
+                self.log.info("child %r is healthy again", info["name"])
+                continue
+            else:
+                self.log.debug("%s %s", note.event, info)
+            self._emit(note.event, info)
 
     def _on_exit(self, name: str, pid: int, exitcode: int) -> None:
-        """A child process ended (broker thread)."""
+        """A child process ended (broker thread): restart it, or mark it down for good."""
         how = describe_exit(exitcode)
         spec = self._specs.get(name)
-        level = logging.INFO if exitcode == 0 or self._closed else logging.WARNING
+        worker = self._core.router.workers.get(name)
+        stopping = worker is None or worker.state is WorkerState.STOPPING
+        delay: float | None = None
+        if spec is not None and spec.auto_restart and not self._closed and not stopping:
+            delay = self._restarts.next_delay(name, time.monotonic())
+        level = logging.INFO if exitcode == 0 or self._closed or stopping else logging.WARNING
         self.log.log(level, "child %r (pid %d) %s", name, pid, how)
         self._emit("child-exit", {"name": name, "pid": pid, "exitcode": exitcode,
                                   "signal": -exitcode if exitcode < 0 else None,
                                   "group": spec.group if spec else None})
+        restarting = delay is not None
+        if spec is not None and spec.auto_restart and not restarting and not self._closed and not stopping:
+            why = (f"restarted {self._restarts.limit} times within {self._restarts.window:g} s; "
+                   f"giving up (last: {how})")
+            self.log.error("child %r %s", name, why)
+            self._emit("auto-restart", {"name": name, "given_up": True, "reason": why})
+            how = f"{how}; not restarted: {why}"
 
         def down(now: float) -> list[Any]:
-            worker = self._core.router.workers.get(name)
-            if worker is None or worker.pid not in (pid, 0) and worker.state is not WorkerState.STARTING:
+            w = self._core.router.workers.get(name)
+            if w is None:
                 return []
-            return self._core.router.worker_down(worker, how, now)
+            return self._core.router.worker_down(w, how, now, restarting=restarting)
 
         self._loop.run_core(down)
+        if restarting:
+            assert delay is not None
+            timer = threading.Timer(delay, self._restart, (name, delay, how))
+            timer.daemon = True
+            timer.start()
+
+    def _restart(self, name: str, delay: float, how: str) -> None:
+        """Start child ``name`` again from its original spec (on a timer thread)."""
+        spec = self._specs.get(name)
+        worker = self._core.router.workers.get(name)
+        if (self._closed or spec is None or not spec.auto_restart or worker is None
+                or worker.state is not WorkerState.STARTING):
+            return
+        try:
+            pid = self._supervisor.start(spec)
+        except Exception as exc:
+            if self._closed:
+                return
+            self.log.error("could not restart child %r: %s", name, exc)
+            self._loop.run_core(lambda now: self._core.router.worker_down(worker, f"{how}; restart failed: {exc}", now))
+            return
+        worker.restarts += 1
+        self.log.warning("restarted child %r as pid %d (restart %d, after %.2f s)", name, pid, worker.restarts, delay)
+        self._emit("auto-restart", {"name": name, "pid": pid, "restarts": worker.restarts,
+                                    "delay": delay, "reason": how, "given_up": False})
 
     # -- introspection ------------------------------------------------------------------------------
 
     def children(self) -> list[str]:
-        """Names of the children spawned so far (and not shut down for good), in order."""
-        return [n for n, w in self._core.router.workers.items() if n in self._specs]
+        """Names of the children that are running or being restarted, in spawn order."""
+        workers = self._core.router.workers
+        return [n for n in self._specs if n in workers and workers[n].state is not WorkerState.DOWN]
 
     def is_alive(self, name: str) -> bool:
         """Whether child ``name``'s process is running."""
         self._worker(name)
         return self._supervisor.alive(name)
 
+    def unhealthy(self) -> list[str]:
+        """Children whose heartbeats stopped (they leave the list when beats resume)."""
+        return [n for n, w in self._core.router.workers.items()
+                if n in self._specs and not w.healthy and w.state is not WorkerState.DOWN]
+
     def process_stats(self, name: str) -> ProcessStats:
         """Counters for one child: requests handled and active, response time, errors, restarts."""
-        w = self._worker(name)
-        return ProcessStats(name, self._supervisor.pid(name), self._supervisor.alive(name),
-                            w.handled, len(w.running), w.ema, w.errors, w.restarts)
+        return self._process_stats(self._worker(name))
+
+    def _process_stats(self, w: Worker) -> ProcessStats:
+        return ProcessStats(w.name, self._supervisor.pid(w.name), self._supervisor.alive(w.name),
+                            w.handled, len(w.running), w.ema, w.errors, w.restarts, w.healthy,
+                            w.group.name if w.group else None)
+
+    def group_stats(self, group: str) -> GroupStats:
+        """Totals for a group: members, strategy, cap, queue length, requests and errors."""
+        with self._loop.lock:
+            g = self._group(group)
+            return GroupStats(g.name, g.strategy, [w.name for w in g.members], g.max_concurrency,
+                              len(g.queue), g.busy, sum(w.handled for w in g.members),
+                              sum(w.errors for w in g.members), sum(w.restarts for w in g.members))
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the whole mesh (cheap enough to poll every second)."""
+        with self._loop.lock:
+            router = self._core.router
+            children = {n: self._process_stats(w) for n, w in router.workers.items() if n in self._specs}
+            groups = list(router.groups)
+            pending = sum(len(w.queue) for w in router.workers.values()) + sum(
+                len(g.queue) for g in router.groups.values())
+            snapshot: dict[str, Any] = {
+                "mesh": self.name, "address": self.address, "children": children,
+                "requests_queued": pending, "requests_in_flight": len(router.jobs) - pending,
+                "connections": len(self._core.peers) - 1, "unhealthy": self.unhealthy(),
+            }
+        snapshot["groups"] = {g: self.group_stats(g) for g in groups}
+        extra = getattr(super(), "stats", None)
+        if extra is not None:
+            snapshot.update(extra())
+        return snapshot
 
     def _worker(self, name: str) -> Worker:
         worker = self._core.router.workers.get(name)
@@ -355,9 +494,12 @@ class Master(SharedState):
         """Stop child ``name`` for good: let it finish what it holds, then terminate, then kill."""
         _deadline.check_timeout(timeout)
         self._check_open()
-        self._worker(name)
+        worker = self._worker(name)
         self._specs[name].auto_restart = False
         self._stop([name], timeout)
+        if not self._supervisor.alive(name):
+            self._loop.run_core(lambda now: self._core.router.worker_down(worker, "was shut down", now)
+                                if worker.state is not WorkerState.DOWN else [])
 
     def _stop(self, names: list[str], timeout: float | None) -> None:
         router = self._core.router

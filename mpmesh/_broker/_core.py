@@ -78,7 +78,7 @@ class BrokerCore:
         peer.instance_id = next(self._instances)
         self.by_instance[peer.instance_id] = peer
         host = Worker(name or "master", None, UNLIMITED, supervised=False)
-        self.router.attach(host, LOCAL_PEER, pid, peer.instance_id, UNLIMITED)
+        self.router.attach(host, LOCAL_PEER, pid, peer.instance_id, UNLIMITED, now)
         self.router.host = peer.worker = host
         return peer
 
@@ -91,18 +91,19 @@ class BrokerCore:
         actions: list[Action] = []
         worker = self.router.workers.get(msg.name) if msg.name else None
         if worker is not None and worker.supervised:
-            if worker.peer is not None or worker.state not in (WorkerState.STARTING, WorkerState.LOST):
+            if worker.peer is not None or worker.state not in (
+                    WorkerState.STARTING, WorkerState.LOST, WorkerState.STOPPING):
                 return [Close(peer.id, f"a process named {msg.name!r} is already connected")]
             peer.worker = worker
             actions.append(Send(peer.id, Ready(peer.instance_id, msg.name)))
-            actions += self.router.attach(worker, peer.id, msg.pid, peer.instance_id, msg.capacity)
+            actions += self.router.attach(worker, peer.id, msg.pid, peer.instance_id, msg.capacity, now)
             actions.append(Notify("child-started", {"name": worker.name, "pid": msg.pid,
                                                     "group": worker.group.name if worker.group else None,
                                                     "instance_id": peer.instance_id}))
             return actions
         name = msg.name or f"{'client' if peer.role is Role.CLIENT else 'peer'}-{peer.instance_id}"
         anon = Worker(name, None, msg.capacity, supervised=False)
-        self.router.attach(anon, peer.id, msg.pid, peer.instance_id, msg.capacity)
+        self.router.attach(anon, peer.id, msg.pid, peer.instance_id, msg.capacity, now)
         peer.worker = anon
         return [Send(peer.id, Ready(peer.instance_id, name))]
 
@@ -126,6 +127,15 @@ class BrokerCore:
         if peer is None:
             return []
         peer.last_seen = now
+        worker = peer.worker
+        if worker is not None:
+            worker.last_beat = now
+            if not worker.healthy:
+                return self.router.on_beat(worker, now) + self._dispatch(peer, msg, now)
+        return self._dispatch(peer, msg, now)
+
+    def _dispatch(self, peer: Peer, msg: Message, now: float) -> list[Action]:
+        peer_id = peer.id
         cls = type(msg)
         if cls is Request:
             return self._request(peer, msg, now)  # type: ignore[arg-type]

@@ -55,6 +55,7 @@ class WorkerState(enum.Enum):
 
 
 class JobState(enum.Enum):
+    DELAYED = "delayed"     # a retry waiting out its retry_delay
     QUEUED = "queued"
     RUNNING = "running"
     ABANDONED = "abandoned"
@@ -76,6 +77,7 @@ class Job:
     retries_left: int = 0
     retry_delay: float = 0.0
     attempt: int = 1
+    attempts: int = 1
     seq: int = 0
     state: JobState = JobState.QUEUED
     worker: Worker | None = None
@@ -144,6 +146,8 @@ class Worker:
     ema: float = 0.0
     restarts: int = 0
     lost_at: float = 0.0
+    last_beat: float = 0.0
+    healthy: bool = True
     down_reason: str = ""
 
     @property
@@ -180,6 +184,11 @@ class Router:
         self.jobs: dict[int, Job] = {}          # brid -> job, QUEUED or RUNNING/ABANDONED
         self._by_origin: dict[tuple[int, int], Job] = {}
         self._timers: list[tuple[float, int, Job]] = []
+        self._delayed: list[tuple[float, int, Job]] = []      # retries waiting out retry_delay
+        self._lost: list[tuple[float, int, Worker]] = []      # LOST workers' grace deadlines
+        self.heartbeat_timeout: float | None = None           # silence that makes a worker unhealthy
+        self.heartbeat_interval = 1.0
+        self._next_health_check = float("inf")
         self._brids = itertools.count(1)
         self._seqs = itertools.count()
         self.host: Worker | None = None
@@ -200,12 +209,16 @@ class Router:
         return worker
 
     def attach(self, worker: Worker, peer: int, pid: int, instance_id: int,
-               capacity: int) -> list[Action]:
+               capacity: int, now: float) -> list[Action]:
         """A worker's process has connected: it may now take requests."""
         worker.peer, worker.pid, worker.instance_id = peer, pid, instance_id
         worker.capacity = max(0, capacity)
+        worker.last_beat = now
+        worker.healthy = True
+        if worker.state is WorkerState.STOPPING:
+            return [Send(peer, Shutdown(-1.0))]  # shut down while it was starting
         worker.state = WorkerState.READY
-        return self._pump_worker(worker, 0.0)
+        return self._pump_worker(worker, now)
 
     def set_capacity(self, worker: Worker, capacity: int, now: float) -> list[Action]:
         worker.capacity = max(0, capacity)
@@ -228,7 +241,7 @@ class Router:
             timeout, req.target or where.name,
             now + timeout if timeout is not None else float("inf"),
             where=where, retries_left=max(0, req.retries), retry_delay=req.retry_delay,
-            seq=next(self._seqs),
+            attempts=1 + max(0, req.retries), seq=next(self._seqs),
         )
         unavailable = self._unavailable(where)
         if unavailable:
@@ -267,9 +280,9 @@ class Router:
     def _pump_worker(self, worker: Worker, now: float) -> list[Action]:
         actions: list[Action] = []
         group = worker.group
-        while worker.free:
+        while worker.free and (group is None or group.has_room):
             own = worker.queue.peek()
-            shared = group.queue.peek() if group is not None and group.has_room else None
+            shared = group.queue.peek() if group is not None else None
             if own is None and shared is None:
                 break
             if shared is None or (own is not None and (-own.priority, own.seq) < (-shared.priority, shared.seq)):
@@ -381,30 +394,95 @@ class Router:
     # -- time -----------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
+        """The earliest moment ``on_tick`` has something to do (cheap: heap heads only)."""
         timers = self._timers
         while timers and timers[0][2].state in (JobState.DONE, JobState.ABANDONED):
             heapq.heappop(timers)
-        candidates = [timers[0][0]] if timers else []
-        candidates += [w.lost_at + LOST_GRACE_S for w in self.workers.values()
-                       if w.state is WorkerState.LOST and w.running]
-        return min(candidates) if candidates else None
+        lost = self._lost
+        while lost and (lost[0][2].state is not WorkerState.LOST or not lost[0][2].running):
+            heapq.heappop(lost)
+        best = self._next_health_check
+        for heap in (timers, self._delayed, lost):
+            if heap and heap[0][0] < best:
+                best = heap[0][0]
+        return None if best == float("inf") else best
 
     def on_tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, _, job = heapq.heappop(timers)
-            if job.state not in (JobState.QUEUED, JobState.RUNNING) or job.deadline != deadline:
+            if job.state not in (JobState.QUEUED, JobState.RUNNING, JobState.DELAYED) or job.deadline != deadline:
                 continue
-            where = "while queued" if job.state is JobState.QUEUED else (
-                f"on {describe(job.worker)}" if job.worker else "")
-            actions += self._fail(job, ErrorCode.TIMEOUT,
-                                  f"request {job.action!r} to {job.target!r} timed out after "
-                                  f"{job.timeout:g} s {where} (attempt {job.attempt})")
-        for worker in self.workers.values():
-            if worker.state is WorkerState.LOST and worker.running and now >= worker.lost_at + LOST_GRACE_S:
+            actions += self._timed_out(job, now)
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            job = heapq.heappop(delayed)[2]
+            if job.state is JobState.DELAYED and job.where is not None:
+                actions += self._enqueue(job, job.where, now)
+        lost = self._lost
+        while lost and lost[0][0] <= now:
+            worker = heapq.heappop(lost)[2]
+            if worker.state is WorkerState.LOST and worker.running:
                 actions += self._fail_running(worker, "closed its connection", now)
+        if now >= self._next_health_check:
+            actions += self._check_health(now)
         return actions
+
+    def _timed_out(self, job: Job, now: float) -> list[Action]:
+        queued = job.state in (JobState.QUEUED, JobState.DELAYED)
+        worker = job.worker
+        where = "while queued" if queued else f"on {describe(worker)}" if worker else ""
+        message = (f"request {job.action!r} to {job.target!r} timed out after {job.timeout:g} s "
+                   f"{where} (attempt {job.attempt} of {job.attempts})")
+        if job.retries_left > 0 and job.where is not None and not self._unavailable(job.where):
+            actions: list[Action] = []
+            if job.state is JobState.QUEUED:
+                self._queue_of(job).discard(job)
+            if queued:
+                job.state = JobState.DONE  # the heap entry dies; a fresh job takes its place
+            elif worker is not None and worker.peer is not None:
+                job.state = JobState.ABANDONED  # still occupies the worker until it answers
+                actions.append(Send(worker.peer, Cancel(job.brid)))
+            self.jobs.pop(job.brid, None)
+            retry = Job(next(self._brids), job.origin, job.origin_rid, job.action, job.payload,
+                        job.priority, job.timeout, job.target, now, where=job.where,
+                        retries_left=job.retries_left, retry_delay=job.retry_delay,
+                        attempt=job.attempt, attempts=job.attempts, seq=job.seq)
+            self.jobs[retry.brid] = retry
+            self._by_origin[(retry.origin, retry.origin_rid)] = retry
+            return actions + self._retry(retry, message, now)
+        return self._fail(job, ErrorCode.TIMEOUT, message)
+
+    def _check_health(self, now: float) -> list[Action]:
+        """Mark workers silent for longer than ``heartbeat_timeout`` unhealthy (once per episode)."""
+        self._next_health_check = now + self.heartbeat_interval
+        limit = self.heartbeat_timeout
+        if limit is None:
+            return []
+        actions: list[Action] = []
+        for worker in self.workers.values():
+            if (worker.supervised and worker.peer is not None and worker.healthy
+                    and worker.state in (WorkerState.READY, WorkerState.STOPPING)
+                    and now - worker.last_beat > limit):
+                worker.healthy = False
+                actions.append(Notify("heartbeat-missed", {
+                    "name": worker.name, "pid": worker.pid, "silent_for": now - worker.last_beat,
+                    "group": worker.group.name if worker.group else None}))
+        return actions
+
+    def on_beat(self, worker: Worker, now: float) -> list[Action]:
+        """Any message from a worker proves it alive."""
+        worker.last_beat = now
+        if worker.healthy or worker.state is not WorkerState.READY:
+            return []
+        worker.healthy = True
+        return [Notify("heartbeat-resumed", {"name": worker.name, "pid": worker.pid})]
+
+    def enable_heartbeats(self, interval: float, misses: int, now: float) -> None:
+        self.heartbeat_interval = interval
+        self.heartbeat_timeout = interval * misses
+        self._next_health_check = now + interval
 
     # -- peers going away ---------------------------------------------------------------------
 
@@ -424,6 +502,7 @@ class Router:
         if worker.state is not WorkerState.DOWN:
             worker.state = WorkerState.LOST
             worker.lost_at = now
+            heapq.heappush(self._lost, (now + LOST_GRACE_S, next(self._seqs), worker))
         return []
 
     def worker_down(self, worker: Worker, how: str, now: float, *, restarting: bool = False) -> list[Action]:
@@ -457,22 +536,31 @@ class Router:
         return actions
 
     def _retry_or_fail(self, job: Job, worker: Worker, how: str, now: float) -> list[Action]:
-        if job.retries_left > 0:
-            job.retries_left -= 1
-            job.attempt += 1
-            job.worker = None
-            if job.timeout is not None:
-                job.deadline = now + job.timeout
-                heapq.heappush(self._timers, (job.deadline, job.brid, job))
-            where = job.where
-            if where is not None and not self._unavailable(where):
-                retry = Notify("request-retry", {"action": job.action, "target": job.target,
-                                                 "attempt": job.attempt, "reason": how})
-                return [retry, *self._enqueue(job, where, now)]
-        self._finish(job)
         message = (f"{describe(worker)} {how} while handling {job.action!r} "
-                   f"(request {job.origin_rid}, attempt {job.attempt})")
+                   f"(request {job.origin_rid}, attempt {job.attempt} of {job.attempts})")
+        if job.retries_left > 0 and job.where is not None and not self._unavailable(job.where):
+            job.worker = None
+            return self._retry(job, message, now)
+        self._finish(job)
         return [Send(job.origin, Failure(job.origin_rid, ErrorCode.WORKER_LOST, message, b""))]
+
+    def _retry(self, job: Job, reason: str, now: float) -> list[Action]:
+        """Queue the next attempt of ``job`` (after its retry delay)."""
+        assert job.where is not None
+        job.retries_left -= 1
+        job.attempt += 1
+        job.state = JobState.QUEUED
+        if job.timeout is not None:
+            job.deadline = now + job.retry_delay + job.timeout
+            heapq.heappush(self._timers, (job.deadline, job.brid, job))
+        note = Notify("request-retry", {"action": job.action, "target": job.target,
+                                        "attempt": job.attempt, "attempts": job.attempts,
+                                        "reason": reason})
+        if job.retry_delay > 0:
+            job.state = JobState.DELAYED
+            heapq.heappush(self._delayed, (now + job.retry_delay, next(self._seqs), job))
+            return [note]
+        return [note, *self._enqueue(job, job.where, now)]
 
     def stop_worker(self, worker: Worker, timeout: float) -> list[Action]:
         """Ask a worker to finish and exit; it takes no new requests meanwhile."""
@@ -498,7 +586,7 @@ class Router:
     def fail_all(self, code: ErrorCode, message: str) -> list[Action]:
         actions: list[Action] = []
         for job in list(self.jobs.values()):
-            if job.state in (JobState.QUEUED, JobState.RUNNING):
+            if job.state in (JobState.QUEUED, JobState.RUNNING, JobState.DELAYED):
                 actions += self._fail(job, code, message)[:1]
         return actions
 

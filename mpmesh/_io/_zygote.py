@@ -161,7 +161,9 @@ class _Zygote:
                 os.closerange(self.life + 1, 1 << 16)
                 if cwd:
                     os.chdir(cwd)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                # Children ignore Ctrl-C (the master stops them in order); the
+                # disposition survives exec.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 os.execve(argv[0], argv, env)
             os.close(self.life)
             from .._child import run_target
