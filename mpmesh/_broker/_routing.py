@@ -263,6 +263,16 @@ class Router:
 
     def _enqueue(self, job: Job, where: Worker | Group, now: float) -> list[Action]:
         job.state = JobState.QUEUED
+        if not where.queue.live:
+            # Fast path: nothing waits ahead of this job, so a free worker takes it now.
+            if isinstance(where, Worker):
+                group = where.group
+                if where.free and (group is None or group.has_room):
+                    return [self._start(job, where, now)]
+            elif where.has_room:
+                worker = self._pick(where)
+                if worker is not None:
+                    return [self._start(job, worker, now)]
         where.queue.push(job)
         if isinstance(where, Worker):
             return self._pump_worker(where, now)
