@@ -254,15 +254,25 @@ class Master(SharedState):
 
     def request(self, action: str, target: str | int, data: object = None, *,
                 timeout: float | None = None, retries: int | None = None,
-                retry_delay: float | None = None, priority: int = 0) -> MeshFuture:
-        """Send a request; return a ``concurrent.futures.Future`` of its result."""
+                retry_delay: float | None = None, priority: int = 0,
+                retry_on: tuple[type[BaseException], ...] = ()) -> MeshFuture:
+        """Send a request; return a ``concurrent.futures.Future`` of its result.
+
+        ``retries`` re-sends after WorkerLost and RequestTimeout; exceptions the handler
+        raised are re-sent only when they match ``retry_on``.
+        """
         self._check_open()
-        return self._client.request(action, target, data, **self._options(timeout, retries, retry_delay),
-                                    priority=priority)
+        options = self._options(timeout, retries, retry_delay)
+        fut = self._client.request(action, target, data, priority=priority, **options)
+        if retry_on and options["retries"]:
+            return _RetryOn(self, fut, retry_on, (action, target, data),
+                            dict(options, priority=priority)).outer
+        return fut
 
     def send_request(self, action: str, target: str | int, data: object = None, *,
                      timeout: float | None = None, retries: int | None = None,
-                     retry_delay: float | None = None, priority: int = 0) -> object:
+                     retry_delay: float | None = None, priority: int = 0,
+                     retry_on: tuple[type[BaseException], ...] = ()) -> object:
         """Run ``action`` on ``target`` (child, group or instance id) and return its result.
 
         Raises:
@@ -272,6 +282,11 @@ class Master(SharedState):
         """
         self._check_open()
         options = self._options(timeout, retries, retry_delay)
+        if retry_on and options["retries"]:
+            fut = self.request(action, target, data, priority=priority, retry_on=retry_on, **options)
+            attempts = options["retries"] + 1
+            return self._client.wait(fut, self._client.guard_deadline(
+                options["timeout"], attempts * attempts, options["retry_delay"]))
         return self._client.call(action, target, data, priority=priority, **options)
 
     async def arequest(self, action: str, target: str | int, data: object = None, *,
@@ -546,6 +561,52 @@ class Master(SharedState):
     def _check_open(self) -> None:
         if self._closed:
             raise MeshClosed(f"mesh {self.name!r} was shut down")
+
+
+class _RetryOn:
+    """Re-send a request whose handler raised one of ``retry_on`` while attempts remain.
+
+    The broker retries lost workers and timeouts itself; a handler's exception is only
+    known as such in the caller, so this retry lives here.
+    """
+
+    def __init__(self, master: Master, first: MeshFuture, retry_on: tuple[type[BaseException], ...],
+                 call: tuple[str, str | int, object], options: dict[str, Any]) -> None:
+        self.outer = MeshFuture()
+        self._master, self._retry_on, self._call, self._options = master, retry_on, call, options
+        self._left = options["retries"]
+        self._watch(first)
+
+    def _watch(self, fut: MeshFuture) -> None:
+        concurrent.futures.Future.add_done_callback(fut, self._done)
+
+    def _done(self, fut: concurrent.futures.Future[Any]) -> None:
+        if self.outer.done():
+            return
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None and isinstance(exc, self._retry_on) and self._left > 0 and not self._master._closed:
+            self._left -= 1
+            delay = self._options["retry_delay"]
+            self._master.log.info("retrying %r after %s: %s", self._call[0], type(exc).__name__, exc)
+            timer = threading.Timer(delay, self._resend)
+            timer.daemon = True
+            timer.start()
+            return
+        if fut.cancelled():
+            self.outer.cancel()
+        elif exc is not None:
+            self.outer.set_exception(exc)
+        else:
+            self.outer.set_result(fut.result())
+
+    def _resend(self) -> None:
+        try:
+            fut = self._master._client.request(*self._call, **self._options)
+        except BaseException as exc:
+            if not self.outer.done():
+                self.outer.set_exception(exc)
+            return
+        self._watch(fut)
 
 
 def _make_atexit(ref: weakref.ref[Master]) -> Callable[[], None]:
