@@ -384,9 +384,10 @@ class Router:
         self._finish(job)
         actions: list[Action] = [Send(job.origin, Failure(job.origin_rid, code, message, b""))]
         if running:
-            assert job.worker is not None and job.worker.peer is not None
-            job.state = JobState.ABANDONED
-            actions.append(Send(job.worker.peer, Cancel(job.brid)))
+            assert job.worker is not None
+            job.state = JobState.ABANDONED  # still occupies its worker until it answers
+            if job.worker.peer is not None:  # a LOST worker has no connection to cancel on
+                actions.append(Send(job.worker.peer, Cancel(job.brid)))
         return actions
 
     def _queue_of(self, job: Job) -> JobQueue:
@@ -429,7 +430,13 @@ class Router:
         while delayed and delayed[0][0] <= now:
             job = heapq.heappop(delayed)[2]
             if job.state is JobState.DELAYED and job.where is not None:
-                actions += self._enqueue(job, job.where, now)
+                unavailable = self._unavailable(job.where)
+                if unavailable:
+                    self._finish(job)
+                    actions.append(Send(job.origin, Failure(job.origin_rid, ErrorCode.UNAVAILABLE,
+                                                            unavailable, b"")))
+                else:
+                    actions += self._enqueue(job, job.where, now)
         lost = self._lost
         while lost and lost[0][0] <= now:
             worker = heapq.heappop(lost)[2]
@@ -451,9 +458,10 @@ class Router:
                 self._queue_of(job).discard(job)
             if queued:
                 job.state = JobState.DONE  # the heap entry dies; a fresh job takes its place
-            elif worker is not None and worker.peer is not None:
+            elif worker is not None:
                 job.state = JobState.ABANDONED  # still occupies the worker until it answers
-                actions.append(Send(worker.peer, Cancel(job.brid)))
+                if worker.peer is not None:
+                    actions.append(Send(worker.peer, Cancel(job.brid)))
             self.jobs.pop(job.brid, None)
             retry = Job(next(self._brids), job.origin, job.origin_rid, job.action, job.payload,
                         job.priority, job.timeout, job.target, now, where=job.where,

@@ -18,7 +18,6 @@ __all__ = ["dumps", "dumps_by_value", "loads", "pack_exception", "unpack_excepti
 PROTOCOL: Final = 5
 # Types pickle has refused once; their instances go straight to dill afterwards.
 _DILL_TYPES: set[type] = set()
-_FUNCTION_TYPES: Final = (type(lambda: None), type(print))
 
 
 def _dill_dumps(obj: object) -> bytes:
@@ -46,7 +45,8 @@ def dumps(obj: object) -> bytes:
             f"cannot serialize object of type {cls.__module__}.{cls.__qualname__}: "
             f"pickle: {first}; dill: {exc}"
         ) from exc
-    if cls not in _FUNCTION_TYPES:
+    # Remember user types only: one dict holding a lambda says nothing about other dicts.
+    if cls.__module__ != "builtins":
         _DILL_TYPES.add(cls)
     return data
 

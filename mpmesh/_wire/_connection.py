@@ -86,15 +86,19 @@ class Connection:
         self._decoder.feed(data)
         out = b""
         try:
-            for kind, body in self._decoder.frames():
-                if self.phase is Phase.READY:
-                    if kind in HANDSHAKE_KINDS:
-                        raise RemoteProtocolError("handshake message after the handshake")
-                    self._events.append(decode(kind, body))
-                    continue
+            # One frame at a time while the handshake runs: the frame limit grows with it.
+            while self.phase is Phase.HANDSHAKE:
+                frames = self._decoder.frames(1)
+                if not frames:
+                    return out
+                kind, body = frames[0]
                 if kind not in HANDSHAKE_KINDS:
                     raise RemoteProtocolError(f"message kind {kind} before the handshake finished")
                 out += self._handshake(decode(kind, body))
+            for kind, body in self._decoder.frames():
+                if kind in HANDSHAKE_KINDS:
+                    raise RemoteProtocolError("handshake message after the handshake")
+                self._events.append(decode(kind, body))
         except BaseException:
             self.phase = Phase.CLOSED
             raise

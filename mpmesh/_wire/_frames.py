@@ -33,15 +33,15 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
-    def frames(self) -> list[tuple[int, bytes]]:
-        """Remove and return every complete frame buffered so far."""
+    def frames(self, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """Remove and return the complete frames buffered so far (at most ``limit``)."""
         buf = self._buf
         end = len(buf)
         pos = 0
         out: list[tuple[int, bytes]] = []
         unpack = HEADER.unpack_from
         header_size = HEADER.size
-        while end - pos >= header_size:
+        while end - pos >= header_size and (limit is None or len(out) < limit):
             length, kind = unpack(buf, pos)
             if length > self.max_frame:
                 del buf[:]
