@@ -7,6 +7,7 @@ each other requests; every process of the mesh shares state through the broker.
 from __future__ import annotations
 
 from ._child import Child as Child
+from ._connect import connect as connect
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import FencedError as FencedError
@@ -19,8 +20,10 @@ from ._errors import RemoteError as RemoteError
 from ._errors import RequestTimeout as RequestTimeout
 from ._errors import SerializationError as SerializationError
 from ._errors import WorkerLost as WorkerLost
+from ._manager import Manager as Manager
 from ._master import Master as Master
 from ._master import ProcessStats as ProcessStats
+from ._pool import Pool as Pool
 
 __version__ = "0.1.0.dev0"
 
@@ -30,16 +33,19 @@ __all__ = [
     "Child",
     "FencedError",
     "LockTimeout",
+    "Manager",
     "MeshClosed",
     "MeshError",
     "Master",
     "NoHandler",
     "NotFound",
+    "Pool",
     "ProcessStats",
     "RemoteError",
     "RequestTimeout",
     "SerializationError",
     "WorkerLost",
+    "connect",
 ]
 
 

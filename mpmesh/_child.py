@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import inspect
 import logging
 import os
+import queue
 import select
 import signal
 import sys
@@ -89,11 +89,12 @@ class Child(SharedState):
         self._timeout: float | None = config.get("timeout")
         self._handlers = HandlerRegistry(f"child {self.name!r}")
         self._inbox: collections.deque[Request] = collections.deque()
-        self._active: dict[int, concurrent.futures.Future[Any]] = {}
+        self._pending: dict[int, Request] = {}  # concurrent requests not yet started
+        self._outstanding = 0                    # concurrent requests accepted, not answered
         self._stopping = False
         self._master_gone = False
         self._ran = False
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._workers: _WorkerThreads | None = None
         self._async: AsyncRunner | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._client = SocketClient(
@@ -113,7 +114,7 @@ class Child(SharedState):
         """Beat on a thread of its own, so a handler busy for minutes still looks alive."""
         while not self._beating.wait(interval):
             try:
-                self._client.send_message(Heartbeat(len(self._active)))
+                self._client.send_message(Heartbeat(self._outstanding))
             except MeshError:
                 return
 
@@ -189,7 +190,7 @@ class Child(SharedState):
             self._answer(answer)
 
     def _run_concurrent(self) -> None:
-        idle = lambda: self._stopping and not self._active  # noqa: E731
+        idle = lambda: self._stopping and not self._outstanding  # noqa: E731
         self._client.wait_until(idle, _deadline.FOREVER)
 
     def _answer(self, answer: Reply | Failure) -> None:
@@ -220,27 +221,28 @@ class Child(SharedState):
         if fn is None:
             self._answer(self._handlers.missing(req))
             return
-        done = self._done_callback(req.rid)
+        self._outstanding += 1
         if inspect.iscoroutinefunction(fn):
             if self._async is None:
                 self._async = AsyncRunner(f"mpmesh-{self.name}-async")
-            fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            self._active[req.rid] = fut
-            self._async.submit(fn, req, lambda answer: (fut.set_result(None), done(answer)))
+            self._async.submit(fn, req, self._finish_concurrent)
             return
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.max_concurrency, f"mpmesh-{self.name}")
-        pool_fut = self._pool.submit(invoke, fn, req)
-        self._active[req.rid] = pool_fut
-        pool_fut.add_done_callback(lambda f: None if f.cancelled() else done(f.result()))
+        self._pending[req.rid] = req
+        if self._workers is None:
+            self._workers = _WorkerThreads(self.max_concurrency, f"mpmesh-{self.name}", self._run_pending)
+        self._workers.submit((fn, req.rid))
 
-    def _done_callback(self, rid: int) -> Callable[[Reply | Failure], None]:
-        def done(answer: Reply | Failure) -> None:
-            self._active.pop(rid, None)
-            self._answer(answer)
-            if self._stopping and not self._active:
-                self._client._wake_followers()
-        return done
+    def _run_pending(self, item: tuple[Callable[[Any], Any], int]) -> None:
+        fn, rid = item
+        req = self._pending.pop(rid, None)  # atomic claim: None means it was cancelled
+        if req is not None:
+            self._finish_concurrent(invoke(fn, req))
+
+    def _finish_concurrent(self, answer: Reply | Failure) -> None:
+        self._outstanding -= 1
+        self._answer(answer)
+        if self._stopping and not self._outstanding:
+            self._client._wake_followers()
 
     def _cancel(self, rid: int) -> None:
         for req in self._inbox:
@@ -248,17 +250,16 @@ class Child(SharedState):
                 self._inbox.remove(req)
                 break
         else:
-            fut = self._active.get(rid)
-            if fut is None or not fut.cancel():
-                return
-            self._active.pop(rid, None)
+            if self._pending.pop(rid, None) is None:
+                return  # already running (or done): its answer will be dropped
+            self._outstanding -= 1
         self._answer(Failure(rid, ErrorCode.CANCELLED, "cancelled before it started", b""))
 
     def close(self) -> None:
         """Leave the mesh: close the connection and stop helper threads."""
         self._beating.set()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._workers is not None:
+            self._workers.close()
         if self._async is not None:
             self._async.close()
         if self._aloop is not None:
@@ -267,6 +268,53 @@ class Child(SharedState):
 
     def __repr__(self) -> str:
         return f"<Child {self.name!r} group={self.group!r} mode={self.mode} pid={self.pid}>"
+
+
+class _WorkerThreads:
+    """Up to ``size`` threads running items from one queue, started only when needed.
+
+    Lighter than a ThreadPoolExecutor: no Future per request, one queue hand-off.
+    """
+
+    def __init__(self, size: int, name: str, run: Callable[[Any], None]) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._size, self._name, self._run = size, name, run
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._backlog = 0
+
+    def submit(self, item: Any) -> None:
+        with self._lock:
+            self._backlog += 1
+            if self._busy + self._backlog > len(self._threads) and len(self._threads) < self._size:
+                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        self._queue.put(item)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            with self._lock:
+                self._backlog -= 1
+                self._busy += 1
+            try:
+                self._run(item)
+            except Exception:
+                log.exception("a concurrent request failed outside its handler")
+            finally:
+                with self._lock:
+                    self._busy -= 1
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(10)
 
 
 def _start_watchdog(client: SocketClient) -> None:
@@ -304,8 +352,9 @@ def run_target(config: dict[str, Any]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master stops us in order
     os.environ.update(config.get("env") or {})
     try:
-        target, args, kwargs = _codec.loads(config["target"])  # type: ignore[misc]
+        # Connect first: Manager proxies among the arguments rebuild over this connection.
         child = Child._from_config(config)
+        target, args, kwargs = _codec.loads(config["target"])  # type: ignore[misc]
     except BaseException:
         traceback.print_exc()
         return 1

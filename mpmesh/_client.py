@@ -14,6 +14,7 @@ request is handed to the core directly and replies arrive from the broker's thre
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import logging
@@ -297,15 +298,21 @@ class LocalClient(ClientBase):
 class SocketClient(ClientBase):
     """A connection to a broker's Unix socket, authenticated and introduced by Hello."""
 
-    def __init__(self, address: str, authkey: bytes, hello: Hello, *,
+    def __init__(self, address: str | tuple[str, int], authkey: bytes, hello: Hello, *,
                  connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         super().__init__()
         self.address = address
-        self._sock = sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        if isinstance(address, (tuple, list)):  # a (host, port) broker: TCP, Nagle off
+            address = self.address = (str(address[0]), int(address[1]))  # type: ignore[assignment]
+            self._sock = sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        else:
+            self._sock = sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self._conn = Connection(Side.PEER, authkey, os.urandom)
         self._buf = bytearray(RECV_BYTES)
         self._view = memoryview(self._buf)
         self._send_lock = threading.Lock()
+        self._outq: collections.deque[bytes] = collections.deque()
         self._read_lock = threading.RLock()
         self._leader: int | None = None
         self._cv = threading.Condition(threading.Lock())
@@ -360,10 +367,19 @@ class SocketClient(ClientBase):
     def _send(self, msg: Message) -> None:
         if self._closed is not None:
             raise self._closed_error()
-        data = encode(msg)
+        # Combined writes: the frame joins a queue and whoever holds the send lock writes
+        # everything queued in one call, so concurrent handlers' replies share syscalls.
+        outq = self._outq
+        outq.append(encode(msg))
+        lock = self._send_lock
         try:
-            with self._send_lock:
-                self._sock.sendall(data)
+            while outq and lock.acquire(blocking=False):
+                try:
+                    data = outq.popleft() if len(outq) == 1 else b"".join(
+                        [outq.popleft() for _ in range(len(outq))])
+                    self._sock.sendall(data)
+                finally:
+                    lock.release()
         except OSError as exc:
             self._broken(f"the connection to the broker failed: {exc}")
             raise self._closed_error() from None

@@ -29,6 +29,7 @@ from ._errors import MeshClosed, NotFound
 from ._handlers import AsyncRunner, HandlerRegistry, invoke
 from ._io import _paths
 from ._io._host import BrokerHost
+from ._manager import SharedObjects
 from ._shared import SharedState
 from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
 from ._wire._messages import ErrorCode, Message, Request
@@ -97,7 +98,7 @@ class _RestartPolicy:
         return delay
 
 
-class Master(SharedState):
+class Master(SharedState, SharedObjects):
     """Hosts a mesh: the broker, named children and groups, requests both ways.
 
     Use it as a context manager; leaving the block shuts every child down.
@@ -145,6 +146,7 @@ class Master(SharedState):
         if method == "fork":
             # Before this process starts any thread of ours: fork the zygote now.
             self._supervisor.fork_zygote_if_safe()
+        self._supervisor.ensure_zygote()  # otherwise exec one (it boots in the background)
         try:
             self._host = BrokerHost(self.name, self.authkey, on_notify=self._on_notify)
         except BaseException:
@@ -186,6 +188,15 @@ class Master(SharedState):
         Raises:
             ValueError: duplicate name, unknown mode, bad max_concurrency.
         """
+        self._wait_started(name, self._launch(name, target, mode, group, args=args, kwargs=kwargs,
+                                              max_concurrency=max_concurrency,
+                                              auto_restart=auto_restart, env=env))
+
+    def _launch(self, name: str, target: Callable[..., Any] | str, mode: str, group: str | None, *,
+                args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+                max_concurrency: int | None = None, auto_restart: bool = True,
+                env: dict[str, str] | None = None) -> concurrent.futures.Future[int]:
+        """Declare child ``name`` to the broker and start its process (without waiting)."""
         self._check_open()
         if not isinstance(name, str) or not name:
             raise ValueError(f"a child needs a non-empty string name, not {name!r}")
@@ -194,18 +205,30 @@ class Master(SharedState):
         capacity = check_mode(mode, max_concurrency)
         spec = ChildSpec(name, target, mode, group, capacity, tuple(args), dict(kwargs or {}),
                          dict(env) if env else None, auto_restart, self.start_method)
-        with self._loop.lock:
+        with self._loop.locked():
             if group is not None and group not in self._core.router.groups:
                 self._core.declare_group(group, "round-robin")
             self._core.declare_child(name, group, capacity)
         self._specs[name] = spec
         try:
-            self._supervisor.start(spec)
+            return self._supervisor.launch(spec)
         except BaseException:
-            self._specs.pop(name, None)
-            with self._loop.lock:
-                self._core.router.forget(self._core.router.workers[name])
+            self._forget(name)
             raise
+
+    def _wait_started(self, name: str, fut: concurrent.futures.Future[int]) -> None:
+        try:
+            self._supervisor.wait_started(name, fut)
+        except BaseException:
+            self._forget(name)
+            raise
+
+    def _forget(self, name: str) -> None:
+        self._specs.pop(name, None)
+        with self._loop.locked():
+            worker = self._core.router.workers.get(name)
+            if worker is not None:
+                self._core.router.forget(worker)
 
     def spawn_group(self, group: str, target: Callable[..., Any] | str, size: int,
                     mode: str = "concurrent", strategy: str = "round-robin", **child_opts: Any) -> list[str]:
@@ -216,14 +239,22 @@ class Master(SharedState):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
         check_mode(mode, child_opts.get("max_concurrency"))
-        with self._loop.lock:
+        with self._loop.locked():
             if group in self._core.router.groups:
                 raise ValueError(f"group {group!r} already exists")
             self._core.declare_group(group, strategy)
         names = [f"{group}-{i}" for i in range(size)]
-        for child in names:
-            self.spawn_child(child, target, mode, group, **child_opts)
+        # Ask for every process first, then wait: the forks overlap.
+        launched = [(child, self._launch(child, target, mode, group, **child_opts)) for child in names]
+        for child, fut in launched:
+            self._wait_started(child, fut)
         return names
+
+    def Pool(self, processes: int | None = None, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+        """A ``multiprocessing.Pool`` drop-in whose workers are a new group of this mesh."""
+        from ._pool import Pool
+
+        return Pool._on_master(self, processes, *args, **kwargs)
 
     def configure_group(self, group: str, *, strategy: str | None = None,
                         max_concurrency: int | None = None, auto_restart: bool | None = None) -> None:
@@ -359,7 +390,7 @@ class Master(SharedState):
         self._callbacks[event].append(callback)
 
     def _emit(self, event: str, info: dict[str, Any]) -> None:
-        for callback in self._callbacks[event]:
+        for callback in self._callbacks.get(event, ()):
             dispatcher.submit(callback, info)
 
     def _on_notify(self, notes: list[Notify]) -> None:
@@ -466,7 +497,7 @@ class Master(SharedState):
 
     def group_stats(self, group: str) -> GroupStats:
         """Totals for a group: members, strategy, cap, queue length, requests and errors."""
-        with self._loop.lock:
+        with self._loop.locked():
             g = self._group(group)
             return GroupStats(g.name, g.strategy, [w.name for w in g.members], g.max_concurrency,
                               len(g.queue), g.busy, sum(w.handled for w in g.members),
@@ -474,7 +505,7 @@ class Master(SharedState):
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the whole mesh (cheap enough to poll every second)."""
-        with self._loop.lock:
+        with self._loop.locked():
             router = self._core.router
             children = {n: self._process_stats(w) for n, w in router.workers.items() if n in self._specs}
             groups = list(router.groups)

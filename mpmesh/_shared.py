@@ -1,20 +1,290 @@
 """Shared-state API (API.md §2) offered alike by Master, Child and ``mpmesh.connect()``.
 
 Every method reaches the broker through ``self._client`` (a ``ClientBase``): a Master
-talks to its in-process broker directly, other processes over their socket.
+talks to its in-process broker directly, other processes over their socket. Each
+operation is one ``Op`` to a broker component (``_broker/_cache.py``, ``_locks.py``,
+``_pubsub.py``, ``_rpc.py``, ``_admin.py``), pickled here, at the call site.
+
+Assigning ``self._client`` (as Master and Child do in their constructors) also makes
+that client this process's connection to the mesh for proxies that arrive pickled from
+elsewhere (see ``_binding``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, final
+
+from . import _binding, _deadline
+from ._broker._payload import pack
+from ._broker._pubsub import pack_publish
+from ._broker._rpc import pack_call
+from ._errors import LockTimeout, MeshError, RequestTimeout
+from ._shared_cache import Cache, open_cache
+from ._shared_session import Subscription, session_for
+from ._wire import _codec
+from ._wire._messages import Op
 
 if TYPE_CHECKING:
     from ._client import ClientBase
 
-__all__ = ["SharedState"]
+__all__ = ["Cache", "LockGrant", "Node", "SharedState", "Subscription"]
+
+# Slack on the client's own guard over a lock wait or a call's timeout, so the broker's
+# precise LockTimeout / RequestTimeout normally wins the race.
+GUARD_SLACK_S: Final = 2.0
+
+
+@dataclass(frozen=True)
+class Node:
+    """One process connected to the mesh (``nodes()``)."""
+
+    instance_id: int
+    name: str
+    group: str | None
+    pid: int
+    hostname: str
+    is_self: bool
+    role: str = "client"
+
+
+@final
+class LockGrant:
+    """A granted lock: ``token`` is its fencing token; ``release()`` or leave the ``with``.
+
+    Created by ``lock()`` / ``try_lock()`` only. Releasing twice, or after the TTL ran
+    out, does nothing.
+    """
+
+    __slots__ = ("name", "token", "ttl", "_address", "_client", "_released")
+
+    def __init__(self, address: str, name: str, token: int, ttl: float | None,
+                 client: ClientBase | None) -> None:
+        self._address = address
+        self.name = name
+        self.token = token
+        self.ttl = ttl
+        self._client = client
+        self._released = False
+
+    def _bound(self) -> ClientBase:
+        if self._client is None:
+            self._client = _binding.client_for(self._address)
+        return self._client
+
+    def release(self) -> None:
+        """Release the lock now (the next waiter gets it at once)."""
+        if self._released:
+            return
+        self._released = True
+        client = self._bound()
+        client.wait(client.op("locks", "release", payload=pack((self.name, self.token))), _deadline.FOREVER)
+
+    def extend(self, ttl: float | None) -> bool:
+        """Make the grant expire ``ttl`` seconds from now (None: never); False if it already ended."""
+        _deadline.check_timeout(ttl, "ttl")
+        client = self._bound()
+        ok = bool(client.wait(client.op("locks", "extend", payload=pack((self.name, self.token, ttl))),
+                              _deadline.FOREVER))
+        if ok:
+            self.ttl = ttl
+        return ok
+
+    def __enter__(self) -> LockGrant:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_grant, (self._address, self.name, self.token, self.ttl))
+
+    def __repr__(self) -> str:
+        return f"<mpmesh.LockGrant {self.name!r} token={self.token}{' released' if self._released else ''}>"
+
+
+def _rebuild_grant(address: str, name: str, token: int, ttl: float | None) -> LockGrant:
+    return LockGrant(address, name, token, ttl, None)
+
+
+def _check_name(what: str, name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty str, not {name!r}")
+    return name
 
 
 class SharedState:
     """Mixin: cache, locks, pub/sub, RPC pools and ``nodes()`` over ``self._client``."""
 
-    _client: ClientBase
+    @property
+    def _client(self) -> ClientBase:
+        try:
+            return self.__dict__["_mesh_client"]  # type: ignore[no-any-return]
+        except KeyError:
+            raise AttributeError("_client") from None
+
+    @_client.setter
+    def _client(self, client: ClientBase) -> None:
+        self.__dict__["_mesh_client"] = client
+        address = getattr(client, "address", None) or getattr(self, "address", None)
+        if address:
+            _binding.bind(address, client)
+
+    def _mesh_address(self) -> str:
+        return getattr(self._client, "address", None) or self.address  # type: ignore[attr-defined,no-any-return]
+
+    def _run(self, component: str, op: str, payload: bytes, *, timeout: float | None = None,
+             deadline: float = _deadline.FOREVER) -> Any:
+        client = self._client
+        return client.wait(client.op(component, op, payload=payload, timeout=timeout), deadline)
+
+    def _shared_timeout(self) -> float | None:
+        """The default timeout of ``call`` (the Master's or the child's ``timeout``)."""
+        return getattr(self, "timeout", getattr(self, "_timeout", None))  # type: ignore[no-any-return]
+
+    # -- cache --------------------------------------------------------------------------------
+
+    def cache(self, name: str, maxsize: int | None = None, ttl: float | None = None, *,
+              maxbytes: int | None = None) -> Cache:
+        """The named cache of this mesh, created on first use with these options.
+
+        ``maxsize`` bounds the entries (least recently used go first), ``maxbytes`` the
+        total size of the values, ``ttl`` is the default expiry in seconds.
+
+        Raises:
+            ValueError: it exists with different options, or an option is invalid.
+        """
+        _check_name("a cache name", name)
+        return open_cache(self._client, self._mesh_address(), name, maxsize, ttl, maxbytes)
+
+    # -- locks ----------------------------------------------------------------------------------
+
+    def lock(self, name: str, ttl: float | None = None, wait: float | None = None) -> LockGrant:
+        """Acquire lock ``name`` (FIFO), waiting up to ``wait`` seconds (None: forever).
+
+        The grant expires after ``ttl`` seconds (None: held until released or until this
+        process exits). Use it as a context manager to release it.
+
+        Raises:
+            LockTimeout: not granted within ``wait``.
+        """
+        _check_name("a lock name", name)
+        _deadline.check_timeout(ttl, "ttl")
+        _deadline.check_timeout(wait, "wait")
+        grant = self._acquire(name, ttl, wait)
+        if grant is None:
+            raise LockTimeout(f"lock {name!r} is held by another holder")
+        return grant
+
+    def try_lock(self, name: str, ttl: float | None = None) -> LockGrant | None:
+        """Acquire lock ``name`` if it is free right now; None if it is not."""
+        _check_name("a lock name", name)
+        _deadline.check_timeout(ttl, "ttl")
+        return self._acquire(name, ttl, 0.0)
+
+    def _acquire(self, name: str, ttl: float | None, wait: float | None) -> LockGrant | None:
+        client = self._client
+        payload = pack((name, ttl, wait))
+        fut = client.op("locks", "acquire", payload=payload)
+        guard = _deadline.FOREVER if wait is None else _deadline.after(wait + GUARD_SLACK_S)
+        try:
+            result = client.wait(fut, guard)
+        except LockTimeout:
+            raise
+        except BaseException as exc:
+            # Interrupted, or the broker stopped answering: whatever it grants us later
+            # must not stay held by nobody.
+            try:
+                client._send(Op(0, -1.0, "locks", "withdraw", pack((name, fut._rid))))
+            except MeshError:
+                pass
+            if isinstance(exc, RequestTimeout):
+                raise LockTimeout(f"lock {name!r}: the broker did not answer in time") from exc
+            raise
+        if result is None:
+            return None
+        token, granted_ttl = result
+        return LockGrant(self._mesh_address(), name, token, granted_ttl, client)
+
+    # -- pub/sub ------------------------------------------------------------------------------
+
+    def subscribe(self, pattern: str, callback: Callable[[Any, str], object]) -> Subscription:
+        """Call ``callback(payload, channel)`` for every message published to a matching channel.
+
+        ``pattern`` is a channel, or a prefix followed by ``*`` (``"orders.*"``). Callbacks
+        run on a helper thread, one at a time, in publish order per publisher.
+        """
+        _check_name("a pattern", pattern)
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        return session_for(self._client).subscribe(pattern, callback)
+
+    def publish(self, channel: str, payload: object = None) -> int:
+        """Send ``payload`` to every subscriber of ``channel``; return how many it reached.
+
+        A subscriber too far behind (past its high-water mark) misses it, and is not counted.
+        """
+        _check_name("a channel", channel)
+        if channel.endswith("*"):
+            raise ValueError(f"publish to a channel, not a pattern: {channel!r}")
+        return int(self._run("pubsub", "publish", pack_publish(channel, _codec.dumps(payload))))
+
+    # -- RPC pools -----------------------------------------------------------------------------
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None:
+        """Serve ``call(name, ...)`` from this process with ``fn(*args, **kwargs)``.
+
+        Calls run on a pool of helper threads; several processes may register the same
+        name, and each call goes to the least busy of them.
+        """
+        _check_name("an RPC name", name)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        session = session_for(self._client)
+        session.fns[name] = fn
+        try:
+            self._run("rpc", "register", pack(name))
+        except BaseException:
+            session.fns.pop(name, None)
+            raise
+
+    def unregister(self, name: str) -> bool:
+        """Stop serving ``name`` from this process; whether it was registered here."""
+        _check_name("an RPC name", name)
+        found = bool(self._run("rpc", "unregister", pack(name)))
+        session_for(self._client).fns.pop(name, None)
+        return found
+
+    def call(self, name: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the least busy process that registered ``name``.
+
+        Raises:
+            NotFound: nobody registered ``name``.  RequestTimeout: no answer in ``timeout``.
+            WorkerLost: the serving process died during the call.  Whatever ``fn`` raised.
+        """
+        _check_name("an RPC name", name)
+        _deadline.check_timeout(timeout)
+        if timeout is None:
+            timeout = self._shared_timeout()
+        payload = pack_call(name, _codec.dumps((args, kwargs)))
+        guard = _deadline.FOREVER if timeout is None else _deadline.after(timeout + GUARD_SLACK_S)
+        return self._run("rpc", "call", payload, timeout=timeout, deadline=guard)
+
+    # -- the mesh ------------------------------------------------------------------------------
+
+    def nodes(self) -> list[Node]:
+        """Every process connected to the mesh, this one included (``is_self``)."""
+        me, found = self._run("admin", "nodes", pack(()))
+        return [Node(iid, name, group, pid, host, iid == me, role)
+                for iid, name, group, pid, host, role in found]
+
+    def stats(self) -> dict[str, Any]:
+        """The broker's shared-state counters, connections, memory and CPU."""
+        from ._io._usage import process_usage
+
+        snapshot: dict[str, Any] = self._run("admin", "stats", pack(()))
+        pid = snapshot.get("broker_pid")
+        if pid:
+            snapshot.update(process_usage(int(pid)))
+        return snapshot

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from ._io._loop import BrokerLoop
 
 __all__ = ["ChildSpec", "Supervisor", "default_start_method", "describe_exit"]
+
+log = logging.getLogger("mpmesh")
 
 START_METHODS: Final = ("fork", "spawn", "forkserver")
 SPAWN_TIMEOUT_S: Final = 30.0
@@ -119,8 +123,15 @@ class Supervisor:
 
     def fork_zygote_if_safe(self) -> bool:
         """Fork the zygote now, if this process is single-threaded (fast path)."""
-        if threads_in_process() != 1 or not hasattr(os, "fork"):
+        if threading.active_count() != 1 or not hasattr(os, "fork"):
             return False
+        # A thread that was just joined can linger in the kernel's count for a moment,
+        # and os.fork() (Python 3.12+) counts kernel threads: wait a little for it.
+        deadline = time.monotonic() + 0.05
+        while threads_in_process() != 1:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
         ctl_r, ctl_w = os.pipe()
         report_r, report_w = os.pipe()
         life_r, life_w = os.pipe()
@@ -135,6 +146,13 @@ class Supervisor:
         self._zygote_pid = pid
         return True
 
+    def ensure_zygote(self) -> None:
+        """Make sure a zygote runs: it also cleans up after a Master killed with SIGKILL."""
+        if self._ctl_w < 0:
+            with self._lock:
+                if self._ctl_w < 0:
+                    self._exec_zygote()
+
     def _exec_zygote(self) -> None:
         ctl_r, ctl_w = os.pipe()
         report_r, report_w = os.pipe()
@@ -144,7 +162,8 @@ class Supervisor:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         try:
             self._zygote_popen = subprocess.Popen(
-                [sys.executable, "-m", "mpmesh._io._zygote", str(ctl_r), str(report_w), str(life_r)],
+                [sys.executable, "-c", "from mpmesh._io._zygote import main; main()",
+                 str(ctl_r), str(report_w), str(life_r)],
                 pass_fds=(ctl_r, report_w, life_r), env=env, stdin=subprocess.DEVNULL,
             )
         finally:
@@ -174,6 +193,14 @@ class Supervisor:
         if not data:
             assert self._loop is not None
             self._loop.add_reader(self._report_r, None)
+            if self._ctl_w >= 0:  # not our own close(): the zygote died under us
+                log.error("the zygote (fork server) died; children it started are no longer supervised")
+                os.close(self._ctl_w)
+                os.close(self._report_r)
+                self._ctl_w = self._report_r = -1
+                for _, fut in self._starting.values():
+                    fut.set_exception(MeshError("the zygote (fork server) died before starting the child"))
+                self._starting.clear()
             return
         for report in _zygote.read_frames(self._report_buf, data):
             kind = report[0]
@@ -197,6 +224,17 @@ class Supervisor:
 
     def start(self, spec: ChildSpec) -> int:
         """Start the child described by ``spec``; return its pid."""
+        return self.wait_started(spec.name, self.launch(spec))
+
+    @staticmethod
+    def wait_started(name: str, fut: concurrent.futures.Future[int]) -> int:
+        try:
+            return fut.result(SPAWN_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            raise MeshError(f"child {name!r} did not start within {SPAWN_TIMEOUT_S:g} s") from None
+
+    def launch(self, spec: ChildSpec) -> concurrent.futures.Future[int]:
+        """Start the child described by ``spec``; the future resolves to its pid."""
         config = {**self._mesh, "name": spec.name, "group": spec.group, "mode": spec.mode,
                   "max_concurrency": spec.max_concurrency, "env": spec.env}
         if isinstance(spec.target, str):
@@ -204,6 +242,7 @@ class Supervisor:
         config["target"] = _codec.dumps_by_value((spec.target, spec.args, spec.kwargs))
         if spec.start_method == "fork":
             return self._via_zygote(spec.name, ("fork", 0, config))
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
         ctx = multiprocessing.get_context(spec.start_method)
         from ._child import process_main
 
@@ -216,9 +255,10 @@ class Supervisor:
         with self._lock:
             self._procs[spec.name] = self._by_pid[proc.pid] = record
         self._loop.add_reader(proc.sentinel, lambda: self._on_sentinel(record))
-        return proc.pid
+        done.set_result(proc.pid)
+        return done
 
-    def _start_script(self, spec: ChildSpec, config: dict[str, Any]) -> int:
+    def _start_script(self, spec: ChildSpec, config: dict[str, Any]) -> concurrent.futures.Future[int]:
         target = str(spec.target)
         if target.endswith(".py") or os.sep in target:
             if not os.path.exists(target):
@@ -235,31 +275,36 @@ class Supervisor:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         return self._via_zygote(spec.name, ("exec", 0, argv, env, os.getcwd()))
 
-    def _via_zygote(self, name: str, cmd: tuple[Any, ...]) -> int:
-        if self._ctl_w < 0:
-            with self._lock:
-                if self._ctl_w < 0:
-                    self._exec_zygote()
+    def _via_zygote(self, name: str, cmd: tuple[Any, ...]) -> concurrent.futures.Future[int]:
+        self.ensure_zygote()
         token = next(self._tokens)
         fut: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._starting[token] = (name, fut)
         try:
-            _zygote.write_frame(self._ctl_w, (cmd[0], token, *cmd[2:]))
+            with self._lock:
+                _zygote.write_frame(self._ctl_w, (cmd[0], token, *cmd[2:]))
         except OSError as exc:
             self._starting.pop(token, None)
             raise MeshError(f"cannot start child {name!r}: the zygote is gone ({exc})") from None
-        try:
-            return fut.result(SPAWN_TIMEOUT_S)
-        except concurrent.futures.TimeoutError:
-            raise MeshError(f"child {name!r} did not start within {SPAWN_TIMEOUT_S:g} s") from None
+        return fut
 
     # -- exits ------------------------------------------------------------------------------
 
     def _on_sentinel(self, proc: _Proc) -> None:
         assert proc.mp is not None and self._loop is not None
-        self._loop.add_reader(proc.mp.sentinel, None)
-        proc.mp.join(0)
-        self._exit(proc, proc.mp.exitcode if proc.mp.exitcode is not None else -1)
+        mp = proc.mp
+        self._loop.add_reader(mp.sentinel, None)
+        # The sentinel closes while the process exits, a moment before it can be reaped.
+        mp.join(0.5)
+        if mp.exitcode is not None:
+            self._exit(proc, mp.exitcode)
+            return
+
+        def reap() -> None:  # it closed its sentinel yet lives on: wait for it elsewhere
+            mp.join()
+            self._exit(proc, mp.exitcode if mp.exitcode is not None else -1)
+
+        threading.Thread(target=reap, name=f"mpmesh-reap-{proc.name}", daemon=True).start()
 
     def _exit(self, proc: _Proc, code: int) -> None:
         if proc.reported:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Union
 
 from .._wire._messages import Message
 
-__all__ = ["Action", "Close", "Notify", "Send"]
+__all__ = ["Action", "Close", "Notify", "Offload", "Send"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,4 +35,18 @@ class Notify:
     info: dict[str, object] = field(default_factory=dict)
 
 
-Action = Union[Send, Close, Notify]
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """Run user code (a method of a registered Manager type) off the loop thread.
+
+    The host calls ``job()`` on a worker thread (it never raises: it returns its
+    outcome), then ``done(outcome, now)`` under the core lock, and performs the actions
+    ``done`` returns, e.g. with ``BrokerLoop.run_core``. The loop itself passes an
+    Offload to the host's ``on_notify`` sink with the ``Notify`` events.
+    """
+
+    job: Callable[[], object]
+    done: Callable[[object, float], list[Action]]
+
+
+Action = Union[Send, Close, Notify, Offload]

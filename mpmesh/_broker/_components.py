@@ -7,12 +7,47 @@ added here, in one line, and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from typing import TYPE_CHECKING
+
+from ._admin import Admin
+from ._cache import CacheStore
 from ._core import Component
+from ._locks import LockTable
+from ._objects import ObjectTable
+from ._pubsub import PubSub
+from ._rpc import RpcPools
+
+if TYPE_CHECKING:
+    from ._core import BrokerCore
 
 __all__ = ["default_components"]
 
 
-def default_components() -> dict[str, Component]:
-    """Fresh instances of every built-in component, for a new broker."""
+def default_components(core: BrokerCore | None = None) -> dict[str, Component]:
+    """Fresh instances of every built-in component, for a new broker.
+
+    Components that read the peer table (``admin``, and ``rpc`` to name a lost
+    registrant) get ``core``; without it, ``admin`` is left out.
+    """
     components: dict[str, Component] = {}
+    locks = LockTable()
+    components["locks"] = locks
+    components["cache"] = CacheStore(fence=locks.valid)
+    components["pubsub"] = PubSub()
+    components["objects"] = ObjectTable()
+    components["rpc"] = RpcPools(describe=None if core is None else _describer(core))
+    if core is not None:
+        components["admin"] = Admin(core)
     return components
+
+
+def _describer(core: BrokerCore) -> Callable[[int], str]:
+    def describe(peer_id: int) -> str:
+        peer = core.peers.get(peer_id)
+        if peer is None:
+            return f"peer {peer_id}"
+        name = peer.name or (peer.worker.name if peer.worker is not None else "")
+        return f"process {name!r} (pid {peer.pid})"
+    return describe

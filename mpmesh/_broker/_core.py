@@ -195,10 +195,13 @@ class BrokerCore:
         return actions
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.router.next_deadline(),
-                                 *(c.next_deadline() for c in self.components.values()))
-                     if d is not None]
-        return min(deadlines) if deadlines else None
+        """The earliest moment ``on_tick`` has work; asked once per pass of the loop."""
+        best = self.router.next_deadline()
+        for component in self.components.values():
+            d = component.next_deadline()
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
 
     # -- the owner's controls -----------------------------------------------------------------
 

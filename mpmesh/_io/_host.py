@@ -8,15 +8,17 @@ cost no socket hop at all) or in the current thread (``python -m mpmesh serve``)
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Final
 
-from .._broker._actions import Notify
+from .._broker._actions import Notify, Offload
 from .._broker._components import default_components
 from .._broker._core import BrokerCore, Component
 from .._client import LocalClient
@@ -26,36 +28,51 @@ from ._loop import BrokerLoop
 
 __all__ = ["BrokerHost", "listen", "write_key"]
 
+# Worker threads for offloaded user code (methods of registered Manager types, Barrier
+# actions). Generous: such a method may block (a user's queue.Queue.get), and the
+# standard library gives each client thread its own server thread.
+OFFLOAD_THREADS: Final = 128
+
 
 class BrokerHost:
     """A broker listening at ``<runtime dir>/<name>.sock`` with its key in ``<name>.key``."""
 
     def __init__(self, name: str, authkey: bytes, *, host_name: str = "master",
                  on_notify: Callable[[list[Notify]], None] | None = None,
-                 components: dict[str, Component] | None = None) -> None:
+                 components: dict[str, Component] | None = None,
+                 address: str | tuple[str, int] | None = None) -> None:
         self.name = name
         self.authkey = authkey
-        self.address = _paths.socket_path(name)
+        # ``address``: another Unix socket path, or (host, port) to serve over TCP (a
+        # Manager's ``address=``); by default the mesh's socket in the runtime directory.
+        if isinstance(address, list):
+            address = (str(address[0]), int(address[1]))
+        self.address: str | tuple[str, int] = _paths.socket_path(name) if address is None else address
         self.key_path = _paths.key_path(name)
         listener = listen(self.address)
+        if isinstance(self.address, tuple):
+            self.address = listener.getsockname()[:2]  # port 0: the port the system chose
         try:
             write_key(self.key_path, authkey)
         except BaseException:
             listener.close()
-            os.unlink(self.address)
+            if isinstance(self.address, str):
+                os.unlink(self.address)
             raise
         self.core = BrokerCore(rng=random.Random())
-        self.core.components.update(default_components() if components is None else components)
+        self.core.components.update(default_components(self.core) if components is None else components)
         self.client = LocalClient(None)  # type: ignore[arg-type]
+        self._on_notify = on_notify or (lambda notes: None)
+        self._offload_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.loop = BrokerLoop(self.core, listener, authkey, on_local=self.client.deliver,
-                               on_notify=on_notify or (lambda notes: None))
+                               on_notify=self._notes)
         self.client._loop = self.loop
         self.core.add_local(host_name, os.getpid(), socket.gethostname(), time.monotonic())
         self._closed = False
 
     @property
     def cleanup_paths(self) -> list[str]:
-        return [self.address, self.key_path]
+        return [path for path in (self.address, self.key_path) if isinstance(path, str)]
 
     def start_thread(self) -> None:
         """Run the broker on a daemon thread of this process."""
@@ -72,6 +89,29 @@ class BrokerHost:
         finally:
             self._remove_files()
 
+    def _notes(self, notes: Sequence[Notify | Offload]) -> None:
+        """Events go to the owner; ``Offload`` jobs run on worker threads, never the loop's."""
+        events: list[Notify] = []
+        for note in notes:
+            if isinstance(note, Offload):
+                self._offload(note)
+            else:
+                events.append(note)
+        if events:
+            self._on_notify(events)
+
+    def _offload(self, job: Offload) -> None:
+        if self._closed:
+            return
+        if self._offload_pool is None:
+            self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
+
+        def run() -> None:
+            outcome = job.job()
+            self.loop.run_core(lambda now: job.done(outcome, now))
+
+        self._offload_pool.submit(run)
+
     def deliver_to(self, on_incoming: Callable[[Message], None]) -> None:
         self.client.on_incoming = on_incoming
 
@@ -82,6 +122,8 @@ class BrokerHost:
         self._closed = True
         self.client.close()
         self.loop.stop()
+        if self._offload_pool is not None:
+            self._offload_pool.shutdown(wait=False, cancel_futures=True)
         self._remove_files()
 
     def _remove_files(self) -> None:
@@ -92,8 +134,13 @@ class BrokerHost:
                 pass
 
 
-def listen(path: str) -> socket.socket:
-    """Bind a Unix socket at ``path``, replacing a stale one a dead broker left behind."""
+def listen(path: str | tuple[str, int]) -> socket.socket:
+    """Bind a Unix socket at ``path``, replacing a stale one a dead broker left behind;
+    or, for a ``(host, port)`` pair, a TCP socket (Nagle off: small frames go at once)."""
+    if isinstance(path, tuple):
+        tcp = socket.create_server(path, backlog=128)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+        return tcp
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:

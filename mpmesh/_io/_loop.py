@@ -13,6 +13,8 @@ released, on the thread that produced them; those callbacks must not block.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import logging
 import os
@@ -20,14 +22,14 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from .._broker._actions import Action, Close, Notify, Send
 from .._broker._core import LOCAL_PEER, BrokerCore
 from .._errors import AuthenticationError, RemoteProtocolError
 from .._wire._connection import Connection, Phase, Side
-from .._wire._messages import Message, Request, encode
+from .._wire._messages import Message, Op, Request, encode
 
 __all__ = ["BrokerLoop"]
 
@@ -78,6 +80,7 @@ class BrokerLoop:
         self._readers: dict[int, Callable[[], None]] = {}
         self._reader_changes: list[tuple[int, Callable[[], None] | None]] = []
         self._deferred: list[tuple[list[Message], list[Notify]]] = []
+        self._inbox: collections.deque[Message] = collections.deque()
         self._sleep_until = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -108,16 +111,21 @@ class BrokerLoop:
             self._close_all()
 
     def _once(self) -> None:
-        deadline = self.core.next_deadline()
-        now = time.monotonic()
-        if deadline is None:
-            timeout = None
-            self._sleep_until = float("inf")
-        else:
-            timeout = max(0.0, deadline - now)
-            self._sleep_until = deadline
-        events = self._sel.select(timeout)
-        for key, mask in events:
+        # Timers first, and the next deadline, under the lock (other threads push timers).
+        with self.lock:
+            now = time.monotonic()
+            deadline = self.core.next_deadline()
+            local: list[Message] = []
+            notes: list[Notify] = []
+            if deadline is not None and deadline <= now:
+                local, notes = self._perform(self.core.on_tick(now))
+                deadline = self.core.next_deadline()
+            self._sleep_until = float("inf") if deadline is None else deadline
+        if local or notes:
+            self._deliver(local, notes)
+            self._combine()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        for key, mask in self._sel.select(timeout):
             obj = key.data
             if obj is None:
                 if key.fileobj is self._listener:
@@ -135,11 +143,9 @@ class BrokerLoop:
         if self._deferred:
             with self.lock:
                 deferred, self._deferred = self._deferred, []
-            for local, notes in deferred:
-                self._deliver(local, notes)
-        deadline = self.core.next_deadline()
-        if deadline is not None and deadline <= time.monotonic():
-            self.run_core(lambda now: self.core.on_tick(now))
+            for deferred_local, deferred_notes in deferred:
+                self._deliver(deferred_local, deferred_notes)
+        self._combine()
 
     # -- cross-thread entry points ----------------------------------------------------------
 
@@ -149,19 +155,47 @@ class BrokerLoop:
             actions = fn(time.monotonic())
             local, notes = self._perform(actions)
         self._deliver(local, notes)
+        self._combine()
 
     def submit_local(self, msg: Message) -> None:
-        """Hand a message from the in-process host to the core (any thread)."""
-        with self.lock:
-            now = time.monotonic()
-            local, notes = self._perform(self.core.on_message(LOCAL_PEER, msg, now))
-        self._deliver(local, notes)
-        if type(msg) is Request and msg.timeout >= 0 and now + msg.timeout < self._sleep_until:  # type: ignore[attr-defined]
+        """Hand a message from the in-process host to the core (any thread, never blocks).
+
+        Flat combining: the message joins a lock-free inbox, and whichever thread holds
+        the core lock drains the inbox before it lets go. A caller that finds the lock
+        busy (the broker thread is routing replies) returns at once instead of queueing
+        on the lock, and a burst of requests is routed, and written, as one batch.
+        """
+        self._inbox.append(msg)
+        self._combine()
+        # A request or op that may wait (timeout >= 0) can bring the next deadline forward.
+        if type(msg) in (Request, Op) and msg.timeout >= 0 and time.monotonic() + msg.timeout < self._sleep_until:  # type: ignore[attr-defined]
             self._wake()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the core lock (from any thread); drain what callers queued meanwhile after."""
+        with self.lock:
+            yield
+        self._combine()
+
+    def _combine(self) -> None:
+        """Drain the in-process inbox if the core lock is free; re-check after releasing."""
+        inbox = self._inbox
+        while inbox and self.lock.acquire(blocking=False):
+            try:
+                now = time.monotonic()
+                on_message = self.core.on_message
+                actions: list[Action] = []
+                while inbox:
+                    actions += on_message(LOCAL_PEER, inbox.popleft(), now)
+                local, notes = self._perform(actions)
+            finally:
+                self.lock.release()
+            self._deliver(local, notes)
 
     def add_reader(self, fd: int, callback: Callable[[], None] | None) -> None:
         """Call ``callback()`` on the loop thread whenever ``fd`` is readable (None removes)."""
-        with self.lock:
+        with self.locked():
             self._reader_changes.append((fd, callback))
         if threading.current_thread() is self._thread:
             self._apply_reader_changes()
@@ -262,6 +296,7 @@ class BrokerLoop:
             if reply:
                 self._flush(conn, on_loop=True)
         self._deliver(local, notes)
+        self._combine()
 
     def _lost(self, conn: _Conn, why: str) -> None:
         with self.lock:

@@ -218,8 +218,8 @@ def serve(ctl: int, report: int, life: int, cleanup: list[str]) -> NoReturn:
 
 
 def main() -> NoReturn:
-    """``python -m mpmesh._io._zygote CTL REPORT LIFE``: a freshly started zygote."""
-    ctl, report, life = (int(arg) for arg in sys.argv[1:4])
+    """``python -c "...main()" CTL REPORT LIFE``: a freshly started zygote."""
+    ctl, report, life = (int(arg) for arg in sys.argv[-3:])
     _Zygote(ctl, report, life).serve()
 
 

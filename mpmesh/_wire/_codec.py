@@ -8,12 +8,13 @@ helpers in ``dill``), so the reader never needs to know which one wrote the byte
 from __future__ import annotations
 
 import pickle
+import re
 import traceback
 from typing import Final
 
 from .._errors import RemoteError, RemoteTraceback, SerializationError
 
-__all__ = ["dumps", "dumps_by_value", "loads", "pack_exception", "unpack_exception"]
+__all__ = ["dumps", "dumps_by_value", "loads", "loads_builtin", "pack_exception", "unpack_exception"]
 
 PROTOCOL: Final = 5
 # Types pickle has refused once; their instances go straight to dill afterwards.
@@ -107,3 +108,59 @@ def unpack_exception(payload: bytes | None, text: str) -> BaseException:
                 exc.__cause__ = RemoteTraceback(tb_text)
                 return exc  # type: ignore[no-any-return]
     return RemoteError(text)
+
+
+# -- built-in values only (what the broker may compute on) ---------------------------------
+
+# Built-in callables a pickle of plain data may name (sets, complex numbers...).
+_BUILTIN_NAMES: Final = frozenset({"complex", "set", "frozenset", "bytearray", "slice", "range"})
+# STACK_GLOBAL, EXT1, EXT2, EXT4 (a string containing one of these bytes only costs the
+# slower restricted path).
+_NAMES_A_GLOBAL: Final = re.compile(b"[\\x82\\x83\\x84\\x93]")
+
+
+class _Source:
+    """The file interface ``pickle.Unpickler`` reads from, over bytes (no ``io`` import)."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._data = bytes(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        start = self._pos
+        end = len(self._data) if n < 0 else start + n
+        self._pos = min(end, len(self._data))
+        return self._data[start:self._pos]
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        chunk = self.read(len(buf))
+        buf[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readline(self) -> bytes:
+        end = self._data.find(b"\n", self._pos)
+        return self.read(-1 if end < 0 else end + 1 - self._pos)
+
+
+class _BuiltinUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if module == "builtins" and name in _BUILTIN_NAMES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not a built-in value; the broker only computes on "
+            "built-in types (str, bytes, int, float, bool, None, tuple, list, dict, set...)")
+
+
+def loads_builtin(data: bytes | memoryview) -> object:
+    """Unpickle built-in values only, so no user code runs and no user module is imported
+    (the broker reads cache keys and ``incr``/``cas`` operands with it); TypeError else."""
+    try:
+        if not _NAMES_A_GLOBAL.search(data):
+            # Protocol 5 (what ``dumps`` writes) names a class or function only through
+            # STACK_GLOBAL or an EXT code; without one, only built-in values can come out.
+            return pickle.loads(data)
+        return _BuiltinUnpickler(_Source(data)).load()
+    except Exception as exc:
+        raise TypeError(f"cannot read this argument on the broker: {exc}") from None

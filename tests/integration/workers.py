@@ -9,6 +9,19 @@ import time
 import mpmesh
 
 
+def start_stdlib_helpers() -> None:
+    """Start the process-wide helpers ``multiprocessing`` keeps for the life of this
+    process (the resource tracker that ``spawn`` starts, the ``forkserver`` server).
+
+    They are the standard library's singletons, not processes a mesh owns, so tests
+    start them up front: the leak guard then sees them as already there.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    forkserver.ensure_running()
+
+
 class CustomError(Exception):
     """A picklable exception with extra state."""
 
@@ -74,5 +87,31 @@ def basic(child: mpmesh.Child) -> None:
 
         await asyncio.sleep(0)
         return x * x
+
+    @child.handler("call-master")
+    def call_master(data: tuple[str, object]) -> object:
+        """Run the master's handler ``data[0]`` on ``data[1]`` and return its result."""
+        action, payload = data
+        return child.send_request(action, payload)
+
+    @child.handler("async-call-master")
+    async def async_call_master(data: tuple[str, object]) -> object:
+        """``call-master`` from an ``async def`` handler, through ``child.arequest``."""
+        action, payload = data
+        return await child.arequest(action, payload)
+
+    @child.handler("raise-if-name")
+    def raise_if_name(name: str) -> str:
+        """Fail only in the child called ``name`` (for broadcasts)."""
+        if child.name == name:
+            raise CustomError(f"{name} refuses", 7)
+        return child.name
+
+    @child.handler("enter-then-sleep")
+    def enter_then_sleep(seconds: float) -> float:
+        """Tell the master (handler "entered") that we are inside, then stay busy."""
+        child.send_request("entered", {"name": child.name, "pid": os.getpid()})
+        time.sleep(seconds)
+        return seconds
 
     child.run()

@@ -1,0 +1,87 @@
+"""Which client a shared-state proxy uses in this process, per mesh.
+
+A ``Cache`` or ``LockGrant`` pickled into another process rebuilds itself there from
+``(mesh address, name)`` only; on first use it asks ``client_for(address)`` for this
+process's connection to that mesh: the Master's in-process client in the master, the
+``Child``'s connection in a child, the handle's connection after ``mpmesh.connect()``.
+Every ``SharedState`` owner binds its client here when it is created (see
+``SharedState._client``). A process with no binding for the mesh (a plain
+``multiprocessing.Process``, say) gets one connection of its own, opened with the key
+file of the private runtime directory, and closed at exit.
+
+Entries remember the pid that bound them, so a forked process never uses its parent's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from ._errors import BrokerUnavailable
+from ._wire._messages import Role
+
+if TYPE_CHECKING:
+    from ._client import ClientBase, SocketClient
+
+__all__ = ["bind", "client_for", "read_key"]
+
+_lock = threading.Lock()
+_bound: dict[str, tuple[int, weakref.ref[ClientBase]]] = {}
+_own: dict[str, tuple[int, SocketClient]] = {}
+_atexit_armed = False
+
+
+def bind(address: str, client: ClientBase) -> None:
+    """Make ``client`` this process's connection to the mesh at ``address``."""
+    with _lock:
+        _bound[address] = (os.getpid(), weakref.ref(client))
+
+
+def client_for(address: str) -> ClientBase:
+    """This process's client for the mesh at ``address`` (connecting one if needed)."""
+    entry = _bound.get(address)
+    if entry is not None and entry[0] == os.getpid():
+        client = entry[1]()
+        if client is not None:
+            return client
+    return _own_client(address)
+
+
+def read_key(address: str) -> bytes:
+    """The mesh's authkey from its key file (``<name>.key`` next to ``<name>.sock``)."""
+    path = address[: -len(".sock")] + ".key" if address.endswith(".sock") else address + ".key"
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BrokerUnavailable(f"no mesh runs at {address} (no key file {path})") from None
+
+
+def _own_client(address: str) -> ClientBase:
+    from ._client import SocketClient, make_hello
+
+    global _atexit_armed
+    pid = os.getpid()
+    with _lock:
+        entry = _own.get(address)
+        if entry is not None and entry[0] == pid and entry[1]._closed is None:
+            return entry[1]
+        client = SocketClient(address, read_key(address), make_hello(Role.CLIENT))
+        _own[address] = (pid, client)
+        _bound[address] = (pid, weakref.ref(client))
+        if not _atexit_armed:
+            atexit.register(_close_own)
+            _atexit_armed = True
+        return client
+
+
+def _close_own() -> None:
+    pid = os.getpid()
+    with _lock:
+        mine = [client for owner, client in _own.values() if owner == pid]
+        _own.clear()
+    for client in mine:
+        client.close()

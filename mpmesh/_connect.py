@@ -1,0 +1,224 @@
+"""``mpmesh.connect()``: join a named mesh from any process, or start a standalone broker.
+
+A mesh named ``x`` listens at ``<runtime dir>/x.sock`` and leaves its authkey in
+``x.key`` (mode 0600, in a 0700 directory: only this user can read it). ``connect``
+reads that key unless given one, and says Hello as a ``CLIENT``.
+
+With ``autospawn=True`` and no broker answering, it starts ``python -m mpmesh serve
+--name x`` as a detached process (its own session: a terminal's Ctrl-C does not reach
+it) and waits for its "ready" line. Concurrent autospawns of one user are serialized
+by an advisory lock on the runtime directory, so two processes never race to bind the
+same socket. The broker runs until ``python -m mpmesh stop --name x``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Final
+
+from . import _deadline
+from ._binding import read_key
+from ._broker._admin import STOP_EVENT, Admin
+from ._broker._actions import Notify
+from ._client import MeshFuture, SocketClient, make_hello
+from ._errors import BrokerUnavailable
+from ._io import _paths
+from ._shared import SharedState
+from ._wire._messages import Role
+
+__all__ = ["MeshHandle", "connect", "serve"]
+
+# How long an autospawned broker gets to say it is ready.
+SPAWN_TIMEOUT_S: Final = 15.0
+READY_PREFIX: Final = "mpmesh-ready"
+# Brokers this process started, kept until they exit so they are reaped (no zombies).
+_spawned: list[subprocess.Popen[bytes]] = []
+
+
+class MeshHandle(SharedState):
+    """A process's connection to a mesh it joined with ``mpmesh.connect()``.
+
+    Offers the shared state of API §2 (``cache``, ``lock``, ``subscribe``, ``call``,
+    ``nodes``...) plus requests to the mesh's children and groups. Close it, or use it
+    as a context manager.
+    """
+
+    def __init__(self, name: str, address: str, client: SocketClient, *, timeout: float | None,
+                 spawned: bool) -> None:
+        self.name = name
+        self.address = address
+        self.timeout = timeout
+        self.spawned = spawned
+        self._client = client
+        self.instance_id = client.instance_id
+        self.pid = os.getpid()
+
+    def request(self, action: str, target: str | int, data: object = None, *,
+                timeout: float | None = None, priority: int = 0) -> MeshFuture:
+        """Send a request to a child, a group, a node's instance id, or ``""`` (the master)."""
+        _deadline.check_timeout(timeout)
+        return self._client.request(action, target, data, timeout=self.timeout if timeout is None else timeout,
+                                    priority=priority)
+
+    def send_request(self, action: str, target: str | int, data: object = None, *,
+                     timeout: float | None = None, priority: int = 0) -> object:
+        """``request`` and wait for the result (errors as in ``Master.send_request``)."""
+        _deadline.check_timeout(timeout)
+        return self._client.call(action, target, data, timeout=self.timeout if timeout is None else timeout,
+                                 priority=priority)
+
+    def close(self) -> None:
+        """Leave the mesh (idempotent); locks this process holds are released."""
+        self._client.close()
+
+    def __enter__(self) -> MeshHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<mpmesh mesh {self.name!r} as instance {self.instance_id}>"
+
+
+def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: bool = True,
+            timeout: float | None = None) -> MeshHandle:
+    """Join mesh ``name`` from any process of this user; start its broker if needed.
+
+    ``timeout`` is the default of ``call`` and ``send_request`` on the handle.
+
+    Raises:
+        BrokerUnavailable: no broker answers (and ``autospawn`` is False).
+        AuthenticationError: ``authkey`` is not the mesh's.
+    """
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"a mesh name must be a non-empty str without '/', not {name!r}")
+    if authkey is not None and not isinstance(authkey, (bytes, bytearray)):
+        raise TypeError("authkey must be bytes")
+    _deadline.check_timeout(timeout)
+    address = _paths.socket_path(name)
+    try:
+        client = _open(address, authkey)
+        spawned = False
+    except BrokerUnavailable:
+        if not autospawn:
+            raise
+        with _spawn_lock(_deadline.after(SPAWN_TIMEOUT_S)):
+            try:  # someone may have started it while we waited for the lock
+                client = _open(address, authkey)
+                spawned = False
+            except BrokerUnavailable:
+                _spawn(name, authkey)
+                client = _open(address, authkey)
+                spawned = True
+    return MeshHandle(name, address, client, timeout=timeout, spawned=spawned)
+
+
+def _open(address: str, authkey: bytes | None) -> SocketClient:
+    if not os.path.exists(address):
+        raise BrokerUnavailable(f"no mesh listens at {address}")
+    key = bytes(authkey) if authkey is not None else read_key(address)
+    return SocketClient(address, key, make_hello(Role.CLIENT))
+
+
+@contextlib.contextmanager
+def _spawn_lock(deadline: float) -> Iterator[None]:
+    """An advisory lock on the runtime directory (no extra file to clean up)."""
+    fd = os.open(_paths.runtime_dir(), os.O_RDONLY)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if _deadline.expired(deadline):
+                    raise BrokerUnavailable("timed out waiting for another process's broker start") from None
+                time.sleep(0.01)  # the lock's holder is bounded by SPAWN_TIMEOUT_S
+        yield
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+def _spawn(name: str, authkey: bytes | None) -> None:
+    """Start a detached ``python -m mpmesh serve`` and wait until it listens."""
+    for proc in list(_spawned):  # reap earlier ones that have exited
+        if proc.poll() is not None:
+            _spawned.remove(proc)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "mpmesh", "serve", "--name", name, "--detached"]
+    if authkey is not None:
+        cmd.append("--authkey-stdin")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True, cwd="/", env=env)
+    _spawned.append(proc)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        if authkey is not None:
+            proc.stdin.write(bytes(authkey).hex().encode() + b"\n")
+        proc.stdin.close()
+        line = _read_line(proc.stdout, _deadline.after(SPAWN_TIMEOUT_S))
+    finally:
+        proc.stdout.close()
+    if not line.startswith(READY_PREFIX):
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+        raise BrokerUnavailable(f"the standalone broker for mesh {name!r} did not start "
+                                f"(exit status {proc.returncode}); run `python -m mpmesh serve "
+                                f"--name {name}` to see why")
+
+
+def _read_line(stream: Any, deadline: float) -> str:
+    data = b""
+    fd = stream.fileno()
+    while not data.endswith(b"\n"):
+        timeout = _deadline.remaining(deadline)
+        if timeout == 0 or not select.select([fd], [], [], timeout)[0]:
+            break
+        chunk = os.read(fd, 256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+# -- the standalone broker ------------------------------------------------------------------
+
+def serve(name: str, authkey: bytes | None = None, *, ready: Any = None) -> int:
+    """Run a standalone broker for mesh ``name`` in this thread until stopped; exit status.
+
+    ``ready``, if given, is called once the broker listens.
+    """
+    from ._io._host import BrokerHost
+
+    holder: list[BrokerHost] = []
+
+    def on_notify(notes: list[Notify]) -> None:
+        if any(note.event == STOP_EVENT for note in notes) and holder:
+            holder[0].loop.stop()
+
+    host = BrokerHost(name, authkey or os.urandom(32), host_name="broker", on_notify=on_notify)
+    holder.append(host)
+    admin = host.core.components.get("admin")
+    if isinstance(admin, Admin):
+        admin.standalone = True
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # outlive the terminal that started us
+    try:
+        if ready is not None:
+            ready()
+        host.serve_forever()
+    finally:
+        host.close()
+    return 0

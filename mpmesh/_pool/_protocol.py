@@ -1,0 +1,149 @@
+"""The Pool's direct channel between the pool and each worker: frame layout and decoding.
+
+Nothing here does I/O. Both ends are ours and the worker proves the pool's token in its
+first frame, before the pool unpickles anything it sends. A frame is a 5-byte header
+(body length, kind) and a body::
+
+    pool ──► worker   BATCH  u8 flags, u32 n, n × u64 chunk ids, pickle((functions, tasks))
+                      STOP   (empty): finish the current task, then exit
+    worker ──► pool   HELLO  32-byte token, u32 pid, child name (UTF-8)
+                      READY  (empty): the initializer ran; send work
+                      INIT_FAILED  an ERROR/ERROR_TEXT payload (the initializer raised)
+                      RESULT u64 chunk id, u8 status, f64 seconds it took, payload
+                      NACK   u8 what, u32 n, n × u64 chunk ids: that batch could not be
+                             unpickled here (``what``: a function, or the tasks' data)
+
+The chunk ids of a batch travel outside its pickle, so a worker that cannot unpickle a
+batch can still say which chunks it did not run.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+__all__ = [
+    "BATCH", "DATA_BY_VALUE", "FNS_BY_VALUE", "Blob", "NACK_DATA", "NACK_FN", "FrameReader", "HELLO", "INIT_FAILED", "NACK", "READY", "RESULT", "STOP",
+    "CALL", "MAP", "MAP1", "STARMAP", "STAR1",
+    "OK", "ERROR", "ERROR_TEXT", "UNSENDABLE", "UNREADABLE",
+    "frame", "pack_ids", "unpack_ids", "result_frame", "error_payload", "split_error_payload",
+]
+
+HEADER: Final = struct.Struct("!IB")
+RESULT_HEAD: Final = struct.Struct("!QBd")
+HELLO_HEAD: Final = struct.Struct("!32sI")
+_COUNT: Final = struct.Struct("!I")
+TOKEN_BYTES: Final = 32
+# A frame larger than this is a bug or an attack; the other side closes the channel.
+MAX_FRAME_BYTES: Final = 1 << 31
+
+# Frame kinds.
+HELLO: Final = 1
+READY: Final = 2
+INIT_FAILED: Final = 3
+RESULT: Final = 4
+NACK: Final = 5
+BATCH: Final = 10
+STOP: Final = 11
+
+# BATCH flags: what was pickled by value already (a failure to unpickle it is final).
+FNS_BY_VALUE: Final = 1
+DATA_BY_VALUE: Final = 2
+
+# NACK reasons.
+NACK_FN: Final = 1    # a function: the pool resends the batch with functions by value
+NACK_DATA: Final = 2  # the tasks' data: the pool resends each chunk alone, by value
+
+# Task kinds: how a worker calls the function on a chunk's data.
+CALL: Final = 0      # data = (args, kwds)         -> fn(*args, **kwds)
+MAP1: Final = 1      # data = item                 -> fn(item)
+MAP: Final = 2       # data = [items]              -> [fn(x) for x in items]
+STAR1: Final = 3     # data = args                 -> fn(*args)
+STARMAP: Final = 4   # data = [args]               -> [fn(*a) for a in items]
+
+# Result statuses.
+OK: Final = 0          # payload: the pickled result
+ERROR: Final = 1       # payload: u32 n, n bytes of pickled (exception, traceback text), the text
+ERROR_TEXT: Final = 2  # payload: the traceback text (the exception could not be pickled)
+UNSENDABLE: Final = 3  # payload: why the result could not be pickled (UTF-8)
+UNREADABLE: Final = 4  # payload: why the task could not be unpickled (UTF-8)
+
+
+class Blob:
+    """Bytes pickled on their own inside a batch, unpickled by the worker one at a time.
+
+    A batch that pickle refuses as a whole is rebuilt with each function and each task's
+    data as a Blob, so one bad item fails only its own task.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[type[Blob], tuple[bytes]]:
+        return (Blob, (self.data,))
+
+
+def frame(kind: int, body: bytes = b"") -> bytes:
+    return HEADER.pack(len(body), kind) + body
+
+
+def pack_ids(ids: list[int]) -> bytes:
+    return _COUNT.pack(len(ids)) + struct.pack(f"!{len(ids)}Q", *ids)
+
+
+def unpack_ids(body: memoryview | bytes) -> tuple[list[int], int]:
+    """Return the ids at the start of ``body`` and the offset just past them."""
+    (n,) = _COUNT.unpack_from(body)
+    end = 4 + 8 * n
+    return list(struct.unpack_from(f"!{n}Q", body, 4)), end
+
+
+def result_frame(cid: int, status: int, elapsed: float, payload: bytes) -> bytes:
+    return HEADER.pack(RESULT_HEAD.size + len(payload), RESULT) + RESULT_HEAD.pack(cid, status, elapsed) + payload
+
+
+def error_payload(packed: bytes | None, text: str) -> tuple[int, bytes]:
+    """``(status, payload)`` for an exception packed by ``_codec.pack_exception``."""
+    raw = text.encode("utf-8", "replace")
+    if packed is None:
+        return ERROR_TEXT, raw
+    return ERROR, _COUNT.pack(len(packed)) + packed + raw
+
+
+def split_error_payload(payload: bytes) -> tuple[bytes, str]:
+    (n,) = _COUNT.unpack_from(payload)
+    return payload[4:4 + n], payload[4 + n:].decode("utf-8", "replace")
+
+
+class FrameReader:
+    """Feed bytes, get back ``(kind, body)`` for every complete frame."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
+        buf = self._buf
+        buf += data
+        frames: list[tuple[int, bytes]] = []
+        size = len(buf)
+        pos = 0
+        unpack = HEADER.unpack_from
+        while size - pos >= 5:
+            length, kind = unpack(buf, pos)
+            if length > MAX_FRAME_BYTES:
+                raise ValueError(f"frame of {length} bytes is larger than the limit")
+            end = pos + 5 + length
+            if end > size:
+                break
+            frames.append((kind, bytes(buf[pos + 5:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def __len__(self) -> int:
+        return len(self._buf)

@@ -1,0 +1,188 @@
+"""A Pool worker: a mesh child that runs tasks the pool sends over its direct channel.
+
+The process is an ordinary child of the pool's Master (spawned, watched and stopped by
+the supervisor), but tasks do not travel as broker requests: the worker connects to the
+pool's own socket, proves the pool's token, runs the initializer, says READY, then runs
+every chunk of every batch in order, in its main thread, sending one RESULT frame per
+chunk as soon as the chunk is done. Because results leave one by one, the pool always
+knows which chunk a dead worker was running: the first one without a result.
+
+A worker that has run ``maxtasks`` chunks exits with status 0 (the pool never sends it
+more than that). A Shutdown from the broker (its master is stopping) ends the loop after
+the current chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from .._errors import SerializationError
+from .._wire import _codec
+from .._wire._messages import Goodbye, Message, Shutdown
+from . import _protocol as P
+
+__all__ = ["main"]
+
+RECV_BYTES: Final = 256 * 1024
+
+
+class _Undecodable(Exception):
+    """A function or task that could not be unpickled here."""
+
+
+def main(child: Any, address: str | bytes, token: bytes, initializer: Callable[..., object] | None,
+         initargs: tuple[Any, ...], maxtasks: int | None) -> None:
+    """The target of every pool worker (runs in the child process)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(address)
+    except OSError:
+        sys.exit(1)  # the pool is already gone
+    sock.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(token, os.getpid()) + child.name.encode()))
+    _stop_on_shutdown(child, sock)
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as exc:  # noqa: BLE001 - reported to the pool, then we exit
+            status, payload = P.error_payload(*_codec.pack_exception(exc))
+            _send(sock, P.frame(P.INIT_FAILED, bytes([status]) + payload))
+            sys.exit(1)
+    _send(sock, P.frame(P.READY))
+    try:
+        _serve(sock, maxtasks)
+    finally:
+        sock.close()
+
+
+def _stop_on_shutdown(child: Any, sock: socket.socket) -> None:
+    """When the master asks this child to stop (or vanishes), stop reading tasks.
+
+    ``shutdown(SHUT_RD)`` makes the serving loop's next ``recv`` return EOF while the
+    result of the chunk being run can still be sent.
+    """
+    client = child._client
+
+    def on_incoming(msg: Message) -> None:
+        if type(msg) in (Shutdown, Goodbye):
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+    client.on_incoming = on_incoming
+    client.start_reader()
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        sys.exit(0)  # the pool closed our channel: nothing left to do
+
+
+def _serve(sock: socket.socket, maxtasks: int | None) -> None:
+    reader = P.FrameReader()
+    buf = bytearray(RECV_BYTES)
+    done = 0
+    while True:
+        try:
+            n = sock.recv_into(buf)
+        except OSError:
+            return
+        if n == 0:
+            return
+        for kind, body in reader.feed(memoryview(buf)[:n]):
+            if kind == P.STOP:
+                return
+            if kind != P.BATCH:
+                return  # not something the pool sends: stop rather than guess
+            done += _run_batch(sock, body)
+            if maxtasks is not None and done >= maxtasks:
+                return
+
+
+def _run_batch(sock: socket.socket, body: bytes) -> int:
+    """Run one batch; return how many chunks it reported on.
+
+    What cannot be unpickled here is sent back (NACK) to be resent by value, unless it
+    already was: then the chunks concerned fail with UNREADABLE.
+    """
+    flags = body[0]
+    ids, offset = P.unpack_ids(memoryview(body)[1:])
+    try:
+        fns, tasks = pickle.loads(memoryview(body)[1 + offset:])
+    except Exception as exc:
+        if flags & P.DATA_BY_VALUE and len(ids) == 1:
+            _send(sock, P.result_frame(ids[0], P.UNREADABLE, 0.0, _why("the task", exc)))
+            return 1
+        _send(sock, P.frame(P.NACK, bytes([P.NACK_DATA]) + P.pack_ids(ids)))
+        return 0
+    loaded: list[object] = []
+    for fn in fns:
+        try:
+            loaded.append(pickle.loads(fn.data))
+        except Exception as exc:
+            if not flags & P.FNS_BY_VALUE:
+                _send(sock, P.frame(P.NACK, bytes([P.NACK_FN]) + P.pack_ids(ids)))
+                return 0
+            loaded.append(_Undecodable(_why("the function", exc).decode()))
+    perf = time.perf_counter
+    send = sock.sendall
+    dumps = _codec.dumps
+    for cid, kind, fi, data in tasks:
+        start = perf()
+        fn = loaded[fi]
+        try:
+            if type(fn) is _Undecodable:
+                raise fn
+            if type(data) is P.Blob:
+                try:
+                    data = pickle.loads(data.data)
+                except Exception as exc:
+                    raise _Undecodable(_why("the task's arguments", exc).decode()) from None
+            if kind == P.MAP1:
+                value = fn(data)  # type: ignore[operator]
+            elif kind == P.CALL:
+                value = fn(*data[0], **data[1])  # type: ignore[operator]
+            elif kind == P.MAP:
+                value = list(map(fn, data))  # type: ignore[arg-type]
+            elif kind == P.STAR1:
+                value = fn(*data)  # type: ignore[operator]
+            else:
+                value = list(itertools.starmap(fn, data))  # type: ignore[arg-type]
+        except _Undecodable as exc:
+            status, payload = P.UNREADABLE, str(exc).encode()
+        except Exception as exc:
+            status, payload = P.error_payload(*_codec.pack_exception(exc))
+        else:
+            try:
+                status, payload = P.OK, dumps(value)
+            except SerializationError as exc:
+                status, payload = P.UNSENDABLE, _unsendable(value, exc)
+        frame = P.result_frame(cid, status, perf() - start, payload)
+        try:
+            send(frame)
+        except OSError:
+            sys.exit(0)
+    return len(tasks)
+
+
+def _why(what: str, exc: BaseException) -> bytes:
+    return f"{what} could not be unpickled in the worker: {type(exc).__name__}: {exc}".encode()
+
+
+def _unsendable(value: object, exc: BaseException) -> bytes:
+    try:
+        shown = repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        shown = f"<{type(value).__qualname__} object>"
+    if len(shown) > 200:
+        shown = shown[:197] + "..."
+    return f"Error sending result: {shown}. Reason: {exc}".encode()

@@ -1,0 +1,347 @@
+"""Proxies of Manager objects: explicit, typed classes whose methods call the broker.
+
+A proxy holds a ``Token`` (typeid, manager address, oid) and reaches its object through
+the one client its process has for that address (``client_for``): in the process that
+hosts the broker that is the in-process ``LocalClient`` (no socket hop); anywhere else
+one ``SocketClient`` per process, shared by every proxy and thread, made on first use.
+The standard library opens a connection per thread and a fresh one for every
+create/incref/decref (managers.py 604-614, 850-856, 871-880).
+
+Each proxy object counts as one reference of its process (see ``_broker/_objects``):
+``create`` counts the first; a proxy rebuilt from a pickle posts ``incref``; one that is
+garbage queues a ``decref``, sent with the process's next call (never from a finalizer,
+which may run while this thread holds the client's or the broker's lock). A proxy used
+in a forked child notices the new pid, connects that process's own client and takes a
+reference of its own.
+
+Authkey: as in the standard library, a proxy pickled while a process is being spawned
+carries its manager's authkey. Otherwise the receiver uses the client its process already
+has for that address (``_binding``: a Master, a Child, a connected manager), or connects
+with the key file in the private runtime directory (same user only), or, for an address
+without one (TCP, a custom path), with ``current_process().authkey``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing import process
+from multiprocessing.context import get_spawning_popen
+from typing import Any, ClassVar, Final
+
+from . import _binding, _deadline
+from ._broker._objects import COMPONENT
+from ._broker._refs import Token, install_proxy_builder, rebuild_ref
+from ._client import GUARD_SLACK_S, ClientBase, MeshFuture, SocketClient, make_hello
+from ._errors import BrokerUnavailable, MeshError
+from ._wire import _codec
+from ._wire._messages import Op, Role
+
+__all__ = [
+    "AutoProxy", "BaseProxy", "MakeProxyType", "Token", "client_for", "create_proxy",
+    "flush_releases", "register_client", "unregister_client",
+]
+
+_getpid = os.getpid
+_get_ident = threading.get_ident
+_dumps = _codec.dumps
+FOREVER: Final = _deadline.FOREVER
+# Client grace ids are drawn below the broker's own (``_objects.BROKER_GIDS``).
+_GID_BITS: Final = 62
+
+
+# -- this process's clients, by manager address --------------------------------------------
+
+_clients: dict[tuple[object, int], ClientBase] = {}
+_clients_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _clients_lock
+    _clients_lock = threading.Lock()
+    _releases.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _key(address: object) -> tuple[object, int]:
+    if isinstance(address, list):
+        address = tuple(address)
+    return (address, _getpid())
+
+
+def register_client(address: object, client: ClientBase) -> None:
+    """Make ``client`` the one proxies (and shared-state handles) for ``address`` use here."""
+    _clients[_key(address)] = client
+    if isinstance(address, str):
+        _binding.bind(address, client)
+
+
+def unregister_client(address: object, client: ClientBase | None = None) -> None:
+    key = _key(address)
+    if client is None or _clients.get(key) is client:
+        _clients.pop(key, None)
+
+
+def client_for(address: object, authkey: bytes | None = None) -> ClientBase:
+    """This process's client for the manager at ``address``, connecting on first use."""
+    key = _key(address)
+    client = _clients.get(key)
+    if client is not None and client._closed is None:
+        return client
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is not None and client._closed is None:
+            return client
+        if isinstance(client, SocketClient):
+            client.close()  # a broken one: free its socket
+        if isinstance(address, str):
+            # The mesh's own binding (a Master, a Child, mpmesh.connect), or a connection
+            # made with the key file of the private runtime directory.
+            try:
+                client = _binding.client_for(address)
+            except BrokerUnavailable:
+                pass
+            else:
+                _clients[key] = client
+                return client
+        key_bytes = bytes(authkey if authkey is not None else process.current_process().authkey)
+        client = SocketClient(address, key_bytes, make_hello(Role.CLIENT))  # type: ignore[arg-type]
+        _clients[key] = client
+        return client
+
+
+def _post(client: ClientBase, op: str, args: object, timeout: float = -1.0) -> None:
+    """Send an op that gets no answer (request id 0); quietly skip a closed client."""
+    try:
+        client._send(Op(0, timeout, COMPONENT, op, _dumps(args)))
+    except (MeshError, OSError):
+        pass
+
+
+# -- releasing references ----------------------------------------------------------------
+
+_releases: collections.deque[tuple[ClientBase, int]] = collections.deque()
+
+
+def _release(box: list[Any]) -> None:
+    """Finalizer of a proxy: queue its decref (``deque.append`` is safe from any GC point)."""
+    client, oid, pid = box
+    if pid == _getpid():
+        _releases.append((client, oid))
+
+
+def flush_releases() -> None:
+    """Send the decrefs of this process's collected proxies, one message per client."""
+    batch: dict[ClientBase, list[int]] = {}
+    while True:
+        try:
+            client, oid = _releases.popleft()
+        except IndexError:
+            break
+        batch.setdefault(client, []).append(oid)
+    for client, oids in batch.items():
+        if client._closed is None:
+            _post(client, "decref", oids)
+
+
+def _wait(client: ClientBase, fut: MeshFuture, deadline: float) -> Any:
+    try:
+        return client.wait(fut, deadline)
+    except BaseException:
+        if not fut.done():  # interrupted (Ctrl-C) while parked: withdraw the call
+            _post(client, "cancel", fut._rid)
+        raise
+
+
+# -- the base proxy ------------------------------------------------------------------------
+
+class BaseProxy:
+    """A proxy for a shared object; subclasses add methods that call ``_callmethod``.
+
+    The constructor's signature is the standard library's, so user proxy types that
+    subclass ``BaseProxy`` (``register(..., proxytype=MyProxy)``) keep working.
+    """
+
+    _exposed_: ClassVar[tuple[str, ...] | None] = None
+    _method_to_typeid_: ClassVar[dict[str, str] | None] = None
+    _isauto: bool = False
+
+    def __init__(self, token: Token, serializer: str = "pickle", manager: Any = None,
+                 authkey: bytes | None = None, exposed: tuple[str, ...] | None = None,
+                 incref: bool = True, manager_owned: bool = False) -> None:
+        self._token = token
+        self._id = token.id
+        self._manager = manager
+        self._serializer = serializer
+        # A key we were given wins; without one, this process's own binding for the
+        # address decides (``client_for``), and current_process().authkey is the last resort.
+        if authkey is not None:
+            self._authkey: bytes | None = bytes(authkey)
+        elif manager is not None:
+            self._authkey = bytes(manager._authkey)
+        else:
+            self._authkey = None
+        self._box: list[Any] | None = None
+        self._bind()
+        if incref:
+            self._take_ref(0)
+
+    def _bind(self) -> ClientBase:
+        manager = self._manager
+        if manager is not None and manager._pid == _getpid() and manager._client is not None:
+            client: ClientBase = manager._client
+        else:
+            client = client_for(self._token.address, self._authkey)
+        self._client = client
+        self._pid = _getpid()
+        return client
+
+    def _adopt(self) -> None:
+        """Count this proxy as one reference of this process (already counted by the broker)."""
+        self._box = box = [self._client, self._id, self._pid]
+        weakref.finalize(self, _release, box).atexit = False
+
+    def _take_ref(self, gid: int) -> None:
+        _post(self._client, "incref", (self._id, gid))
+        self._adopt()
+
+    def _rebind(self) -> ClientBase:
+        """First use in a forked child: this process's own client, and its own reference."""
+        client = self._bind()
+        box = self._box
+        if box is not None:
+            _post(client, "incref", (self._id, 0))
+            box[0], box[2] = client, self._pid  # the finalizer copied with the fork sees this
+        return client
+
+    def _callmethod(self, methodname: str, args: tuple[Any, ...] = (),
+                    kwds: dict[str, Any] | None = None) -> Any:
+        """Call ``methodname`` on the shared object; return a copy of its result."""
+        client = self._client if self._pid == _getpid() else self._rebind()
+        if _releases:
+            flush_releases()
+        fut = client.op(COMPONENT, "call", payload=_dumps(
+            (self._id, methodname, args, kwds or {}, _get_ident())))
+        return _wait(client, fut, FOREVER)
+
+    def _callmethod_timeout(self, methodname: str, args: tuple[Any, ...],
+                            timeout: float | None, kwds: dict[str, Any] | None = None) -> Any:
+        """``_callmethod`` for a call that may wait up to ``timeout`` in the broker."""
+        if timeout is None:
+            return self._callmethod(methodname, args, kwds)
+        client = self._client if self._pid == _getpid() else self._rebind()
+        if _releases:
+            flush_releases()
+        fut = client.op(COMPONENT, "call", timeout=max(0.0, timeout), payload=_dumps(
+            (self._id, methodname, args, kwds or {}, _get_ident())))
+        return _wait(client, fut, time.monotonic() + max(0.0, timeout) + GUARD_SLACK_S)
+
+    def _callmethod_waking(self, methodname: str, args: tuple[Any, ...] = ()) -> Any:
+        """``_callmethod`` for a call that may wait until a deadline only the broker knows
+        (a Barrier's default timeout): op timeout 0 wakes the broker's loop to look."""
+        client = self._client if self._pid == _getpid() else self._rebind()
+        if _releases:
+            flush_releases()
+        fut = client.op(COMPONENT, "call", timeout=0.0, payload=_dumps(
+            (self._id, methodname, args, {}, _get_ident())))
+        return _wait(client, fut, FOREVER)
+
+    def _getvalue(self) -> Any:
+        """A copy of the referent."""
+        return self._callmethod("#GETVALUE")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        client = self._client if self._pid == _getpid() else self._rebind()
+        gid = random.getrandbits(_GID_BITS) or 1
+        # The grace covers the token until its receiver's incref (same connection as any
+        # later decref of ours, so it always arrives first).
+        _post(client, "grace", (self._id, gid), timeout=60.0)
+        authkey = self._authkey if get_spawning_popen() is not None else None
+        factory: Any = AutoProxy if self._isauto else type(self)
+        exposed = self._exposed_ if self._isauto else None
+        return (rebuild_ref, (factory, self._token, exposed, gid, authkey))
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self._getvalue()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} object, typeid {self._token.typeid!r} at {id(self):#x}>"
+
+    def __str__(self) -> str:
+        try:
+            return str(self._callmethod("__repr__"))
+        except Exception:
+            return repr(self)[:-1] + "; '__str__()' failed>"
+
+
+def rebuild_proxy(factory: Any, token: Token, exposed: tuple[str, ...] | None, gid: int,
+                  authkey: bytes | None) -> BaseProxy:
+    """Build the proxy a pickle describes (installed into ``_objects.rebuild_ref``)."""
+    proxy: BaseProxy = (factory or AutoProxy)(token, "pickle", authkey=authkey, exposed=exposed, incref=False)
+    if gid == -1:
+        proxy._adopt()
+    else:
+        proxy._take_ref(gid)
+    return proxy
+
+
+install_proxy_builder(rebuild_proxy)
+
+
+def create_proxy(client: ClientBase, address: object, authkey: bytes, typeid: str,
+                 proxytype: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 manager: Any = None) -> Any:
+    """Create a shared object of ``typeid`` (one round trip) and return its proxy."""
+    if _releases:
+        flush_releases()
+    fut = client.op(COMPONENT, "create", (typeid, args, kwargs))
+    oid, exposed = _wait(client, fut, FOREVER)
+    proxy = proxytype(Token(typeid, address, oid), "pickle", manager=manager, authkey=authkey,
+                      exposed=exposed, incref=False)
+    proxy._adopt()
+    return proxy
+
+
+# -- proxies for registered types without a proxy type -------------------------------------
+
+_proxy_types: dict[tuple[str, tuple[str, ...]], type[BaseProxy]] = {}
+
+
+def _forwarder(name: str) -> Callable[..., Any]:
+    def method(self: BaseProxy, /, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod(name, args, kwds)
+    method.__name__ = name
+    return method
+
+
+def MakeProxyType(name: str, exposed: tuple[str, ...] | list[str]) -> type[BaseProxy]:  # noqa: N802
+    """A proxy type whose methods forward ``exposed`` (closures, not ``exec``)."""
+    exposed = tuple(exposed)
+    cached = _proxy_types.get((name, exposed))
+    if cached is not None:
+        return cached
+    namespace: dict[str, Any] = {meth: _forwarder(meth) for meth in exposed}
+    namespace["_exposed_"] = exposed
+    proxy_type = type(name, (BaseProxy,), namespace)
+    _proxy_types[(name, exposed)] = proxy_type
+    return proxy_type
+
+
+def AutoProxy(token: Token, serializer: str = "pickle", manager: Any = None,  # noqa: N802
+              authkey: bytes | None = None, exposed: tuple[str, ...] | None = None,
+              incref: bool = True, manager_owned: bool = False) -> BaseProxy:
+    """A proxy forwarding the methods the broker reported as exposed for this object."""
+    if exposed is None:
+        raise TypeError(f"AutoProxy for {token.typeid!r} needs the exposed method names")
+    proxy_type = MakeProxyType(f"AutoProxy[{token.typeid}]", exposed)
+    proxy = proxy_type(token, serializer, manager=manager, authkey=authkey, incref=incref,
+                       manager_owned=manager_owned)
+    proxy._isauto = True
+    return proxy

@@ -1,0 +1,417 @@
+"""The proxy types of the built-in typeids: explicit classes with typed methods, each a
+thin call of ``BaseProxy._callmethod`` (no ``exec``-generated methods, unlike the
+standard library's ``MakeProxyType``).
+
+Differences from the standard library, all deliberate and compatible: iterating a dict,
+list or array proxy reads a snapshot in one round trip (the standard library makes one
+per item); ``Queue``/``JoinableQueue`` get ``QueueProxy`` instead of an
+``AutoProxy[Queue]``; ``BarrierProxy.wait`` raises ``threading.BrokenBarrierError``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Generic, TypeVar
+
+from ._broker._sync import BrokenBarrier
+from ._proxies import BaseProxy
+
+__all__ = [
+    "AcquirerProxy", "ArrayProxy", "BarrierProxy", "ConditionProxy", "DictProxy", "EventProxy",
+    "IteratorProxy", "ListProxy", "NamespaceProxy", "PoolProxy", "QueueProxy", "ValueProxy",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+class IteratorProxy(BaseProxy):
+    _exposed_ = ("__next__", "send", "throw", "close")
+
+    def __iter__(self) -> IteratorProxy:
+        return self
+
+    def __next__(self, *args: Any) -> Any:
+        return self._callmethod("__next__", args)
+
+    def send(self, *args: Any) -> Any:
+        return self._callmethod("send", args)
+
+    def throw(self, *args: Any) -> Any:
+        return self._callmethod("throw", args)
+
+    def close(self, *args: Any) -> Any:
+        return self._callmethod("close", args)
+
+
+class AcquirerProxy(BaseProxy):
+    """Lock, RLock, Semaphore, BoundedSemaphore."""
+
+    _exposed_: ClassVar[tuple[str, ...] | None] = ("acquire", "release")
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        if timeout is None:
+            return self._callmethod("acquire", (blocking,))  # type: ignore[no-any-return]
+        return self._callmethod_timeout("acquire", (blocking, timeout), timeout)  # type: ignore[no-any-return]
+
+    def release(self) -> None:
+        self._callmethod("release")
+
+    def __enter__(self) -> bool:
+        return self._callmethod("acquire")  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: object) -> None:
+        self._callmethod("release")
+
+
+class ConditionProxy(AcquirerProxy):
+    _exposed_ = ("acquire", "release", "wait", "notify", "notify_all")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._callmethod_timeout("wait", (timeout,), timeout)  # type: ignore[no-any-return]
+
+    def notify(self, n: int = 1) -> None:
+        self._callmethod("notify", (n,))
+
+    def notify_all(self) -> None:
+        self._callmethod("notify_all")
+
+    def wait_for(self, predicate: Callable[[], T], timeout: float | None = None) -> T:
+        """Wait until ``predicate()`` (evaluated here, in the caller) is true."""
+        result = predicate()
+        if result:
+            return result
+        endtime = None if timeout is None else time.monotonic() + timeout
+        waittime = None
+        while not result:
+            if endtime is not None:
+                waittime = endtime - time.monotonic()
+                if waittime <= 0:
+                    break
+            self.wait(waittime)
+            result = predicate()
+        return result
+
+
+class EventProxy(BaseProxy):
+    _exposed_ = ("is_set", "set", "clear", "wait")
+
+    def is_set(self) -> bool:
+        return self._callmethod("is_set")  # type: ignore[no-any-return]
+
+    def set(self) -> None:
+        self._callmethod("set")
+
+    def clear(self) -> None:
+        self._callmethod("clear")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._callmethod_timeout("wait", (timeout,), timeout)  # type: ignore[no-any-return]
+
+
+class BarrierProxy(BaseProxy):
+    _exposed_ = ("__getattribute__", "wait", "abort", "reset")
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            if timeout is not None:
+                return self._callmethod_timeout("wait", (timeout,), timeout)  # type: ignore[no-any-return]
+            return self._callmethod_waking("wait", (None,))  # type: ignore[no-any-return]
+        except BrokenBarrier:
+            raise threading.BrokenBarrierError from None
+
+    def abort(self) -> None:
+        self._callmethod("abort")
+
+    def reset(self) -> None:
+        self._callmethod("reset")
+
+    @property
+    def parties(self) -> int:
+        return self._callmethod("__getattribute__", ("parties",))  # type: ignore[no-any-return]
+
+    @property
+    def n_waiting(self) -> int:
+        return self._callmethod("__getattribute__", ("n_waiting",))  # type: ignore[no-any-return]
+
+    @property
+    def broken(self) -> bool:
+        return self._callmethod("__getattribute__", ("broken",))  # type: ignore[no-any-return]
+
+
+class NamespaceProxy(BaseProxy):
+    _exposed_ = ("__getattribute__", "__setattr__", "__delattr__")
+
+    def __getattr__(self, key: str) -> Any:
+        if key[0] == "_":
+            return object.__getattribute__(self, key)
+        callmethod = object.__getattribute__(self, "_callmethod")
+        return callmethod("__getattribute__", (key,))
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key[0] == "_":
+            object.__setattr__(self, key, value)
+            return
+        callmethod = object.__getattribute__(self, "_callmethod")
+        callmethod("__setattr__", (key, value))
+
+    def __delattr__(self, key: str) -> None:
+        if key[0] == "_":
+            object.__delattr__(self, key)
+            return
+        callmethod = object.__getattribute__(self, "_callmethod")
+        callmethod("__delattr__", (key,))
+
+
+class ValueProxy(BaseProxy, Generic[T]):
+    _exposed_ = ("get", "set")
+
+    def get(self) -> T:
+        return self._callmethod("get")  # type: ignore[no-any-return]
+
+    def set(self, value: T) -> None:
+        self._callmethod("set", (value,))
+
+    value = property(get, set)
+
+    __class_getitem__ = classmethod(types.GenericAlias)  # type: ignore[var-annotated]
+
+
+class ListProxy(BaseProxy, Generic[T]):
+    """A shared list. Iteration reads a snapshot in one round trip (the standard
+    library's proxy makes one per item)."""
+
+    _exposed_ = ("__add__", "__contains__", "__delitem__", "__getitem__", "__len__", "__mul__",
+                 "__reversed__", "__rmul__", "__setitem__", "append", "count", "extend",
+                 "index", "insert", "pop", "remove", "reverse", "sort", "__imul__")
+
+    def __add__(self, other: Any) -> list[T]:
+        return self._callmethod("__add__", (other,))  # type: ignore[no-any-return]
+
+    def __contains__(self, value: object) -> bool:
+        return self._callmethod("__contains__", (value,))  # type: ignore[no-any-return]
+
+    def __delitem__(self, index: Any) -> None:
+        self._callmethod("__delitem__", (index,))
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._callmethod("__getitem__", (index,))
+
+    def __len__(self) -> int:
+        return self._callmethod("__len__")  # type: ignore[no-any-return]
+
+    def __mul__(self, n: int) -> list[T]:
+        return self._callmethod("__mul__", (n,))  # type: ignore[no-any-return]
+
+    def __rmul__(self, n: int) -> list[T]:
+        return self._callmethod("__rmul__", (n,))  # type: ignore[no-any-return]
+
+    def __reversed__(self) -> Iterator[T]:
+        return self._callmethod("__reversed__")  # type: ignore[no-any-return]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._callmethod("__setitem__", (index, value))
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._callmethod("__getitem__", (slice(None),)))
+
+    def __iadd__(self, value: Any) -> ListProxy[T]:
+        self._callmethod("extend", (value,))
+        return self
+
+    def __imul__(self, value: int) -> ListProxy[T]:
+        self._callmethod("__imul__", (value,))
+        return self
+
+    def append(self, value: T) -> None:
+        self._callmethod("append", (value,))
+
+    def count(self, value: T) -> int:
+        return self._callmethod("count", (value,))  # type: ignore[no-any-return]
+
+    def extend(self, values: Any) -> None:
+        self._callmethod("extend", (values,))
+
+    def index(self, *args: Any) -> int:
+        return self._callmethod("index", args)  # type: ignore[no-any-return]
+
+    def insert(self, index: int, value: T) -> None:
+        self._callmethod("insert", (index, value))
+
+    def pop(self, *args: Any) -> T:
+        return self._callmethod("pop", args)  # type: ignore[no-any-return]
+
+    def remove(self, value: T) -> None:
+        self._callmethod("remove", (value,))
+
+    def reverse(self) -> None:
+        self._callmethod("reverse")
+
+    def sort(self, **kwargs: Any) -> None:
+        self._callmethod("sort", (), kwargs)
+
+    __class_getitem__ = classmethod(types.GenericAlias)  # type: ignore[var-annotated]
+
+
+class DictProxy(BaseProxy, Generic[K, V]):
+    """A shared dict. Iteration reads a snapshot of the keys in one round trip."""
+
+    _exposed_ = ("__contains__", "__delitem__", "__getitem__", "__iter__", "__len__",
+                 "__setitem__", "clear", "copy", "get", "items", "keys", "pop", "popitem",
+                 "setdefault", "update", "values")
+
+    def __contains__(self, key: object) -> bool:
+        return self._callmethod("__contains__", (key,))  # type: ignore[no-any-return]
+
+    def __delitem__(self, key: K) -> None:
+        self._callmethod("__delitem__", (key,))
+
+    def __getitem__(self, key: K) -> V:
+        return self._callmethod("__getitem__", (key,))  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._callmethod("keys"))
+
+    def __len__(self) -> int:
+        return self._callmethod("__len__")  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._callmethod("__setitem__", (key, value))
+
+    def clear(self) -> None:
+        self._callmethod("clear")
+
+    def copy(self) -> dict[K, V]:
+        return self._callmethod("copy")  # type: ignore[no-any-return]
+
+    def get(self, *args: Any) -> V | None:
+        return self._callmethod("get", args)  # type: ignore[no-any-return]
+
+    def items(self) -> list[tuple[K, V]]:
+        return self._callmethod("items")  # type: ignore[no-any-return]
+
+    def keys(self) -> list[K]:
+        return self._callmethod("keys")  # type: ignore[no-any-return]
+
+    def pop(self, *args: Any) -> V:
+        return self._callmethod("pop", args)  # type: ignore[no-any-return]
+
+    def popitem(self) -> tuple[K, V]:
+        return self._callmethod("popitem")  # type: ignore[no-any-return]
+
+    def setdefault(self, *args: Any) -> V:
+        return self._callmethod("setdefault", args)  # type: ignore[no-any-return]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._callmethod("update", args, kwargs)
+
+    def values(self) -> list[V]:
+        return self._callmethod("values")  # type: ignore[no-any-return]
+
+    __class_getitem__ = classmethod(types.GenericAlias)  # type: ignore[var-annotated]
+
+
+class ArrayProxy(BaseProxy):
+    _exposed_ = ("__len__", "__getitem__", "__setitem__")
+
+    def __len__(self) -> int:
+        return self._callmethod("__len__")  # type: ignore[no-any-return]
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._callmethod("__getitem__", (index,))
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._callmethod("__setitem__", (index, value))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._callmethod("__getitem__", (slice(None),)))
+
+
+class QueueProxy(BaseProxy):
+    """``Queue`` and ``JoinableQueue`` (the standard library gives an ``AutoProxy[Queue]``)."""
+
+    _exposed_ = ("empty", "full", "get", "get_nowait", "join", "put", "put_nowait", "qsize",
+                 "task_done") + (("shutdown",) if hasattr(queue, "ShutDown") else ())
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._callmethod_timeout("put", (item, block, timeout), timeout if block else None)
+
+    def put_nowait(self, item: Any) -> None:
+        self._callmethod("put_nowait", (item,))
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return self._callmethod_timeout("get", (block, timeout), timeout if block else None)
+
+    def get_nowait(self) -> Any:
+        return self._callmethod("get_nowait")
+
+    def qsize(self) -> int:
+        return self._callmethod("qsize")  # type: ignore[no-any-return]
+
+    def empty(self) -> bool:
+        return self._callmethod("empty")  # type: ignore[no-any-return]
+
+    def full(self) -> bool:
+        return self._callmethod("full")  # type: ignore[no-any-return]
+
+    def task_done(self) -> None:
+        self._callmethod("task_done")
+
+    def join(self) -> None:
+        self._callmethod("join")
+
+    def shutdown(self, immediate: bool = False) -> None:
+        """Python 3.13+: refuse new items; ``immediate`` also drops the queued ones."""
+        self._callmethod("shutdown", (immediate,))
+
+
+class PoolProxy(BaseProxy):
+    _exposed_ = ("apply", "apply_async", "close", "imap", "imap_unordered", "join", "map",
+                 "map_async", "starmap", "starmap_async", "terminate")
+    _method_to_typeid_ = {"apply_async": "AsyncResult", "map_async": "AsyncResult",
+                          "starmap_async": "AsyncResult", "imap": "Iterator",
+                          "imap_unordered": "Iterator"}
+
+    def apply(self, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod("apply", args, kwds)
+
+    def apply_async(self, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod("apply_async", args, kwds)
+
+    def map(self, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod("map", args, kwds)
+
+    def map_async(self, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod("map_async", args, kwds)
+
+    def starmap(self, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod("starmap", args, kwds)
+
+    def starmap_async(self, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod("starmap_async", args, kwds)
+
+    def imap(self, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod("imap", args, kwds)
+
+    def imap_unordered(self, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod("imap_unordered", args, kwds)
+
+    def close(self) -> None:
+        self._callmethod("close")
+
+    def join(self) -> None:
+        self._callmethod("join")
+
+    def terminate(self) -> None:
+        self._callmethod("terminate")
+
+    def __enter__(self) -> PoolProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()

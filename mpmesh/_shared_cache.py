@@ -1,0 +1,217 @@
+"""``Cache``: a picklable ``MutableMapping`` over a named cache held by the broker.
+
+Every method is one round trip and atomic on the broker. Values are pickled here, at the
+call site (``SerializationError`` is raised in the caller's frame, STYLE rule 5), and
+come back as the very bytes that were stored; keys must be built-in values (str, int,
+float, bytes, tuples of them...), because the broker reads them.
+
+A proxy pickles as ``(mesh address, cache name, options)``; in another process it uses
+that process's connection to the mesh (see ``_binding``). If the broker no longer knows
+the cache (a restarted standalone broker), the proxy opens it again with its options
+and retries once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, final
+
+from . import _binding
+from ._broker._payload import MISSING, pack
+from ._deadline import FOREVER
+from ._errors import NotFound
+from ._wire import _codec
+
+if TYPE_CHECKING:
+    from ._client import ClientBase
+    from ._shared import LockGrant
+
+__all__ = ["Cache", "open_cache"]
+
+_NOTHING: Any = object()
+
+
+def open_cache(client: ClientBase, address: str, name: str, maxsize: int | None,
+               ttl: float | None, maxbytes: int | None) -> Cache:
+    """Create (or attach to) cache ``name`` on the broker; ValueError on clashing options."""
+    options = client.wait(client.op("cache", "open", payload=pack((name, maxsize, ttl, maxbytes))), FOREVER)
+    return Cache(address, name, dict(options), client)  # type: ignore[call-overload]
+
+
+@final
+class Cache(MutableMapping):  # type: ignore[type-arg]
+    """A named cache shared by every process of a mesh (``m.cache(name)``).
+
+    ``cache[k]`` and ``del cache[k]`` raise ``KeyError`` when ``k`` is missing; ``get``
+    and ``mget`` return ``None`` (or ``default``); ``set`` without ``ttl`` uses the
+    cache's default TTL.
+    """
+
+    __slots__ = ("name", "options", "_address", "_client", "_pid")
+
+    def __init__(self, address: str, name: str, options: dict[str, Any], client: ClientBase | None = None) -> None:
+        self.name = name
+        self.options = options
+        self._address = address
+        self._client = client
+        self._pid = os.getpid() if client is not None else 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self._address, self.name, self.options))
+
+    def __repr__(self) -> str:
+        return f"<mpmesh.Cache {self.name!r} {self.options}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cache) and (other._address, other.name) == (self._address, self.name)
+
+    def __hash__(self) -> int:
+        return hash((self._address, self.name))
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _bound(self) -> ClientBase:
+        client = self._client
+        if client is None or self._pid != os.getpid():
+            client = self._client = _binding.client_for(self._address)
+            self._pid = os.getpid()
+        return client
+
+    def _op(self, op: str, payload: bytes) -> Any:
+        client = self._bound()
+        try:
+            return client.wait(client.op("cache", op, payload=payload), FOREVER)
+        except NotFound:
+            if client._closed is not None:
+                raise
+            o = self.options
+            open_cache(client, self._address, self.name, o.get("maxsize"), o.get("ttl"), o.get("maxbytes"))
+            return client.wait(client.op("cache", op, payload=payload), FOREVER)
+
+    # -- single keys --------------------------------------------------------------------------
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value of ``key``, or ``default`` when it is missing (or expired)."""
+        value = self._op("get", pack((self.name, key)))
+        return default if value is MISSING else value
+
+    def __getitem__(self, key: Any) -> Any:
+        value = self._op("get", pack((self.name, key)))
+        if value is MISSING:
+            raise KeyError(key)
+        return value
+
+    def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key``, expiring after ``ttl`` seconds (None: the cache's TTL)."""
+        blob = _codec.dumps(value)
+        self._op("set", pack((self.name, key, ttl), blob))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.set(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        if not self._op("delete", pack((self.name, key))):
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self._op("contains", pack((self.name, key))))
+
+    def pop(self, key: Any, default: Any = _NOTHING) -> Any:
+        """Remove ``key`` and return its value (``default``, or KeyError, when missing)."""
+        value = self._op("pop", pack((self.name, key)))
+        if value is MISSING:
+            if default is _NOTHING:
+                raise KeyError(key)
+            return default
+        return value
+
+    def setdefault(self, key: Any, default: Any = None, ttl: float | None = None) -> Any:
+        """Atomically: store ``default`` unless ``key`` exists; return the value it now has."""
+        return self._op("setdefault", pack((self.name, key, ttl), _codec.dumps(default)))
+
+    def incr(self, key: Any, amount: int | float = 1) -> Any:
+        """Add ``amount`` to the number under ``key`` (a missing key counts from 0); return it.
+
+        The entry keeps its remaining TTL.
+        """
+        return self._op("incr", pack((self.name, key, amount)))
+
+    def decr(self, key: Any, amount: int | float = 1) -> Any:
+        """Subtract ``amount`` (see ``incr``)."""
+        return self._op("incr", pack((self.name, key, -amount)))
+
+    def cas(self, key: Any, expected: Any, new: Any) -> bool:
+        """Atomically replace ``key``'s value by ``new`` if it equals ``expected``; whether it did.
+
+        A missing key equals ``None``. Built-in values compare by value, others by their
+        pickled form. The entry keeps its remaining TTL.
+        """
+        old, blob = _codec.dumps(expected), _codec.dumps(new)
+        return bool(self._op("cas", pack((self.name, key, len(old)), old, blob)))
+
+    # -- fenced writes ----------------------------------------------------------------------
+
+    def fenced_set(self, grant: LockGrant, key: Any, value: Any, ttl: float | None = None) -> None:
+        """``set``, only while ``grant`` is its lock's current grant.
+
+        Raises:
+            FencedError: the grant has expired or been superseded; nothing was written.
+        """
+        blob = _codec.dumps(value)
+        self._op("fenced_set", pack((self.name, (grant.name, grant.token), key, ttl), blob))
+
+    def fenced_delete(self, grant: LockGrant, key: Any) -> bool:
+        """Delete ``key`` (whether it was there), only while ``grant`` is current (else FencedError)."""
+        return bool(self._op("fenced_delete", pack((self.name, (grant.name, grant.token), key))))
+
+    def fenced_cas(self, grant: LockGrant, key: Any, expected: Any, new: Any) -> bool:
+        """``cas``, only while ``grant`` is current (else FencedError)."""
+        old, blob = _codec.dumps(expected), _codec.dumps(new)
+        return bool(self._op("fenced_cas", pack((self.name, (grant.name, grant.token), key, len(old)), old, blob)))
+
+    # -- many keys --------------------------------------------------------------------------
+
+    def mget(self, keys: Iterable[Any]) -> list[Any]:
+        """The values of ``keys``, ``None`` for each one missing."""
+        loads = _codec.loads
+        return [None if b is None else loads(b) for b in self._op("mget", pack((self.name, list(keys))))]
+
+    def mset(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> None:
+        """Store every item of ``mapping`` at once (one round trip, atomic)."""
+        dumps = _codec.dumps
+        blobs = [dumps(v) for v in mapping.values()]
+        items = [(k, len(b)) for k, b in zip(mapping.keys(), blobs)]
+        self._op("mset", pack((self.name, items, ttl), *blobs))
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:  # type: ignore[override]
+        items = dict(other)
+        items.update(kwargs)
+        if items:
+            self.mset(items)
+
+    def keys(self) -> list[Any]:  # type: ignore[override]
+        """A snapshot of the keys (least recently used first)."""
+        return list(self._op("keys", pack((self.name,))))
+
+    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
+        """A snapshot of the ``(key, value)`` pairs."""
+        loads = _codec.loads
+        return [(k, loads(b)) for k, b in self._op("items", pack((self.name,)))]
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [v for _, v in self.items()]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return int(self._op("len", pack((self.name,))))
+
+    def clear(self) -> None:
+        """Remove every entry (one round trip)."""
+        self._op("clear", pack((self.name,)))
+
+
+def _rebuild(address: str, name: str, options: dict[str, Any]) -> Cache:
+    return Cache(address, name, options)
