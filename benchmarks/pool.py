@@ -31,7 +31,16 @@ from typing import Any, Final
 
 import mpmesh
 
-from ._harness import Config, Row, alternate, bar_check, guarded, loop_time, relate, wait_single_threaded
+from ._harness import (
+    Config,
+    Row,
+    alternate,
+    bar_check,
+    guarded,
+    loop_time,
+    relate,
+    wait_single_threaded,
+)
 
 __all__ = ["TITLE", "budget", "run"]
 
@@ -114,9 +123,9 @@ def maps(cfg: Config) -> list[Row]:
             cfg.log(f"  {name}: {n} tasks x {reps} repetitions")
             items = range(n)
             batches: list[tuple[str, Callable[[], float]]] = [
-                (MESH, lambda: _per_op(n, lambda: mesh.map(_echo, items, chunksize=cs))),
-                (POOL, lambda: _per_op(n, lambda: pool.map(_echo, items, chunksize=cs))),
-                (EXEC, lambda: _per_op(n, lambda: list(ex.map(_echo, items, chunksize=cs)))),
+                (MESH, lambda cs=cs: _per_op(n, lambda: mesh.map(_echo, items, chunksize=cs))),
+                (POOL, lambda cs=cs: _per_op(n, lambda: pool.map(_echo, items, chunksize=cs))),
+                (EXEC, lambda cs=cs: _per_op(n, lambda: list(ex.map(_echo, items, chunksize=cs)))),
             ]
             for _, batch in batches:  # warm-up
                 batch()
@@ -173,8 +182,7 @@ def apply(cfg: Config) -> list[Row]:
         batches = [(MESH, lambda: loop_time(n, lambda: mesh.apply(_echo, (PAYLOAD,)))),
                    (POOL, lambda: loop_time(n, lambda: pool.apply(_echo, (PAYLOAD,)))),
                    (EXEC, lambda: loop_time(n, lambda: ex.submit(_echo, PAYLOAD).result()))]
-        for _, batch in batches:
-            loop_time(max(n // 10, 30), lambda: batch)
+        for _, batch in batches:  # warm-up
             batch()
         return _rows(name, alternate(batches, reps, log=cfg.log, label=name), n, "time", "<=", 1.0)
 

@@ -184,6 +184,9 @@ class Child(SharedState):
             elif inspect.iscoroutinefunction(fn):
                 if self._aloop is None:
                     self._aloop = asyncio.new_event_loop()
+                    # While the event loop runs this thread reads nothing: replies to the
+                    # handler's own requests need a reader of their own.
+                    self._client.start_reader()
                 answer = self._aloop.run_until_complete(invoke_async(fn, req))
             else:
                 answer = invoke(fn, req)

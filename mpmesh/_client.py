@@ -318,6 +318,7 @@ class SocketClient(ClientBase):
         self._cv = threading.Condition(threading.Lock())
         self._followers = 0
         self._reader: threading.Thread | None = None
+        self._early: list[Message] = []
         self._pid = os.getpid()
         deadline = _deadline.after(connect_timeout)
         try:
@@ -343,9 +344,12 @@ class SocketClient(ClientBase):
                     self._sock.sendall(out)
             self._sock.sendall(self._conn.send(hello))
             while True:
-                for msg in self._conn.events():
+                events = self._conn.events()
+                for i, msg in enumerate(events):
                     if isinstance(msg, Ready):
                         self.instance_id, self.name = msg.instance_id, msg.name
+                        # What came with Ready (a Shutdown, say) is dispatched on first read.
+                        self._early = events[i + 1 :]
                         return
                     raise RemoteProtocolError(f"expected Ready, got {type(msg).__name__}")
                 self._sock.settimeout(_deadline.remaining(deadline))
@@ -434,6 +438,10 @@ class SocketClient(ClientBase):
 
     def _read_once(self, timeout: float | None) -> bool:
         """Read what is there (waiting up to ``timeout``) and dispatch it; False on timeout."""
+        if self._early:
+            early, self._early = self._early, []
+            self._dispatch(early)
+            return True
         try:
             if timeout is not None and not self._poller.poll(timeout * 1000):
                 return False
@@ -449,7 +457,11 @@ class SocketClient(ClientBase):
         except RemoteProtocolError as exc:
             self._broken(f"the broker sent garbage: {exc}")
             return True
-        for msg in self._conn.events():
+        self._dispatch(self._conn.events())
+        return True
+
+    def _dispatch(self, events: list[Message]) -> None:
+        for msg in events:
             cls = type(msg)
             if cls is Reply or cls is Failure:
                 self._resolve(msg)  # type: ignore[arg-type]
@@ -462,7 +474,6 @@ class SocketClient(ClientBase):
             except Exception:
                 log.exception("handling %s failed", cls.__name__)
         self._wake_followers()
-        return True
 
     def start_reader(self) -> None:
         """Read in the background from now on, so pushes arrive while nobody waits."""

@@ -25,7 +25,7 @@ from ._broker._actions import Notify
 from ._broker._routing import STRATEGIES, Worker, WorkerState
 from ._child import check_mode
 from ._client import MeshFuture, dispatcher
-from ._errors import MeshClosed, NotFound
+from ._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
 from ._handlers import AsyncRunner, HandlerRegistry, invoke
 from ._io import _paths
 from ._io._host import BrokerHost
@@ -294,11 +294,13 @@ class Master(SharedState, SharedObjects):
         """
         self._check_open()
         options = self._options(timeout, retries, retry_delay)
-        fut = self._client.request(action, target, data, priority=priority, **options)
         if retry_on and options["retries"]:
-            return _RetryOn(self, fut, retry_on, (action, target, data),
-                            dict(options, priority=priority)).outer
-        return fut
+            # One budget for every cause: each attempt goes out alone, retried here.
+            once = dict(options, retries=0, priority=priority)
+            first = self._client.request(action, target, data, **once)
+            return _RetryOn(self, first, (*retry_on, WorkerLost, RequestTimeout),
+                            (action, target, data), once, options["retries"]).outer
+        return self._client.request(action, target, data, priority=priority, **options)
 
     def send_request(self, action: str, target: str | int, data: object = None, *,
                      timeout: float | None = None, retries: int | None = None,
@@ -398,6 +400,10 @@ class Master(SharedState, SharedObjects):
             info = dict(note.info)
             if note.event == "heartbeat-missed":
                 name = str(info["name"])
+                if _on_cpu(int(info["pid"])):  # inside a long C call holding the GIL: busy, not stuck
+                    self._loop.run_core(lambda now, n=name: self._core.router.on_beat(
+                        self._core.router.workers[n], now) if n in self._core.router.workers else [])
+                    continue
                 spec = self._specs.get(name)
                 restart = spec is not None and spec.auto_restart and not self._closed
                 self.log.warning("child %r (pid %s) missed its heartbeats for %.1f s%s", name,
@@ -409,7 +415,6 @@ class Master(SharedState, SharedObjects):
                               info["target"], info["attempt"], info["attempts"], info["reason"])
             elif note.event == "heartbeat-resumed":
                 self.log.info("child %r is healthy again", info["name"])
-                continue
             else:
                 self.log.debug("%s %s", note.event, info)
             self._emit(note.event, info)
@@ -602,10 +607,11 @@ class _RetryOn:
     """
 
     def __init__(self, master: Master, first: MeshFuture, retry_on: tuple[type[BaseException], ...],
-                 call: tuple[str, str | int, object], options: dict[str, Any]) -> None:
+                 call: tuple[str, str | int, object], options: dict[str, Any], retries: int) -> None:
         self.outer = MeshFuture()
         self._master, self._retry_on, self._call, self._options = master, retry_on, call, options
-        self._left = options["retries"]
+        self._left = retries
+        self._attempts = retries + 1
         self._watch(first)
 
     def _watch(self, fut: MeshFuture) -> None:
@@ -618,7 +624,12 @@ class _RetryOn:
         if exc is not None and isinstance(exc, self._retry_on) and self._left > 0 and not self._master._closed:
             self._left -= 1
             delay = self._options["retry_delay"]
-            self._master.log.info("retrying %r after %s: %s", self._call[0], type(exc).__name__, exc)
+            attempt = self._attempts - self._left
+            self._master.log.info("retrying %r (attempt %d of %d) after %s: %s", self._call[0],
+                                  attempt, self._attempts, type(exc).__name__, exc)
+            self._master._emit("request-retry", {
+                "action": self._call[0], "target": self._call[1], "attempt": attempt,
+                "attempts": self._attempts, "reason": f"{type(exc).__name__}: {exc}"})
             timer = threading.Timer(delay, self._resend)
             timer.daemon = True
             timer.start()
@@ -638,6 +649,19 @@ class _RetryOn:
                 self.outer.set_exception(exc)
             return
         self._watch(fut)
+
+
+def _on_cpu(pid: int) -> bool:
+    """Whether ``pid`` is running or runnable right now (Linux; False where unknown).
+
+    A child whose heartbeat thread is starved by one long C call holding the GIL is on
+    the CPU; a frozen (SIGSTOP) or wedged one is not.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+    except (OSError, IndexError):
+        return False
 
 
 def _make_atexit(ref: weakref.ref[Master]) -> Callable[[], None]:

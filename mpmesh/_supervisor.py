@@ -307,16 +307,21 @@ class Supervisor:
         threading.Thread(target=reap, name=f"mpmesh-reap-{proc.name}", daemon=True).start()
 
     def _exit(self, proc: _Proc, code: int) -> None:
-        if proc.reported:
-            return
         with self._lock:
+            if proc.reported:
+                return
             proc.reported = True
-            proc.exitcode = code
             self._by_pid.pop(proc.pid, None)
-            self.exited.notify_all()
         if proc.mp is not None:
             proc.mp.close()
-        self._on_exit(proc.name, proc.pid, code)
+        try:
+            self._on_exit(proc.name, proc.pid, code)
+        finally:
+            # Waiters wake only once the router knows how the process ended, so what
+            # they do next (mark it shut down, fail what is left) cannot overtake it.
+            with self._lock:
+                proc.exitcode = code
+                self.exited.notify_all()
 
     # -- control -------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@ a process, a socket/key file or a file descriptor behind (loky/pyzmq style)."""
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import shutil
 import signal
@@ -16,6 +18,11 @@ import pytest
 # short directory (Unix socket paths are limited to ~100 bytes).
 _RUNTIME = tempfile.mkdtemp(prefix="mpm-")
 os.environ["MPMESH_RUNTIME_DIR"] = _RUNTIME
+
+# The stdlib starts these long-lived helpers on first use of spawn / forkserver; start
+# them up front so the leak guard does not count them against the first test using them.
+multiprocessing.resource_tracker.ensure_running()
+multiprocessing.forkserver.ensure_running()
 
 SETTLE_S = 5.0  # how long a test's processes get to finish exiting before it counts as a leak
 

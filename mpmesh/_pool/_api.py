@@ -125,17 +125,18 @@ class Pool:
     # -- the stdlib API -----------------------------------------------------------------------
 
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
-              kwds: Mapping[str, Any] = {}) -> Any:  # noqa: B006 - the stdlib's signature
+              kwds: Mapping[str, Any] = {}) -> Any:
         """Run ``func(*args, **kwds)`` in a worker and return its result."""
         return self.apply_async(func, args, kwds).get()
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
-                    kwds: Mapping[str, Any] = {},  # noqa: B006
+                    kwds: Mapping[str, Any] = {},
                     callback: Callable[[Any], object] | None = None,
                     error_callback: Callable[[BaseException], object] | None = None) -> ApplyResult:
         """Start ``func(*args, **kwds)`` in a worker; return an ``AsyncResult``."""
         self._check_running()
         result = ApplyResult(callback, error_callback)
+        result._pool = self
         self._engine.submit(Source(result, func, P.CALL, [(tuple(args), dict(kwds))], 1, 1))
         return result
 
@@ -228,6 +229,7 @@ class Pool:
         else:
             kind = P.STARMAP if star else P.MAP
         result._bar = make_bar(self._progress, len(items), _label(func))
+        result._pool = self
         self._engine.submit(Source(result, func, kind, list(items), chunksize, n_chunks))
         return result
 
@@ -245,6 +247,7 @@ class Pool:
         lazy.source = source
         result._source = lazy
         result._bar = make_bar(self._progress, total, _label(func))
+        result._pool = self
         engine.submit(source)
         engine.feeder.add(lazy)
         if chunksize == 1:

@@ -47,32 +47,27 @@ from __future__ import annotations
 import collections
 import enum
 import heapq
-import hmac
 import itertools
 import logging
 import os
-import pickle
 import queue
-import selectors
-import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._errors import MeshClosed, RemoteError, RequestTimeout, SerializationError, WorkerLost
+from .._errors import MeshClosed, RequestTimeout, WorkerLost
 from .._supervisor import describe_exit
-from .._wire import _codec
 from . import _protocol as P
 from ._feeder import Feeder, LazySource
-from ._results import UnpicklableException, UnpicklableResult
+from ._io import ChannelIO
+from ._tasks import Chunk, PoolWorker, Source, WState, decode_result, encode_batch
 
-__all__ = ["Chunk", "Engine", "Source", "State"]
+__all__ = ["Engine", "Source", "State"]
 
 log = logging.getLogger("mpmesh.pool")
 
-RECV_BYTES: Final = 256 * 1024
 # Queued work a worker should hold, in seconds of its measured time per chunk: enough to
 # cover the round trip to refill it (~0.1-0.5 ms) twice over; more only unbalances the tail.
 QUEUE_TARGET_S: Final = 0.004
@@ -88,10 +83,7 @@ LOST_GRACE_S: Final = 0.5
 # Workers that die before they are ready, in a row, before the pool gives up (a worker
 # that cannot even start would otherwise be replaced forever while tasks wait).
 MAX_STARTUP_FAILURES: Final = 3
-HELLO_TIMEOUT_S: Final = 30.0
 EMA_ALPHA: Final = 0.3
-
-_KIND_NAMES: Final = {P.CALL: "apply", P.MAP1: "map", P.MAP: "map", P.STAR1: "starmap", P.STARMAP: "starmap"}
 
 
 class State(enum.Enum):
@@ -100,124 +92,7 @@ class State(enum.Enum):
     TERMINATE = "TERMINATE"
 
 
-class WState(enum.Enum):
-    STARTING = "starting"   # spawned; not connected or not ready yet
-    READY = "ready"         # takes work
-    LOST = "lost"           # connection gone, waiting for its exit status
-    DEAD = "dead"           # its work is settled; waiting for (or past) its exit
-
-
-class Chunk:
-    """One stdlib task: a call, or ``chunksize`` items of a map."""
-
-    __slots__ = ("cid", "source", "index", "data", "attempt", "isolate")
-
-    def __init__(self, cid: int, source: Source, index: int, data: object) -> None:
-        self.cid = cid
-        self.source = source
-        self.index = index
-        self.data = data
-        self.attempt = 1
-        self.isolate = False
-
-    def describe(self) -> str:
-        src = self.source
-        name = getattr(src.fn, "__qualname__", None) or type(src.fn).__name__
-        label = f"{_KIND_NAMES[src.kind]}({name})"
-        if src.kind == P.CALL:
-            return label
-        return f"{label} {'item' if src.kind in (P.MAP1, P.STAR1) else 'chunk'} {self.index}"
-
-
-class Source:
-    """A job's chunks not sent yet: cut from a list on demand, or filled by the feeder."""
-
-    __slots__ = ("job", "fn", "kind", "items", "chunksize", "next", "end", "lazy", "ready", "fn_by_value")
-
-    def __init__(self, job: Any, fn: Any, kind: int, items: list[Any] | None, chunksize: int,
-                 n_chunks: int, lazy: LazySource | None = None) -> None:
-        self.job = job
-        self.fn = fn
-        self.kind = kind
-        self.items = items
-        self.chunksize = chunksize
-        self.next = 0
-        self.end = n_chunks
-        self.lazy = lazy
-        self.ready: collections.deque[tuple[int, Any]] = collections.deque()
-        self.fn_by_value = False  # a worker could not import ``fn``: send it with dill
-
-    def available(self) -> int:
-        return len(self.ready) if self.lazy is not None else self.end - self.next
-
-    def drained(self) -> bool:
-        if self.lazy is not None:
-            return self.lazy.exhausted and not self.ready
-        return self.next >= self.end
-
-    def take(self, n: int, cids: itertools.count[int]) -> list[Chunk]:
-        out: list[Chunk] = []
-        if self.lazy is not None:
-            ready = self.ready
-            while ready and len(out) < n:
-                index, data = ready.popleft()
-                out.append(Chunk(next(cids), self, index, data))
-            return out
-        items, cs, start = self.items, self.chunksize, self.next
-        stop = min(self.end, start + n)
-        assert items is not None
-        if cs == 1 or self.kind == P.CALL:
-            out = [Chunk(next(cids), self, i, items[i]) for i in range(start, stop)]
-        else:
-            out = [Chunk(next(cids), self, i, items[i * cs:(i + 1) * cs]) for i in range(start, stop)]
-        self.next = stop
-        return out
-
-
-class PoolWorker:
-    """One worker process as the engine sees it."""
-
-    __slots__ = ("name", "pid", "sock", "reader", "out", "state", "inflight", "assigned", "ema",
-                 "lost_head", "exit_how", "ready_seen", "stopping", "writing", "deadline", "armed")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.pid = 0
-        self.sock: socket.socket | None = None
-        self.reader = P.FrameReader()
-        self.out = bytearray()
-        self.state = WState.STARTING
-        self.inflight: collections.deque[Chunk] = collections.deque()
-        self.assigned = 0
-        self.ema: float | None = None
-        self.lost_head: Chunk | None = None
-        self.exit_how: str | None = None
-        self.ready_seen = False
-        self.stopping = False
-        self.writing = False
-        self.deadline: float | None = None   # when the running chunk passes task_timeout
-        self.armed = False                    # a timer entry for it is in the heap
-
-    def describe(self) -> str:
-        return f"worker {self.name!r} (pid {self.pid or '?'})"
-
-
-class _Pending:
-    """A connection that has not proved the token yet."""
-
-    __slots__ = ("sock", "reader", "deadline")
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.reader = P.FrameReader()
-        self.deadline = deadline
-
-
-_WAKE = object()
-_LISTENER = object()
-
-
-class Engine:
+class Engine(ChannelIO):
     """Owns the workers, the sources and the in-flight chunks of one pool."""
 
     def __init__(self, *, maxtasks: int | None, task_timeout: float | None, retries: int) -> None:
@@ -251,23 +126,7 @@ class Engine:
         self.next_name: Callable[[], str] = lambda: ""
         self.request_spawn: Callable[[str], None] = lambda name: None
         self.kill: Callable[[str], None] = lambda name: None
-        # I/O
-        self.address, self._listener = _listen()
-        self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
-        self._sel.register(self._listener, selectors.EVENT_READ, _LISTENER)
-        self._buf = bytearray(RECV_BYTES)
-        self._view = memoryview(self._buf)
-        self._pending: dict[socket.socket, _Pending] = {}
-        self._want_write: set[PoolWorker] = set()
-        self._orphans: list[socket.socket] = []
-        self._stopping = False
-        self._woken = False
-        self._thread = threading.Thread(target=self._run, name="mpmesh-pool-io", daemon=True)
-        self._thread.start()
+        self._start_io()
 
     # -- submitting (caller threads) ----------------------------------------------------------
 
@@ -377,7 +236,8 @@ class Engine:
 
     def _send_batch(self, w: PoolWorker, chunks: list[Chunk]) -> None:
         isolated = len(chunks) == 1 and chunks[0].isolate
-        body, sent, flags = self._encode(chunks, isolated)
+        body, sent, flags = encode_batch(chunks, isolated, self._known_by_value,
+                                         lambda c, exc: self._resolve(c, False, exc))
         if not sent:
             return
         idle = not w.inflight
@@ -387,88 +247,11 @@ class Engine:
         w.assigned += len(sent)
         self._write(w, P.frame(P.BATCH, bytes([flags]) + P.pack_ids([c.cid for c in sent]) + body))
 
-    def _encode(self, chunks: list[Chunk], isolated: bool) -> tuple[bytes, list[Chunk], int]:
-        """Pickle a batch; chunks whose function or data cannot be pickled fail here.
-
-        Functions go by reference (plain pickle) unless a worker could not import one
-        (``NACK_FN``) or pickle refuses it (lambdas, closures): then by value, with dill.
-        """
-        fns: list[object] = []
-        blobs: dict[int, int] = {}
-        bad_fns: dict[int, BaseException] = {}
-        tasks: list[tuple[int, int, int, object]] = []
-        sent: list[Chunk] = []
-        fns_by_value = True
-        for c in chunks:
-            src = c.source
-            fn = src.fn
-            key = id(src)
-            fi = blobs.get(key)
-            if fi is None and key not in bad_fns:
-                by_value = isolated or src.fn_by_value or self._known_by_value(fn)
-                fns_by_value = fns_by_value and by_value
-                try:
-                    fns.append(P.Blob(_dump_fn(fn, by_value)))
-                    fi = blobs[key] = len(fns) - 1
-                except SerializationError as exc:
-                    bad_fns[key] = exc
-            if fi is None:
-                exc = bad_fns[key]
-                self._resolve(c, False, SerializationError(f"cannot send {c.describe()} to a worker: {exc}"))
-                continue
-            data = c.data
-            if isolated:
-                try:
-                    data = P.Blob(_codec.dumps_by_value(data))
-                except SerializationError as exc:
-                    self._resolve(c, False, SerializationError(f"cannot send {c.describe()} to a worker: {exc}"))
-                    continue
-            tasks.append((c.cid, src.kind, fi, data))
-            sent.append(c)
-        if not sent:
-            return b"", [], 0
-        flags = (P.FNS_BY_VALUE if fns_by_value else 0) | (P.DATA_BY_VALUE if isolated else 0)
-        try:
-            return pickle.dumps((fns, tasks), 5), sent, flags
-        except Exception:
-            pass
-        # Something in there needs dill or cannot be pickled at all: one task at a time.
-        slow: list[tuple[int, int, int, object]] = []
-        kept: list[Chunk] = []
-        for c, (cid, kind, fi, data) in zip(sent, tasks):
-            try:
-                slow.append((cid, kind, fi, P.Blob(_codec.dumps(data))))
-            except SerializationError as exc:
-                self._resolve(c, False, SerializationError(f"cannot send {c.describe()} to a worker: {exc}"))
-                continue
-            kept.append(c)
-        if not kept:
-            return b"", [], 0
-        return pickle.dumps((fns, slow), 5), kept, flags
-
     def _known_by_value(self, fn: object) -> bool:
         try:
             return fn in self._fns_by_value
         except TypeError:
             return False
-
-    def _write(self, w: PoolWorker, data: bytes) -> None:
-        sock = w.sock
-        if sock is None:
-            return
-        if w.out:
-            w.out += data
-            return
-        try:
-            n = sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            return  # the reader sees the connection drop and settles this worker
-        if n < len(data):
-            w.out += data[n:]
-            self._want_write.add(w)
-            self._wake()
 
     def _head_started(self, w: PoolWorker) -> None:
         """The first chunk ``w`` holds has (about) just started running (lock held).
@@ -495,12 +278,12 @@ class Engine:
         for kind, body in frames:
             if kind == P.RESULT:
                 cid, status, elapsed = P.RESULT_HEAD.unpack_from(body)
-                ok, value = _decode(status, memoryview(body)[P.RESULT_HEAD.size:])
+                ok, value = decode_result(status, memoryview(body)[P.RESULT_HEAD.size:])
                 decoded.append((kind, cid, ok, value, elapsed))
             elif kind == P.NACK:
                 decoded.append((kind, body[0], False, P.unpack_ids(memoryview(body)[1:])[0], 0.0))
             elif kind == P.INIT_FAILED:
-                decoded.append((kind, 0, False, _decode(body[0], memoryview(body)[1:])[1], 0.0))
+                decoded.append((kind, 0, False, decode_result(body[0], memoryview(body)[1:])[1], 0.0))
             elif kind == P.READY:
                 decoded.append((kind, 0, True, None, 0.0))
             else:
@@ -664,14 +447,18 @@ class Engine:
         self._dispatch()
 
     def _disconnected(self, w: PoolWorker) -> None:
-        """The worker's channel closed: it exited, crashed, or was stopped (lock held)."""
-        if w.state in (WState.LOST, WState.DEAD):
-            return
-        w.state = WState.LOST
-        w.lost_head = self._orphan(w)
+        """The worker's channel closed: it exited, crashed, or was stopped (lock held).
+
+        Its results up to that point have been read (they come before the EOF); the
+        chunks it held but did not answer are settled now if its exit status is known,
+        else once it is (see ``on_exit``), or after ``LOST_GRACE_S`` without it.
+        """
+        if w.state in (WState.READY, WState.STARTING):
+            w.state = WState.LOST
+            w.lost_head = self._orphan(w)
         if w.exit_how is not None:
-            self._settle(w)
-        elif w.lost_head is not None:
+            self._finish_worker(w)
+        elif w.state is WState.LOST:
             heapq.heappush(self._lost_timers, (time.monotonic() + LOST_GRACE_S, next(self._seq), w))
         self._dispatch()
 
@@ -686,32 +473,47 @@ class Engine:
         self._retry_or_fail(head, lambda attempt: WorkerLost(f"{who} {how} while running {head.describe()} {attempt}"))
 
     def on_exit(self, name: str, pid: int, exitcode: int) -> None:
-        """A worker process ended (the master's event thread)."""
+        """A worker process ended (the lifecycle thread).
+
+        The exit can be learnt before the I/O thread has read the worker's last results:
+        while its channel is open, those are still on their way, so the worker is
+        finished only at EOF (or after ``LOST_GRACE_S``, should a child of the worker
+        hold the channel open).
+        """
         with self.lock:
             w = self.workers.get(name)
             if w is None or self._closed:
                 return
             w.pid = w.pid or pid
             w.exit_how = describe_exit(exitcode)
-            if not w.ready_seen and self.state is not State.TERMINATE and not w.stopping:
-                self.startup_failures += 1
-            if w.state in (WState.READY, WState.STARTING):
-                w.state = WState.LOST
-                w.lost_head = self._orphan(w)
-            if w.state is WState.LOST:
-                self._settle(w)
-            del self.workers[name]
-            self._close_sock(w)
-            if (self.startup_failures >= MAX_STARTUP_FAILURES and self.broken is None
-                    and self.state is not State.TERMINATE):
-                message = (f"{MAX_STARTUP_FAILURES} workers in a row ended before they were ready "
-                           f"(the last, {w.describe()}, {w.exit_how})")
-                log.error("%s; the pool cannot run tasks", message)
-                self._break(lambda: WorkerLost(message))
-            elif self._needs_replacement():
-                self._request_spawn()
-            self._dispatch()
-            self.all_gone.notify_all()
+            if w.sock is None:
+                self._finish_worker(w)
+            else:
+                heapq.heappush(self._lost_timers, (time.monotonic() + LOST_GRACE_S, next(self._seq), w))
+                self._wake()
+
+    def _finish_worker(self, w: PoolWorker) -> None:
+        """``w``'s process is gone and its channel read to the end: settle, forget, replace."""
+        if w.state in (WState.READY, WState.STARTING):
+            w.state = WState.LOST
+            w.lost_head = self._orphan(w)
+        self._settle(w)
+        if self.workers.get(w.name) is not w:
+            return
+        del self.workers[w.name]
+        self._close_sock(w)
+        if not w.ready_seen and not w.stopping and self.state is not State.TERMINATE:
+            self.startup_failures += 1
+        if (self.startup_failures >= MAX_STARTUP_FAILURES and self.broken is None
+                and self.state is not State.TERMINATE):
+            message = (f"{MAX_STARTUP_FAILURES} workers in a row ended before they were ready "
+                       f"(the last, {w.describe()}, {w.exit_how})")
+            log.error("%s; the pool cannot run tasks", message)
+            self._break(lambda: WorkerLost(message))
+        elif self._needs_replacement():
+            self._request_spawn()
+        self._dispatch()
+        self.all_gone.notify_all()
 
     def _needs_replacement(self) -> bool:
         if self.broken is not None or self.state is State.TERMINATE:
@@ -763,11 +565,11 @@ class Engine:
         self.sources.clear()
         self.n_ready = 0
         for job in jobs.values():
-            lazy = job._source if hasattr(job, "_source") else None
-            if lazy is not None and job._length is None:
+            feeding: LazySource | None = getattr(job, "_source", None)
+            if feeding is not None and job._length is None:
                 with self.feeder.cond:
-                    lazy.exhausted = True
-                    pulled = lazy.pulled
+                    feeding.exhausted = True
+                    pulled = feeding.pulled
                 job._set_length(pulled)
             self._fail_job(job, make_error())
 
@@ -816,6 +618,10 @@ class Engine:
         """Stop the I/O, feeder and callback threads and close every descriptor."""
         with self.lock:
             self._closed = True
+            for w in self.workers.values():
+                if w.sock is not None:
+                    self._orphans.append(w.sock)  # closed by the I/O thread on its way out
+                    w.sock = None
             self.workers.clear()
             self.all_gone.notify_all()
         self.feeder.stop()
@@ -835,268 +641,3 @@ class Engine:
     def add_worker(self, name: str) -> None:
         with self.lock:
             self.workers[name] = PoolWorker(name)
-
-    def _wake(self) -> None:
-        if self._wake_w < 0:
-            return
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                self._sel_once()
-        except Exception:  # pragma: no cover - a bug: fail loudly rather than hang
-            log.exception("the pool's I/O thread failed")
-            with self.lock:
-                self._break(lambda: MeshClosed("the pool's I/O thread failed; see the log"))
-        finally:
-            self._close_all()
-
-    def _sel_once(self) -> None:
-        timeout = None
-        heads = [h[0][0] for h in (self._timers, self._lost_timers) if h]
-        heads += [p.deadline for p in self._pending.values()]
-        if heads:
-            timeout = max(0.0, min(heads) - time.monotonic())
-        for key, mask in self._sel.select(timeout):
-            data = key.data
-            if data is _WAKE:
-                self._drain_wake()
-            elif data is _LISTENER:
-                self._accept()
-            elif type(data) is _Pending:
-                self._read_pending(data)
-            else:
-                if mask & selectors.EVENT_WRITE:
-                    self._flush(data)
-                if mask & selectors.EVENT_READ:
-                    self._read(data)
-        if self._timers or self._lost_timers or self._pending:
-            self._run_timers()
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-        with self.lock:
-            want, self._want_write = self._want_write, set()
-            orphans, self._orphans = self._orphans, []
-        for sock in orphans:
-            self._unregister_and_close(sock)
-        for w in want:
-            if w.sock is not None and w.out and not w.writing:
-                w.writing = True
-                self._sel.modify(w.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, w)
-
-    def _unregister_and_close(self, sock: socket.socket) -> None:
-        try:
-            self._sel.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-        sock.close()
-
-    def _flush(self, w: PoolWorker) -> None:
-        with self.lock:
-            sock = w.sock
-            if sock is None:
-                return
-            try:
-                n = sock.send(w.out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                n = len(w.out)
-            del w.out[:n]
-            if not w.out and w.writing:
-                w.writing = False
-                self._sel.modify(sock, selectors.EVENT_READ, w)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            sock.setblocking(False)
-            pending = _Pending(sock, time.monotonic() + HELLO_TIMEOUT_S)
-            self._pending[sock] = pending
-            self._sel.register(sock, selectors.EVENT_READ, pending)
-
-    def _read_pending(self, p: _Pending) -> None:
-        try:
-            data = p.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        try:
-            frames = p.reader.feed(data) if data else []
-        except ValueError:
-            frames, data = [], b""
-        if not data:
-            self._reject(p)
-            return
-        if not frames:
-            return
-        kind, body = frames[0]
-        if kind != P.HELLO or len(body) < P.HELLO_HEAD.size:
-            self._reject(p)
-            return
-        token, pid = P.HELLO_HEAD.unpack_from(body)
-        name = body[P.HELLO_HEAD.size:].decode("utf-8", "replace")
-        if not hmac.compare_digest(token, self.token):
-            log.warning("a process (pid %d) tried to join the pool without its token", pid)
-            self._reject(p)
-            return
-        with self.lock:
-            w = self.workers.get(name)
-            if w is not None and w.sock is None and w.state is WState.STARTING:
-                w.sock, w.pid, w.reader = p.sock, pid, p.reader
-            else:
-                w = None
-        if w is None:
-            self._reject(p)
-            return
-        del self._pending[p.sock]
-        self._sel.modify(p.sock, selectors.EVENT_READ, w)
-        if frames[1:]:
-            self._on_frames(w, frames[1:])
-
-    def _reject(self, p: _Pending) -> None:
-        self._pending.pop(p.sock, None)
-        self._unregister_and_close(p.sock)
-
-    def _read(self, w: PoolWorker) -> None:
-        sock = w.sock
-        if sock is None:
-            return
-        try:
-            n = sock.recv_into(self._buf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            n = 0
-        if n == 0:
-            self._drop_conn(w)
-            return
-        try:
-            frames = w.reader.feed(self._view[:n])
-        except ValueError:
-            log.warning("%s sent a malformed frame; dropping it", w.describe())
-            self._drop_conn(w)
-            return
-        if frames:
-            self._on_frames(w, frames)
-
-    def _drop_conn(self, w: PoolWorker) -> None:
-        with self.lock:
-            self._close_sock(w)
-            self._disconnected(w)
-
-    def _close_sock(self, w: PoolWorker) -> None:
-        """Close ``w``'s channel (lock held); only the I/O thread touches the selector."""
-        sock, w.sock = w.sock, None
-        if sock is None:
-            return
-        if threading.current_thread() is self._thread:
-            self._unregister_and_close(sock)
-        else:
-            self._orphans.append(sock)
-            self._wake()
-
-    def _run_timers(self) -> None:
-        now = time.monotonic()
-        for p in [p for p in self._pending.values() if p.deadline <= now]:
-            self._reject(p)
-        timers, lost = self._timers, self._lost_timers
-        if not ((timers and timers[0][0] <= now) or (lost and lost[0][0] <= now)):
-            return
-        with self.lock:
-            while timers and timers[0][0] <= now:
-                w = heapq.heappop(timers)[2]
-                w.armed = False
-                if w.state is not WState.READY or not w.inflight or w.deadline is None:
-                    continue
-                if w.deadline > now:  # the chunk it was armed for finished; re-arm for the next
-                    w.armed = True
-                    heapq.heappush(timers, (w.deadline, next(self._seq), w))
-                    continue
-                self._on_timeout(w)
-            while lost and lost[0][0] <= now:
-                w = heapq.heappop(lost)[2]
-                if w.state is WState.LOST:
-                    log.warning("%s closed its connection but has not exited; killing it", w.describe())
-                    self.kill(w.name)
-                    self._settle(w)
-            self._dispatch()
-
-    def _close_all(self) -> None:
-        with self.lock:
-            socks = [w.sock for w in self.workers.values() if w.sock is not None]
-            for w in self.workers.values():
-                w.sock = None
-            socks += self._orphans
-            self._orphans = []
-            wake_r, wake_w = self._wake_r, self._wake_w
-            self._wake_r = self._wake_w = -1
-        socks += list(self._pending)
-        self._pending.clear()
-        for sock in socks:
-            sock.close()
-        self._sel.close()
-        self._listener.close()
-        os.close(wake_r)
-        os.close(wake_w)
-
-
-def _listen() -> tuple[str | bytes, socket.socket]:
-    """A listening Unix socket: abstract on Linux (no file to leak), else in the runtime dir."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    name = f"mpmesh-pool-{os.getpid()}-{os.urandom(8).hex()}"
-    try:
-        if hasattr(socket, "SO_PEERCRED"):  # Linux
-            address: str | bytes = "\0" + name
-        else:  # pragma: no cover - macOS
-            from .._io import _paths
-
-            address = str(_paths.runtime_dir() / f"{name}.sock")
-        sock.bind(address)
-        sock.listen(128)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return address, sock
-
-
-def _dump_fn(fn: object, by_value: bool) -> bytes:
-    """A function for a worker: by reference when pickle can, else (or when asked) by value."""
-    if by_value:
-        return _codec.dumps_by_value(fn)
-    return _codec.dumps(fn)
-
-
-def _decode(status: int, payload: memoryview) -> tuple[bool, Any]:
-    if status == P.OK:
-        try:
-            return True, pickle.loads(payload)
-        except Exception as exc:
-            return False, SerializationError(f"cannot unpickle a task's result here: {exc!r}")
-    if status == P.ERROR:
-        data, text = P.split_error_payload(bytes(payload))
-        return False, _codec.unpack_exception(data, text)
-    text = bytes(payload).decode("utf-8", "replace")
-    if status == P.ERROR_TEXT:
-        return False, UnpicklableException(text)
-    if status == P.UNSENDABLE:
-        return False, UnpicklableResult(text)
-    if status == P.UNREADABLE:
-        return False, SerializationError(text)
-    return False, RemoteError(f"unknown result status {status}: {text}")

@@ -9,19 +9,16 @@ is updated on the pool's callback thread, never on its I/O thread.
 from __future__ import annotations
 
 import sys
-from typing import Any, Final
+from typing import Any
 
 __all__ = ["check_mode", "make_bar"]
-
-MODES: Final = (False, True, "force")
-
 
 def check_mode(progress: object) -> bool | str:
     if progress is None:
         return False
-    if progress not in MODES or (progress is not True and progress is not False and progress != "force"):
-        raise ValueError(f"progress must be True, False or 'force', not {progress!r}")
-    return progress  # type: ignore[return-value]
+    if progress is True or progress is False or progress == "force":
+        return progress  # type: ignore[return-value,unused-ignore]
+    raise ValueError(f"progress must be True, False or 'force', not {progress!r}")
 
 
 def make_bar(mode: bool | str, total: int | None, desc: str) -> Any:
@@ -29,7 +26,7 @@ def make_bar(mode: bool | str, total: int | None, desc: str) -> Any:
     if not mode:
         return None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         return None
     stream = sys.stderr

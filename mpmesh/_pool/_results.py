@@ -16,11 +16,11 @@ from __future__ import annotations
 import collections
 import logging
 import multiprocessing
-import multiprocessing.pool
 import threading
 import types
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._errors import RemoteError, SerializationError
 
@@ -33,7 +33,7 @@ __all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "IMapUnorderedIterator"
 log = logging.getLogger("mpmesh.pool")
 
 
-class UnpicklableResult(SerializationError, multiprocessing.pool.MaybeEncodingError):
+class UnpicklableResult(SerializationError, MaybeEncodingError):  # type: ignore[misc]
     """A task's return value could not be pickled back (the stdlib's ``MaybeEncodingError``)."""
 
     def __init__(self, message: str) -> None:
@@ -47,7 +47,7 @@ class UnpicklableResult(SerializationError, multiprocessing.pool.MaybeEncodingEr
         return f"<{type(self).__name__}: {self}>"
 
 
-class UnpicklableException(RemoteError, multiprocessing.pool.MaybeEncodingError):
+class UnpicklableException(RemoteError, MaybeEncodingError):  # type: ignore[misc]
     """A task raised an exception that could not be pickled; ``str()`` is its traceback."""
 
     def __init__(self, message: str) -> None:
@@ -70,6 +70,7 @@ class ApplyResult:
         self._value: Any = None
         self._bar: Any = None
         self._done = False  # the engine settled it (callbacks may still be running)
+        self._pool: object = None  # keeps an unreferenced pool alive until this is done (bpo-34172)
 
     def ready(self) -> bool:
         return self._event.is_set()
@@ -95,7 +96,7 @@ class ApplyResult:
             return self._value
         raise self._value
 
-    __class_getitem__ = classmethod(types.GenericAlias)
+    __class_getitem__: ClassVar[Any] = classmethod(types.GenericAlias)
 
     # -- engine side ---------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class ApplyResult:
         finally:
             if self._bar is not None:
                 self._bar.close()
+            self._pool = None
             self._event.set()
 
     def _progress(self, n: int) -> None:
@@ -188,6 +190,7 @@ class IMapIterator:
         self._source: LazySource | None = None
         self._bar: Any = None
         self._done = False
+        self._pool: object = None
         self._event = threading.Event()  # set when every result has arrived
 
     def __iter__(self) -> Iterator[Any]:
@@ -264,6 +267,7 @@ class IMapIterator:
     def _finish(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        self._pool = None
         self._event.set()
         with self._cond:
             self._cond.notify_all()

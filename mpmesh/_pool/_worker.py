@@ -50,7 +50,7 @@ def main(child: Any, address: str | bytes, token: bytes, initializer: Callable[.
     if initializer is not None:
         try:
             initializer(*initargs)
-        except BaseException as exc:  # noqa: BLE001 - reported to the pool, then we exit
+        except BaseException as exc:
             status, payload = P.error_payload(*_codec.pack_exception(exc))
             _send(sock, P.frame(P.INIT_FAILED, bytes([status]) + payload))
             sys.exit(1)
@@ -148,15 +148,15 @@ def _run_batch(sock: socket.socket, body: bytes) -> int:
                 except Exception as exc:
                     raise _Undecodable(_why("the task's arguments", exc).decode()) from None
             if kind == P.MAP1:
-                value = fn(data)  # type: ignore[operator]
+                value = fn(data)
             elif kind == P.CALL:
-                value = fn(*data[0], **data[1])  # type: ignore[operator]
+                value = fn(*data[0], **data[1])
             elif kind == P.MAP:
-                value = list(map(fn, data))  # type: ignore[arg-type]
+                value = list(map(fn, data))
             elif kind == P.STAR1:
-                value = fn(*data)  # type: ignore[operator]
+                value = fn(*data)
             else:
-                value = list(itertools.starmap(fn, data))  # type: ignore[arg-type]
+                value = list(itertools.starmap(fn, data))
         except _Undecodable as exc:
             status, payload = P.UNREADABLE, str(exc).encode()
         except Exception as exc:
@@ -181,7 +181,7 @@ def _why(what: str, exc: BaseException) -> bytes:
 def _unsendable(value: object, exc: BaseException) -> bytes:
     try:
         shown = repr(value)
-    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+    except Exception:
         shown = f"<{type(value).__qualname__} object>"
     if len(shown) > 200:
         shown = shown[:197] + "..."

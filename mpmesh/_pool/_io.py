@@ -1,0 +1,350 @@
+"""The pool's I/O thread: one selector over the listener, every worker's channel and a
+wake-up pipe; timers for ``task_timeout`` and for workers that vanished.
+
+Only this thread touches the selector. Other threads write with non-blocking sends under
+the engine's lock; what the kernel does not take waits in the worker's outbox for
+EVENT_WRITE. A channel another thread wants closed is handed over (``_orphans``). New
+connections must prove the pool's token in their first frame (``HELLO``) before anything
+they send is unpickled.
+"""
+
+from __future__ import annotations
+
+import heapq
+import hmac
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from .._errors import MeshClosed
+from . import _protocol as P
+from ._tasks import PoolWorker, WState
+
+__all__ = ["ChannelIO"]
+
+log = logging.getLogger("mpmesh.pool")
+
+RECV_BYTES: Final = 256 * 1024
+# A connection that has not said HELLO by then is dropped.
+HELLO_TIMEOUT_S: Final = 30.0
+
+
+class _Pending:
+    """A connection that has not proved the token yet."""
+
+    __slots__ = ("deadline", "reader", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.reader = P.FrameReader()
+        self.deadline = deadline
+
+
+_WAKE = object()
+_LISTENER = object()
+
+
+class ChannelIO:
+    """The I/O half of the engine (a mixin: ``Engine`` owns the state it reads)."""
+
+    lock: threading.Lock
+    token: bytes
+    workers: dict[str, PoolWorker]
+    _timers: list[tuple[float, int, PoolWorker]]
+    _lost_timers: list[tuple[float, int, PoolWorker]]
+    kill: Callable[[str], None]
+
+    def _on_frames(self, w: PoolWorker, frames: list[tuple[int, bytes]]) -> None: ...
+    def _disconnected(self, w: PoolWorker) -> None: ...
+    def _on_timeout(self, w: PoolWorker) -> None: ...
+    def _finish_worker(self, w: PoolWorker) -> None: ...
+    def _settle(self, w: PoolWorker) -> None: ...
+    def _dispatch(self, caller: bool = False) -> None: ...
+    def _break(self, make_error: Callable[[], BaseException]) -> None: ...
+    _seq: Any
+
+    def _start_io(self) -> None:
+        self.address, self._listener = _listen()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._sel.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        self._buf = bytearray(RECV_BYTES)
+        self._view = memoryview(self._buf)
+        self._pending: dict[socket.socket, _Pending] = {}
+        self._want_write: set[PoolWorker] = set()
+        self._orphans: list[socket.socket] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mpmesh-pool-io", daemon=True)
+        self._thread.start()
+
+    def _write(self, w: PoolWorker, data: bytes) -> None:
+        sock = w.sock
+        if sock is None:
+            return
+        if w.out:
+            w.out += data
+            return
+        try:
+            n = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            return  # the reader sees the connection drop and settles this worker
+        if n < len(data):
+            w.out += data[n:]
+            self._want_write.add(w)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._sel_once()
+        except Exception:  # pragma: no cover - a bug: fail loudly rather than hang
+            log.exception("the pool's I/O thread failed")
+            with self.lock:
+                self._break(lambda: MeshClosed("the pool's I/O thread failed; see the log"))
+        finally:
+            self._close_all()
+
+    def _sel_once(self) -> None:
+        timeout = None
+        heads = [h[0][0] for h in (self._timers, self._lost_timers) if h]
+        heads += [p.deadline for p in self._pending.values()]
+        if heads:
+            timeout = max(0.0, min(heads) - time.monotonic())
+        for key, mask in self._sel.select(timeout):
+            data = key.data
+            if data is _WAKE:
+                self._drain_wake()
+            elif data is _LISTENER:
+                self._accept()
+            elif type(data) is _Pending:
+                self._read_pending(data)
+            else:
+                if mask & selectors.EVENT_WRITE:
+                    self._flush(data)
+                if mask & selectors.EVENT_READ:
+                    self._read(data)
+        if self._timers or self._lost_timers or self._pending:
+            self._run_timers()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        with self.lock:
+            want, self._want_write = self._want_write, set()
+            orphans, self._orphans = self._orphans, []
+        for sock in orphans:
+            self._unregister_and_close(sock)
+        for w in want:
+            if w.sock is not None and w.out and not w.writing:
+                w.writing = True
+                self._sel.modify(w.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, w)
+
+    def _unregister_and_close(self, sock: socket.socket) -> None:
+        try:
+            self._sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+
+    def _flush(self, w: PoolWorker) -> None:
+        with self.lock:
+            sock = w.sock
+            if sock is None:
+                return
+            try:
+                n = sock.send(w.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = len(w.out)
+            del w.out[:n]
+            if not w.out and w.writing:
+                w.writing = False
+                self._sel.modify(sock, selectors.EVENT_READ, w)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setblocking(False)
+            pending = _Pending(sock, time.monotonic() + HELLO_TIMEOUT_S)
+            self._pending[sock] = pending
+            self._sel.register(sock, selectors.EVENT_READ, pending)
+
+    def _read_pending(self, p: _Pending) -> None:
+        try:
+            data = p.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        try:
+            frames = p.reader.feed(data) if data else []
+        except ValueError:
+            frames, data = [], b""
+        if not data:
+            self._reject(p)
+            return
+        if not frames:
+            return
+        kind, body = frames[0]
+        if kind != P.HELLO or len(body) < P.HELLO_HEAD.size:
+            self._reject(p)
+            return
+        token, pid = P.HELLO_HEAD.unpack_from(body)
+        name = body[P.HELLO_HEAD.size:].decode("utf-8", "replace")
+        if not hmac.compare_digest(token, self.token):
+            log.warning("a process (pid %d) tried to join the pool without its token", pid)
+            self._reject(p)
+            return
+        with self.lock:
+            w = self.workers.get(name)
+            if w is not None and w.sock is None and w.state is WState.STARTING:
+                w.sock, w.pid, w.reader = p.sock, pid, p.reader
+            else:
+                w = None
+        if w is None:
+            self._reject(p)
+            return
+        del self._pending[p.sock]
+        self._sel.modify(p.sock, selectors.EVENT_READ, w)
+        if frames[1:]:
+            self._on_frames(w, frames[1:])
+
+    def _reject(self, p: _Pending) -> None:
+        self._pending.pop(p.sock, None)
+        self._unregister_and_close(p.sock)
+
+    def _read(self, w: PoolWorker) -> None:
+        sock = w.sock
+        if sock is None:
+            return
+        try:
+            n = sock.recv_into(self._buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._drop_conn(w)
+            return
+        try:
+            frames = w.reader.feed(self._view[:n])
+        except ValueError:
+            log.warning("%s sent a malformed frame; dropping it", w.describe())
+            self._drop_conn(w)
+            return
+        if frames:
+            self._on_frames(w, frames)
+
+    def _drop_conn(self, w: PoolWorker) -> None:
+        with self.lock:
+            self._close_sock(w)
+            self._disconnected(w)
+
+    def _close_sock(self, w: PoolWorker) -> None:
+        """Close ``w``'s channel (lock held); only the I/O thread touches the selector."""
+        sock, w.sock = w.sock, None
+        if sock is None:
+            return
+        if threading.current_thread() is self._thread:
+            self._unregister_and_close(sock)
+        else:
+            self._orphans.append(sock)
+            self._wake()
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        for p in [p for p in self._pending.values() if p.deadline <= now]:
+            self._reject(p)
+        timers, lost = self._timers, self._lost_timers
+        if not ((timers and timers[0][0] <= now) or (lost and lost[0][0] <= now)):
+            return
+        with self.lock:
+            while timers and timers[0][0] <= now:
+                w = heapq.heappop(timers)[2]
+                w.armed = False
+                if w.state is not WState.READY or not w.inflight or w.deadline is None:
+                    continue
+                if w.deadline > now:  # the chunk it was armed for finished; re-arm for the next
+                    w.armed = True
+                    heapq.heappush(timers, (w.deadline, next(self._seq), w))
+                    continue
+                self._on_timeout(w)
+            while lost and lost[0][0] <= now:
+                w = heapq.heappop(lost)[2]
+                if self.workers.get(w.name) is not w:
+                    continue
+                if w.exit_how is not None:  # exited, yet its channel stays open (inherited?)
+                    self._close_sock(w)
+                    self._finish_worker(w)
+                elif w.state is WState.LOST and w.lost_head is not None:
+                    log.warning("%s closed its connection but has not exited; killing it", w.describe())
+                    self.kill(w.name)
+                    self._settle(w)
+            self._dispatch()
+
+    def _close_all(self) -> None:
+        with self.lock:
+            socks = [w.sock for w in self.workers.values() if w.sock is not None]
+            for w in self.workers.values():
+                w.sock = None
+            socks += self._orphans
+            self._orphans = []
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1
+        socks += list(self._pending)
+        self._pending.clear()
+        for sock in socks:
+            sock.close()
+        self._sel.close()
+        self._listener.close()
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _listen() -> tuple[str | bytes, socket.socket]:
+    """A listening Unix socket: abstract on Linux (no file to leak), else in the runtime dir."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    name = f"mpmesh-pool-{os.getpid()}-{os.urandom(8).hex()}"
+    try:
+        if hasattr(socket, "SO_PEERCRED"):  # Linux
+            address: str | bytes = "\0" + name
+        else:  # pragma: no cover - macOS
+            from .._io import _paths
+
+            address = str(_paths.runtime_dir() / f"{name}.sock")
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return address, sock
+
+

@@ -1,0 +1,233 @@
+"""What the engine moves: chunks, the sources they are cut from, the workers that hold
+them, and how a batch of chunks is pickled and a result unpickled.
+
+Nothing here does I/O or takes a lock; the engine calls it with its lock held.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import itertools
+import pickle
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from .._errors import RemoteError, SerializationError
+from .._wire import _codec
+from . import _protocol as P
+from ._results import UnpicklableException, UnpicklableResult
+
+if TYPE_CHECKING:
+    from ._feeder import LazySource
+
+__all__ = ["Chunk", "PoolWorker", "Source", "WState", "decode_result", "encode_batch"]
+
+_KIND_NAMES: Final = {P.CALL: "apply", P.MAP1: "map", P.MAP: "map", P.STAR1: "starmap", P.STARMAP: "starmap"}
+
+
+class WState(enum.Enum):
+    STARTING = "starting"   # spawned; not connected or not ready yet
+    READY = "ready"         # takes work
+    LOST = "lost"           # connection gone, waiting for its exit status
+    DEAD = "dead"           # its work is settled; waiting for (or past) its exit
+
+
+class Chunk:
+    """One stdlib task: a call, or ``chunksize`` items of a map."""
+
+    __slots__ = ("attempt", "cid", "data", "index", "isolate", "source")
+
+    def __init__(self, cid: int, source: Source, index: int, data: object) -> None:
+        self.cid = cid
+        self.source = source
+        self.index = index
+        self.data = data
+        self.attempt = 1
+        self.isolate = False
+
+    def describe(self) -> str:
+        src = self.source
+        name = getattr(src.fn, "__qualname__", None) or type(src.fn).__name__
+        label = f"{_KIND_NAMES[src.kind]}({name})"
+        if src.kind == P.CALL:
+            return label
+        return f"{label} {'item' if src.kind in (P.MAP1, P.STAR1) else 'chunk'} {self.index}"
+
+
+class Source:
+    """A job's chunks not sent yet: cut from a list on demand, or filled by the feeder."""
+
+    __slots__ = ("chunksize", "end", "fn", "fn_by_value", "items", "job", "kind", "lazy", "next", "ready")
+
+    def __init__(self, job: Any, fn: Any, kind: int, items: list[Any] | None, chunksize: int,
+                 n_chunks: int, lazy: LazySource | None = None) -> None:
+        self.job = job
+        self.fn = fn
+        self.kind = kind
+        self.items = items
+        self.chunksize = chunksize
+        self.next = 0
+        self.end = n_chunks
+        self.lazy = lazy
+        self.ready: collections.deque[tuple[int, Any]] = collections.deque()
+        self.fn_by_value = False  # a worker could not import ``fn``: send it with dill
+
+    def available(self) -> int:
+        return len(self.ready) if self.lazy is not None else self.end - self.next
+
+    def drained(self) -> bool:
+        if self.lazy is not None:
+            return self.lazy.exhausted and not self.ready
+        return self.next >= self.end
+
+    def take(self, n: int, cids: itertools.count[int]) -> list[Chunk]:
+        out: list[Chunk] = []
+        if self.lazy is not None:
+            ready = self.ready
+            while ready and len(out) < n:
+                index, data = ready.popleft()
+                out.append(Chunk(next(cids), self, index, data))
+            return out
+        items, cs, start = self.items, self.chunksize, self.next
+        stop = min(self.end, start + n)
+        assert items is not None
+        if cs == 1 or self.kind == P.CALL:
+            out = [Chunk(next(cids), self, i, items[i]) for i in range(start, stop)]
+        else:
+            out = [Chunk(next(cids), self, i, items[i * cs:(i + 1) * cs]) for i in range(start, stop)]
+        self.next = stop
+        return out
+
+
+class PoolWorker:
+    """One worker process as the engine sees it."""
+
+    __slots__ = (
+        "armed",
+        "assigned",
+        "deadline",
+        "ema",
+        "exit_how",
+        "inflight",
+        "lost_head",
+        "name",
+        "out",
+        "pid",
+        "reader",
+        "ready_seen",
+        "sock",
+        "state",
+        "stopping",
+        "writing",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pid = 0
+        self.sock: socket.socket | None = None
+        self.reader = P.FrameReader()
+        self.out = bytearray()
+        self.state = WState.STARTING
+        self.inflight: collections.deque[Chunk] = collections.deque()
+        self.assigned = 0
+        self.ema: float | None = None
+        self.lost_head: Chunk | None = None
+        self.exit_how: str | None = None
+        self.ready_seen = False
+        self.stopping = False
+        self.writing = False
+        self.deadline: float | None = None   # when the running chunk passes task_timeout
+        self.armed = False                    # a timer entry for it is in the heap
+
+    def describe(self) -> str:
+        return f"worker {self.name!r} (pid {self.pid or '?'})"
+
+
+def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[object], bool],
+                 fail: Callable[[Chunk, BaseException], None]) -> tuple[bytes, list[Chunk], int]:
+    """Pickle a batch: ``(body, chunks sent, BATCH flags)``; what cannot be pickled is ``fail``ed.
+
+    Functions go by reference (plain pickle) unless a worker could not import one
+    (``NACK_FN``: ``known_by_value``) or pickle refuses it (lambdas, closures): then by
+    value, with dill. ``isolated`` (a lone chunk after ``NACK_DATA``) sends everything by
+    value. The whole batch is pickled at once; only if that fails is each task's data
+    pickled on its own, so that one bad item fails its own chunk and nothing else.
+    """
+    fns: list[object] = []
+    blobs: dict[int, int] = {}
+    bad_fns: dict[int, BaseException] = {}
+    tasks: list[tuple[int, int, int, object]] = []
+    sent: list[Chunk] = []
+    fns_by_value = True
+    for c in chunks:
+        src = c.source
+        key = id(src)
+        fi = blobs.get(key)
+        if fi is None and key not in bad_fns:
+            by_value = isolated or src.fn_by_value or known_by_value(src.fn)
+            fns_by_value = fns_by_value and by_value
+            try:
+                fns.append(P.Blob(_dump_fn(src.fn, by_value)))
+                fi = blobs[key] = len(fns) - 1
+            except SerializationError as exc:
+                bad_fns[key] = exc
+        if fi is None:
+            fail(c, SerializationError(f"cannot send {c.describe()} to a worker: {bad_fns[key]}"))
+            continue
+        data = c.data
+        if isolated:
+            try:
+                data = P.Blob(_codec.dumps_by_value(data))
+            except SerializationError as exc:
+                fail(c, SerializationError(f"cannot send {c.describe()} to a worker: {exc}"))
+                continue
+        tasks.append((c.cid, src.kind, fi, data))
+        sent.append(c)
+    if not sent:
+        return b"", [], 0
+    flags = (P.FNS_BY_VALUE if fns_by_value else 0) | (P.DATA_BY_VALUE if isolated else 0)
+    try:
+        return pickle.dumps((fns, tasks), 5), sent, flags
+    except Exception:
+        pass
+    slow: list[tuple[int, int, int, object]] = []
+    kept: list[Chunk] = []
+    for c, (cid, kind, fi, data) in zip(sent, tasks):
+        try:
+            slow.append((cid, kind, fi, P.Blob(_codec.dumps(data))))
+        except SerializationError as exc:
+            fail(c, SerializationError(f"cannot send {c.describe()} to a worker: {exc}"))
+            continue
+        kept.append(c)
+    if not kept:
+        return b"", [], 0
+    return pickle.dumps((fns, slow), 5), kept, flags
+
+
+def _dump_fn(fn: object, by_value: bool) -> bytes:
+    """A function for a worker: by reference when pickle can, else (or when asked) by value."""
+    if by_value:
+        return _codec.dumps_by_value(fn)
+    return _codec.dumps(fn)
+
+
+def decode_result(status: int, payload: memoryview) -> tuple[bool, Any]:
+    """``(ok, value or exception)`` for a RESULT frame's status and payload."""
+    if status == P.OK:
+        try:
+            return True, pickle.loads(payload)
+        except Exception as exc:
+            return False, SerializationError(f"cannot unpickle a task's result here: {exc!r}")
+    if status == P.ERROR:
+        data, text = P.split_error_payload(bytes(payload))
+        return False, _codec.unpack_exception(data, text)
+    text = bytes(payload).decode("utf-8", "replace")
+    if status == P.ERROR_TEXT:
+        return False, UnpicklableException(text)
+    if status == P.UNSENDABLE:
+        return False, UnpicklableResult(text)
+    if status == P.UNREADABLE:
+        return False, SerializationError(text)
+    return False, RemoteError(f"unknown result status {status}: {text}")
