@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import hmac
+import itertools
 import logging
 import os
 import selectors
@@ -19,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from .._errors import MeshClosed
 from . import _protocol as P
@@ -58,6 +59,7 @@ class ChannelIO:
     _timers: list[tuple[float, int, PoolWorker]]
     _lost_timers: list[tuple[float, int, PoolWorker]]
     kill: Callable[[str], None]
+    _seq: itertools.count[int]
 
     def _on_frames(self, w: PoolWorker, frames: list[tuple[int, bytes]]) -> None: ...
     def _disconnected(self, w: PoolWorker) -> None: ...
@@ -66,7 +68,6 @@ class ChannelIO:
     def _settle(self, w: PoolWorker) -> None: ...
     def _dispatch(self, caller: bool = False) -> None: ...
     def _break(self, make_error: Callable[[], BaseException]) -> None: ...
-    _seq: Any
 
     def _start_io(self) -> None:
         self.address, self._listener = _listen()

@@ -361,7 +361,9 @@ def test_pool_on_a_master() -> None:
         pool = m.Pool(2)
         try:
             assert pool.map(W.square, range(5)) == [0, 1, 4, 9, 16]
-            assert sorted(m.children()) == ["pool1-0", "pool1-1"] or len(m.children()) == 2
+            group = m.children()[0].rsplit("-", 1)[0]
+            assert sorted(m.children()) == [f"{group}-0", f"{group}-1"]
+            assert m.group_stats(group).members == m.children()
         finally:
             pool.close()
             pool.join()
