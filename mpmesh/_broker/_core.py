@@ -83,6 +83,8 @@ class BrokerCore:
         return peer
 
     def _hello(self, peer: Peer, msg: Hello, now: float) -> list[Action]:
+        if msg.role not in Role._value2member_map_ or msg.capacity < 0:
+            return [Close(peer.id, f"Hello with an unknown role {msg.role} or capacity {msg.capacity}")]
         peer.hello = True
         peer.pid, peer.role, peer.name, peer.group, peer.hostname = (
             msg.pid, Role(msg.role), msg.name, msg.group, msg.hostname)

@@ -291,7 +291,14 @@ class BrokerLoop:
             actions: list[Action] = []
             on_message = self.core.on_message
             for msg in wire.events():
-                actions += on_message(conn.id, msg, now)
+                try:
+                    actions += on_message(conn.id, msg, now)
+                except Exception:
+                    # A bug, or a message the core failed to validate: it costs this
+                    # peer its connection, never the broker.
+                    log.exception("peer %d: handling %s failed; closing it", conn.id, type(msg).__name__)
+                    actions.append(Close(conn.id, f"the broker failed on its {type(msg).__name__}"))
+                    break
             local, notes = self._perform(actions)
             if reply:
                 self._flush(conn, on_loop=True)

@@ -52,8 +52,38 @@ def dumps(obj: object) -> bytes:
     return data
 
 
+class _MainRefused(Exception):
+    pass
+
+
+class _Sink(list):  # type: ignore[type-arg]
+    """A write-only file for Pickler, without importing io into the wire layer."""
+
+    write = list.append
+
+
+class _ByReferencePickler(pickle.Pickler):
+    """Plain pickle, except that nothing defined in ``__main__`` may go by reference."""
+
+    def reducer_override(self, obj: object) -> object:
+        if getattr(obj, "__module__", None) == "__main__":
+            raise _MainRefused
+        return NotImplemented
+
+
 def dumps_by_value(obj: object) -> bytes:
-    """Serialize with dill, so functions from ``__main__`` travel by value (spawn targets)."""
+    """Serialize a spawn target so a fresh process can rebuild it.
+
+    Importable functions and classes go by reference with plain pickle (the child then
+    needs no dill); anything from ``__main__``, lambdas and closures go by value with
+    dill, since a child's ``__main__`` is not the parent's.
+    """
+    sink = _Sink()
+    try:
+        _ByReferencePickler(sink, PROTOCOL).dump(obj)
+        return b"".join(sink)
+    except Exception:
+        pass
     try:
         return _dill_dumps(obj)
     except Exception as exc:

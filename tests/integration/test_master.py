@@ -89,7 +89,7 @@ def test_request_returns_a_future() -> None:
         m.spawn_group("g", workers.basic, size=2)
         futures = [m.request("square", "g", i) for i in range(20)]
         assert all(isinstance(f, concurrent.futures.Future) for f in futures)
-        done, not_done = concurrent.futures.wait(futures, timeout=WAIT_S)
+        _, not_done = concurrent.futures.wait(futures, timeout=WAIT_S)
         assert not not_done
         assert [f.result() for f in futures] == [i * i for i in range(20)]
         failing = m.request("raise", "g", "via future")
@@ -472,12 +472,11 @@ def test_with_block_left_by_an_exception_still_shuts_down() -> None:
     class Boom(Exception):
         pass
 
-    with pytest.raises(Boom):
-        with mesh() as m:
-            m.spawn_group("g", workers.basic, size=2)
-            pids = [m.process_stats(n).pid for n in m.children()]
-            assert m.send_request("square", "g", 3) == 9
-            raise Boom
+    with pytest.raises(Boom), mesh() as m:
+        m.spawn_group("g", workers.basic, size=2)
+        pids = [m.process_stats(n).pid for n in m.children()]
+        assert m.send_request("square", "g", 3) == 9
+        raise Boom
     assert not any(m.is_alive(n) for n in ("g-0", "g-1"))
     for pid in pids:
         assert pid is not None

@@ -145,12 +145,25 @@ def test_loads_garbage_raises_serialization_error(data: bytes) -> None:
         _codec.loads(data)
 
 
-def test_dumps_by_value_uses_dill(dill_calls: list[object]) -> None:
+def test_dumps_by_value_sends_importable_objects_by_reference(dill_calls: list[object]) -> None:
     data = _codec.dumps_by_value(module_level)
-    assert dill_calls == [module_level]
+    assert dill_calls == [], "an importable function needs no dill (nor its import in the child)"
     assert _codec.loads(data)(4) == 8  # type: ignore[operator]
     with pytest.raises(SerializationError, match="generator"):
         _codec.dumps_by_value(generator())
+
+
+def test_dumps_by_value_sends_main_and_closures_by_value(
+        dill_calls: list[object], monkeypatch: pytest.MonkeyPatch) -> None:
+    def from_main(x: int) -> int:
+        return x + 1
+
+    monkeypatch.setattr(from_main, "__module__", "__main__")
+    for target in (from_main, make_adder(3)):
+        data = _codec.dumps_by_value((target, (1,), {}))
+        assert dill_calls[-1] == (target, (1,), {})
+        fn, args, _ = _codec.loads(data)  # type: ignore[misc]
+        assert fn(*args) == target(*args)
 
 
 # -- exceptions ------------------------------------------------------------------------------

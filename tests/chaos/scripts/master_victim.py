@@ -16,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-import mpmesh  # noqa: E402
-from mpmesh._io import _paths  # noqa: E402
-from tests.integration import workers  # noqa: E402
+import mpmesh
+from mpmesh._io import _paths
+from tests.integration import workers
 
 
 def main(method: str) -> None:
