@@ -51,7 +51,8 @@ def _stdlib_helpers() -> None:
 
 @pytest.fixture(autouse=True)
 def broker_never_crashes(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """A fault in one peer must never take the broker loop down (it would stop everyone)."""
+    """A fault in one peer must never take the broker loop down (it would stop everyone),
+    nor trip a core bug that the loop can only survive by logging it at ERROR."""
     caplog.set_level(logging.ERROR, logger="mpmesh.broker")
     yield
     crashes = [r.getMessage() for r in caplog.records
