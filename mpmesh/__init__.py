@@ -6,6 +6,8 @@ each other requests; every process of the mesh shares state through the broker.
 
 from __future__ import annotations
 
+import logging
+
 from ._child import Child as Child
 from ._connect import connect as connect
 from ._errors import AuthenticationError as AuthenticationError
@@ -58,4 +60,7 @@ def _fixup_module_metadata() -> None:
 
 
 _fixup_module_metadata()
+
+# A library stays quiet unless the application configures logging (the logging HOWTO's advice).
+logging.getLogger("mpmesh").addHandler(logging.NullHandler())
 del _fixup_module_metadata
