@@ -56,28 +56,46 @@ GUARD_SLACK_S: Final = 2.0
 # -- futures -----------------------------------------------------------------------------
 
 class _Dispatcher:
-    """One daemon thread per process that runs user callbacks off the I/O threads."""
+    """One daemon thread per process that runs user callbacks off the I/O threads.
+
+    The thread starts with the first callback and can be retired when idle: a Master
+    forks its zygote only from a single-threaded process.
+    """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., object], *args: object) -> None:
-        if self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._queue = queue.SimpleQueue()
-                    self._thread = threading.Thread(target=self._run, name="mpmesh-callbacks", daemon=True)
-                    self._thread.start()
-                    self._pid = os.getpid()
-        self._queue.put((fn, args))
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,),
+                                                name="mpmesh-callbacks", daemon=True)
+                self._thread.start()
+                self._pid = os.getpid()
+            self._queue.put((fn, args))
 
-    def _run(self) -> None:
-        q = self._queue
+    def retire(self, timeout: float = 1.0) -> None:
+        """End the thread if it has nothing queued (the next ``submit`` starts another)."""
+        with self._lock:
+            thread = self._thread
+            if (thread is None or self._pid != os.getpid() or thread is threading.current_thread()
+                    or not self._queue.empty()):
+                return
+            self._queue.put(None)
+            self._thread = None
+        thread.join(timeout)
+
+    @staticmethod
+    def _run(q: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None]) -> None:
         while True:
-            fn, args = q.get()
+            item = q.get()
+            if item is None:
+                return
+            fn, args = item
             try:
                 fn(*args)
             except Exception:

@@ -14,6 +14,7 @@ exitcode)`` then runs on the loop thread.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from ._client import dispatcher
 from ._errors import MeshError
 from ._io import _zygote
 from ._wire import _codec
@@ -72,6 +74,79 @@ def threads_in_process() -> int:
             return int(f.read().rsplit(b")", 1)[1].split()[17])
     except (OSError, ValueError, IndexError):
         return threading.active_count()
+
+
+@dataclass
+class _Spare:
+    """A zygote a closed mesh left running, for the next mesh of this process that cannot
+    fork one (it would have to exec a fresh interpreter: ~100 ms instead of ~3 ms)."""
+
+    owner: int  # the pid that parked it: a forked copy of this module must not take it
+    fds: tuple[int, int, int]  # ctl_w, report_r, life_w
+    pid: int
+    popen: subprocess.Popen[bytes] | None
+
+
+_spare: _Spare | None = None
+_spare_lock = threading.Lock()
+
+
+def _park(spare: _Spare) -> bool:
+    global _spare
+    with _spare_lock:
+        if _spare is not None and _spare.owner == os.getpid():
+            return False
+        _spare = spare
+    return True
+
+
+def _take_spare() -> _Spare | None:
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is None or spare.owner != os.getpid():
+        return None  # inherited through a fork: not ours to command
+    gone = spare.popen.poll() is not None if spare.popen is not None else _reaped(spare.pid)
+    if gone:
+        _stop_zygote(spare)
+        return None
+    return spare
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:
+        return True
+
+
+def _stop_zygote(spare: _Spare) -> None:
+    """Close our ends (the zygote exits on EOF) and reap it."""
+    ctl_w, report_r, life_w = spare.fds
+    for fd in (ctl_w, life_w, report_r):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if spare.popen is not None:
+        spare.popen.wait()
+    else:
+        try:
+            os.waitpid(spare.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def discard_spare() -> None:
+    """Stop the parked zygote, if any (at exit; tests call it to account for processes)."""
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None and spare.owner == os.getpid():
+        _stop_zygote(spare)
+
+
+atexit.register(discard_spare)
 
 
 @dataclass
@@ -123,6 +198,7 @@ class Supervisor:
 
     def fork_zygote_if_safe(self) -> bool:
         """Fork the zygote now, if this process is single-threaded (fast path)."""
+        dispatcher.retire()  # our own idle callback thread must not cost the fast path
         if threading.active_count() != 1 or not hasattr(os, "fork"):
             return False
         # A thread that was just joined can linger in the kernel's count for a moment,
@@ -150,8 +226,20 @@ class Supervisor:
         """Make sure a zygote runs: it also cleans up after a Master killed with SIGKILL."""
         if self._ctl_w < 0:
             with self._lock:
-                if self._ctl_w < 0:
+                if self._ctl_w < 0 and not self._adopt_spare():
                     self._exec_zygote()
+
+    def _adopt_spare(self) -> bool:
+        spare = _take_spare()
+        if spare is None:
+            return False
+        self._adopt_zygote(*spare.fds)
+        self._zygote_pid, self._zygote_popen = (0, spare.popen) if spare.popen is not None else (spare.pid, None)
+        # The working directory, import path and files to remove are this mesh's now.
+        _zygote.write_frame(self._ctl_w, ("init", list(sys.path), os.getcwd(), self._cleanup))
+        if self._loop is not None:
+            self._loop.add_reader(self._report_r, self._on_report)
+        return True
 
     def _exec_zygote(self) -> None:
         ctl_r, ctl_w = os.pipe()
@@ -351,7 +439,21 @@ class Supervisor:
             return self.exited.wait_for(lambda: not any(self.alive(n) for n in names), timeout)
 
     def close(self) -> None:
-        """Stop the zygote (it kills whatever it still runs) and reap it."""
+        """Stop the zygote (it kills whatever it still runs) and reap it; or, when it runs
+        nothing and this process could not fork a new one, keep it for the next mesh."""
+        if self._parkable():
+            if self._loop is not None:
+                self._loop.add_reader(self._report_r, None)
+            try:
+                _zygote.write_frame(self._ctl_w, ("cleanup", []))  # this mesh's files are not its job now
+            except OSError:
+                pass
+            else:
+                fds = (self._ctl_w, self._report_r, self._life_w)
+                if _park(_Spare(os.getpid(), fds, self._zygote_pid, self._zygote_popen)):
+                    self._ctl_w = self._report_r = self._life_w = -1
+                    self._zygote_pid, self._zygote_popen = 0, None
+                    return
         for fd in (self._ctl_w, self._life_w):
             if fd >= 0:
                 os.close(fd)
@@ -367,6 +469,14 @@ class Supervisor:
                 self._loop.add_reader(self._report_r, None)
             os.close(self._report_r)
             self._report_r = -1
+
+
+    def _parkable(self) -> bool:
+        """Idle (nothing starting, every child reported exited) and worth keeping: a
+        zygote exec'd because this process had threads (a forked one is cheap to redo,
+        and a fresh fork gives children this process's current state, as ``fork`` should)."""
+        return (self._zygote_popen is not None and self._ctl_w >= 0 and not self._starting
+                and not self._report_buf and all(p.exitcode is not None for p in self._procs.values()))
 
 
 class _environ:

@@ -220,6 +220,9 @@ def serve(ctl: int, report: int, life: int, cleanup: list[str]) -> NoReturn:
 def main() -> NoReturn:
     """``python -c "...main()" CTL REPORT LIFE``: a freshly started zygote."""
     ctl, report, life = (int(arg) for arg in sys.argv[-3:])
+    # Children unpickle by-value targets and tasks with dill: import it once here, not
+    # in every child (~30 ms each).
+    import dill  # noqa: F401
     _Zygote(ctl, report, life).serve()
 
 

@@ -519,3 +519,62 @@ def test_shutting_down_a_child_that_just_started_is_graceful_and_prompt() -> Non
         assert exits[0]["exitcode"] == 0, f"not a graceful exit: {exits[0]}"
         assert elapsed < 2.0, f"shutdown_child took {elapsed:.1f} s for an idle child"
         assert not m.is_alive("a")
+
+
+CALLBACK_THEN_MASTER = """
+import threading, mpmesh
+from tests.integration import workers
+
+with mpmesh.Master(start_method="fork") as m:
+    m.spawn_child("w", workers.basic)
+    ran = threading.Event()
+    fut = m.request("echo", "w", 1)
+    fut.add_done_callback(lambda f: ran.set())
+    assert ran.wait(10)
+assert any(t.name == "mpmesh-callbacks" for t in threading.enumerate())
+with mpmesh.Master(start_method="fork") as m2:
+    print("forked" if m2._supervisor._zygote_pid else "exec'd")
+"""
+
+
+def test_idle_callback_thread_does_not_cost_the_next_master_its_forked_zygote() -> None:
+    # In a fresh interpreter: the fast path needs a single-threaded process.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CALLBACK_THEN_MASTER], cwd=HERE.parent.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "forked"
+
+
+def test_a_threaded_process_reuses_its_execd_zygote_for_the_next_mesh(tmp_path: Path) -> None:
+    # A thread of ours makes forking unsafe, so the first mesh execs its zygote; the
+    # second adopts it (same pid) instead of booting another interpreter, with its own
+    # working directory, and still cleans up after itself.
+    from mpmesh._supervisor import discard_spare
+
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait, daemon=True)
+    helper.start()
+    try:
+        with mpmesh.Master(start_method="fork") as m:
+            m.spawn_child("w", workers.basic)
+            assert m.send_request("echo", "w", 1) == 1
+            first = m._supervisor._zygote_popen
+            assert first is not None  # exec'd, not forked
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            with mpmesh.Master(start_method="fork") as m2:
+                assert m2._supervisor._zygote_popen is first
+                m2.spawn_child("w", workers.basic)
+                assert m2.send_request("square", "w", 7) == 49
+        finally:
+            os.chdir(cwd)
+        assert first.poll() is None  # parked again, alive
+    finally:
+        stop.set()
+        helper.join()
+        discard_spare()
+    assert first.poll() is not None
