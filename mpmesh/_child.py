@@ -23,7 +23,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from . import _deadline
 from ._client import MeshFuture, SocketClient, make_hello
@@ -65,6 +65,8 @@ class Child(SharedState):
     connects using the details the master put in the environment; a callable target
     receives its ``Child`` as first argument.
     """
+
+    _client: SocketClient  # always a SocketClient here (the SharedState property stores it)
 
     def __init__(self, mode: str | None = None, *, max_concurrency: int | None = None) -> None:
         raw = os.environ.get(ENV_CONFIG)
@@ -357,7 +359,8 @@ def run_target(config: dict[str, Any]) -> int:
     try:
         # Connect first: Manager proxies among the arguments rebuild over this connection.
         child = Child._from_config(config)
-        target, args, kwargs = _codec.loads(config["target"])  # type: ignore[misc]
+        target, args, kwargs = cast("tuple[Callable[..., object], tuple[Any, ...], dict[str, Any]]",
+                                    _codec.loads(config["target"]))
     except BaseException:
         traceback.print_exc()
         return 1

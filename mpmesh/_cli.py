@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
-        return {"status": _status, "stats": _stats, "stop": _stop}[args.command](args)  # type: ignore[no-any-return]
+        return {"status": _status, "stats": _stats, "stop": _stop}[args.command](args)
     except KeyboardInterrupt:
         return 130
 

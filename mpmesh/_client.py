@@ -112,7 +112,12 @@ class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     _client: ClientBase | None = None
     _rid = 0
 
-    def add_done_callback(self, fn: Callable[[concurrent.futures.Future], object]) -> None:  # type: ignore[type-arg,override]
+    def _settled(self) -> bool:
+        """``done()`` without taking the condition's lock: a future never leaves a done
+        state, and ours never enter RUNNING, so any state but PENDING is final."""
+        return self._state != "PENDING"
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future], object]) -> None:  # type: ignore[type-arg]
         if self.done():
             super().add_done_callback(fn)
         else:
@@ -240,7 +245,7 @@ class ClientBase:
 
     def _resolve(self, msg: Reply | Failure) -> None:
         fut = self._pending.pop(msg.rid, None)
-        if fut is None or fut.done():
+        if fut is None or fut._settled():
             return
         if type(msg) is Reply:
             try:
@@ -321,7 +326,7 @@ class SocketClient(ClientBase):
         super().__init__()
         self.address = address
         if isinstance(address, (tuple, list)):  # a (host, port) broker: TCP, Nagle off
-            address = self.address = (str(address[0]), int(address[1]))  # type: ignore[assignment]
+            address = self.address = (str(address[0]), int(address[1]))
             self._sock = sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         else:
@@ -413,7 +418,8 @@ class SocketClient(ClientBase):
     # -- receiving ---------------------------------------------------------------------------
 
     def wait(self, fut: MeshFuture, deadline: float) -> object:
-        if not self.wait_until(fut.done, deadline) and not fut.done():
+        settled = fut._settled
+        if not settled() and not self.wait_until(settled, deadline) and not settled():
             raise self._timed_out(fut)
         return fut.result()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from . import _deadline
-from ._broker._actions import Notify
+from ._broker._actions import Action, Notify
 from ._broker._routing import STRATEGIES, Worker, WorkerState
 from ._child import check_mode
 from ._client import MeshFuture, dispatcher
@@ -370,7 +371,7 @@ class Master(SharedState, SharedObjects):
         """A child's request for the master, or a cancel (broker thread, no lock held)."""
         if type(msg) is not Request:
             return
-        req: Request = msg  # type: ignore[assignment]
+        req: Request = msg
         fn = self._handlers.get(req.action)
         if fn is None:
             self._loop.submit_local(self._handlers.missing(req))
@@ -395,14 +396,18 @@ class Master(SharedState, SharedObjects):
         for callback in self._callbacks.get(event, ()):
             dispatcher.submit(callback, info)
 
+    def _busy_not_stuck(self, name: str, now: float) -> list[Action]:
+        """Count a child busy in a long C call (on a CPU, holding the GIL) as beating."""
+        worker = self._core.router.workers.get(name)
+        return self._core.router.on_beat(worker, now) if worker is not None else []
+
     def _on_notify(self, notes: list[Notify]) -> None:
         for note in notes:
-            info = dict(note.info)
+            info: dict[str, Any] = dict(note.info)
             if note.event == "heartbeat-missed":
                 name = str(info["name"])
                 if _on_cpu(int(info["pid"])):  # inside a long C call holding the GIL: busy, not stuck
-                    self._loop.run_core(lambda now, n=name: self._core.router.on_beat(
-                        self._core.router.workers[n], now) if n in self._core.router.workers else [])
+                    self._loop.run_core(functools.partial(self._busy_not_stuck, name))
                     continue
                 spec = self._specs.get(name)
                 restart = spec is not None and spec.auto_restart and not self._closed

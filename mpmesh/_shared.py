@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 from . import _binding, _deadline
 from ._broker._payload import pack
@@ -141,7 +141,7 @@ class SharedState:
 
     def _shared_timeout(self) -> float | None:
         """The default timeout of ``call`` (the Master's or the child's ``timeout``)."""
-        return getattr(self, "timeout", getattr(self, "_timeout", None))  # type: ignore[no-any-return]
+        return getattr(self, "timeout", getattr(self, "_timeout", None))
 
     # -- cache --------------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class SharedState:
             raise
         if result is None:
             return None
-        token, granted_ttl = result
+        token, granted_ttl = cast("tuple[int, float | None]", result)
         return LockGrant(self._mesh_address(), name, token, granted_ttl, client)
 
     # -- pub/sub ------------------------------------------------------------------------------

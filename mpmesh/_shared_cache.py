@@ -184,7 +184,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
         items = [(k, len(b)) for k, b in zip(mapping.keys(), blobs)]
         self._op("mset", pack((self.name, items, ttl), *blobs))
 
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
         items = dict(other)
         items.update(kwargs)
         if items:

@@ -24,7 +24,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 from ._broker._payload import pack
 from ._broker._pubsub import ACK, STREAM_BASE, push_cost
@@ -220,7 +220,7 @@ class Session:
         if fn is None:
             return ErrorCode.NO_HANDLER, f"this process no longer serves {name!r}", b""
         try:
-            args, kwargs = _codec.loads(payload)  # type: ignore[misc]
+            args, kwargs = cast("tuple[tuple[Any, ...], dict[str, Any]]", _codec.loads(payload))
         except SerializationError as exc:
             return ErrorCode.SERIALIZATION, f"the arguments of {name!r} cannot be read: {exc}", b""
         try:

@@ -290,6 +290,7 @@ class Supervisor:
                     fut.set_exception(MeshError("the zygote (fork server) died before starting the child"))
                 self._starting.clear()
             return
+        proc: _Proc | None
         for report in _zygote.read_frames(self._report_buf, data):
             kind = report[0]
             if kind == "started":
@@ -335,7 +336,7 @@ class Supervisor:
         from ._child import process_main
 
         blob = _codec.dumps(config)
-        proc = ctx.Process(target=process_main, args=(blob,), name=f"mpmesh:{spec.name}")
+        proc = ctx.Process(target=process_main, args=(blob,), name=f"mpmesh:{spec.name}")  # type: ignore[attr-defined]
         with _environ(spec.env):
             proc.start()
         assert proc.pid is not None and self._loop is not None

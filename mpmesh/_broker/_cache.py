@@ -70,7 +70,7 @@ class _Store(cachetools.TLRUCache):  # type: ignore[type-arg]
     def popitem(self) -> tuple[Any, Any]:
         item = super().popitem()
         self.evictions += 1
-        return item  # type: ignore[no-any-return]
+        return item
 
 
 class _Cache:

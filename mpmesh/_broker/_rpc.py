@@ -169,8 +169,8 @@ class RpcPools:
         reg = self.registrants.get(peer)
         if reg is None or name not in reg.names:
             return False
-        reg.names.discard(name)  # type: ignore[arg-type]
-        self._drop_name(name, peer)  # type: ignore[arg-type]
+        reg.names.discard(name)
+        self._drop_name(name, peer)
         return True
 
     def _drop_name(self, name: str, peer: int) -> None:

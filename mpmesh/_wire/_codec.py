@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 import re
 import traceback
-from typing import Final
+from typing import Any, Final
 
 from .._errors import RemoteError, RemoteTraceback, SerializationError
 
@@ -65,7 +65,7 @@ class _Sink(list):  # type: ignore[type-arg]
 class _ByReferencePickler(pickle.Pickler):
     """Plain pickle, except that nothing defined in ``__main__`` may go by reference."""
 
-    def reducer_override(self, obj: object) -> object:
+    def reducer_override(self, obj: object) -> Any:  # a reduce value, or NotImplemented
         if getattr(obj, "__module__", None) == "__main__":
             raise _MainRefused
         return NotImplemented
@@ -136,7 +136,7 @@ def unpack_exception(payload: bytes | None, text: str) -> BaseException:
         else:
             if isinstance(exc, BaseException):
                 exc.__cause__ = RemoteTraceback(tb_text)
-                return exc  # type: ignore[no-any-return]
+                return exc
     return RemoteError(text)
 
 

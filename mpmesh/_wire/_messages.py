@@ -240,16 +240,18 @@ _pack_header = HEADER.pack
 
 _REQUEST_HEAD: Final = struct.Struct("!IBqqqqddIII")  # frame header + Request's fixed part
 _REPLY_HEAD: Final = struct.Struct("!IBqI")
+_OP_HEAD: Final = struct.Struct("!IBqdIII")
 _REQUEST_FIXED: Final = KINDS[Request.KIND].fixed
 _REPLY_FIXED: Final = KINDS[Reply.KIND].fixed
+_OP_FIXED: Final = KINDS[Op.KIND].fixed
 
 
 def encode(msg: Message) -> bytes:
     """Return the whole frame (header included) for ``msg``."""
     cls = type(msg)
-    # Hand-written paths for the two messages on every request's path (~3x faster).
+    # Hand-written paths for the messages on every request's and operation's path (~3x faster).
     if cls is Reply:
-        payload = msg.payload  # type: ignore[attr-defined]
+        payload: bytes = msg.payload  # type: ignore[attr-defined]
         return _REPLY_HEAD.pack(12 + len(payload), 21, msg.rid, len(payload)) + payload  # type: ignore[attr-defined]
     if cls is Request:
         action = msg.action.encode()  # type: ignore[attr-defined]
@@ -260,6 +262,13 @@ def encode(msg: Message) -> bytes:
             size, 20, msg.rid, msg.priority, msg.target_id, msg.retries,  # type: ignore[attr-defined]
             msg.timeout, msg.retry_delay, len(action), len(target), len(payload)),  # type: ignore[attr-defined]
             action, target, payload))
+    if cls is Op:
+        component = msg.component.encode()  # type: ignore[attr-defined]
+        op = msg.op.encode()  # type: ignore[attr-defined]
+        payload = msg.payload  # type: ignore[attr-defined]
+        return b"".join((_OP_HEAD.pack(
+            28 + len(component) + len(op) + len(payload), 30, msg.rid, msg.timeout,  # type: ignore[attr-defined]
+            len(component), len(op), len(payload)), component, op, payload))
     layout = _BY_CLASS[cls]
     values = layout.get(msg)
     nums = values[: layout.n_num]
@@ -283,6 +292,14 @@ def decode(kind: int, body: bytes) -> Message:
                                body[60 + n_a : 60 + n_a + n_t].decode(), body[60 + n_a + n_t :])
             except UnicodeDecodeError:
                 pass  # the general path below reports it
+    elif kind == 30 and len(body) >= 28:
+        rid, timeout, n_c, n_o, n_p = _OP_FIXED.unpack_from(body)
+        if 28 + n_c + n_o + n_p == len(body):
+            try:
+                return Op(rid, timeout, body[28 : 28 + n_c].decode(), body[28 + n_c : 28 + n_c + n_o].decode(),
+                          body[28 + n_c + n_o :])
+            except UnicodeDecodeError:
+                pass
     layout = KINDS.get(kind)
     if layout is None:
         raise RemoteProtocolError(f"unknown message kind {kind}")
