@@ -21,6 +21,7 @@ import select
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, cast
@@ -45,6 +46,9 @@ DEFAULT_CONCURRENCY: Final = 16
 ENV_CONFIG: Final = "MPMESH_CHILD"  # hex of a pickled config dict, for script children
 # Exit status of a child whose master vanished (EX_TEMPFAIL): it did not fail itself.
 EXIT_MASTER_GONE: Final = 75
+# Poll flag for "the peer hung up" (Linux); elsewhere the reader notices EOF instead.
+RDHUP: Final[int] = getattr(select, "POLLRDHUP", 0)
+FOREVER: Final = _deadline.FOREVER
 
 
 def check_mode(mode: str, max_concurrency: int | None) -> int:
@@ -105,20 +109,42 @@ class Child(SharedState):
         )
         self.instance_id: int = self._client.instance_id
         self._client.on_incoming = self._on_incoming
-        _start_watchdog(self._client)
         self._beating = threading.Event()
         interval = config.get("heartbeat_interval")
-        if interval:
-            threading.Thread(target=self._heartbeat, args=(float(interval),),
-                             name="mpmesh-heartbeat", daemon=True).start()
+        if interval or RDHUP:
+            threading.Thread(target=self._keep, args=(float(interval) if interval else None,),
+                             name="mpmesh-keeper", daemon=True).start()
 
-    def _heartbeat(self, interval: float) -> None:
-        """Beat on a thread of its own, so a handler busy for minutes still looks alive."""
-        while not self._beating.wait(interval):
+    def _keep(self, interval: float | None) -> None:
+        """One helper thread does two jobs that must not wait for a handler to yield:
+        beat every ``interval`` (a child busy for minutes still looks alive), and exit
+        this process as soon as the broker's end of the socket hangs up (no child
+        outlives its master; the main thread notices an idle hang-up itself)."""
+        client = self._client
+        poller = select.poll()
+        poller.register(client.fileno(), RDHUP)
+        next_beat = time.monotonic() + interval if interval else FOREVER
+        while not self._beating.is_set():
+            wait_ms = None if next_beat == FOREVER else max(0.0, next_beat - time.monotonic()) * 1000
             try:
-                self._client.send_message(Heartbeat(self._outstanding))
-            except MeshError:
+                events = poller.poll(wait_ms)
+            except InterruptedError:
+                continue
+            if events:
+                if any(mask & select.POLLNVAL for _, mask in events) or isinstance(client._closed, MeshClosed):
+                    return  # we closed it ourselves
+                os._exit(EXIT_MASTER_GONE)
+            if self._beating.is_set():
                 return
+            if interval and time.monotonic() >= next_beat:
+                try:
+                    client.send_message(Heartbeat(self._outstanding))
+                except MeshError:
+                    if not RDHUP:
+                        return
+                    next_beat = FOREVER  # the connection is gone: the hang-up comes next
+                else:
+                    next_beat = time.monotonic() + interval
 
     # -- handlers -----------------------------------------------------------------------
 
@@ -320,34 +346,6 @@ class _WorkerThreads:
             self._queue.put(None)
         for thread in self._threads:
             thread.join(10)
-
-
-def _start_watchdog(client: SocketClient) -> None:
-    """Exit this process as soon as the broker's end of the socket hangs up.
-
-    The main thread notices an idle hang-up itself; this catches a master that died
-    while a handler runs for a long time, so no child outlives its master.
-    """
-    rdhup = getattr(select, "POLLRDHUP", 0)
-    if not rdhup:  # pragma: no cover - macOS: the reader notices EOF instead
-        return
-    fd = client.fileno()
-
-    def watch() -> None:
-        poller = select.poll()
-        poller.register(fd, rdhup)
-        while True:
-            try:
-                events = poller.poll()
-            except InterruptedError:
-                continue
-            if any(mask & select.POLLNVAL for _, mask in events):
-                return
-            if isinstance(client._closed, MeshClosed):
-                return  # we closed it ourselves
-            os._exit(EXIT_MASTER_GONE)
-
-    threading.Thread(target=watch, name="mpmesh-watchdog", daemon=True).start()
 
 
 # -- process entry points ------------------------------------------------------------------
