@@ -94,7 +94,7 @@ from .._supervisor import describe_exit
 from . import _protocol as P
 from ._feeder import Feeder, LazySource
 from ._io import ChannelIO
-from ._tasks import Chunk, PoolWorker, Source, WState, decode_result, encode_batch
+from ._tasks import Chunk, FnBlobs, PoolWorker, Source, WState, decode_result, encode_batch
 
 __all__ = ["Engine", "Source", "State"]
 
@@ -146,6 +146,7 @@ class Engine(ChannelIO):
         self.all_gone = threading.Condition(self.lock)
         self._cids = itertools.count(1)
         self._fns_by_value: weakref.WeakSet[Any] = weakref.WeakSet()  # functions workers cannot import
+        self._fn_blobs = FnBlobs()
         self._rr = 0
         self._timers: list[tuple[float, int, PoolWorker]] = []        # task_timeout
         self._lost_timers: list[tuple[float, int, PoolWorker]] = []   # LOST_GRACE_S
@@ -271,7 +272,7 @@ class Engine(ChannelIO):
     def _send_batch(self, w: PoolWorker, chunks: list[Chunk]) -> None:
         isolated = len(chunks) == 1 and chunks[0].isolate
         body, sent, flags = encode_batch(chunks, isolated, self._known_by_value,
-                                         lambda c, exc: self._resolve(c, False, exc))
+                                         lambda c, exc: self._resolve(c, False, exc), self._fn_blobs.dump)
         if not sent:
             return
         idle = not w.inflight

@@ -22,7 +22,7 @@ from ._results import UnpicklableException, UnpicklableResult
 if TYPE_CHECKING:
     from ._feeder import LazySource
 
-__all__ = ["Chunk", "PoolWorker", "Source", "WState", "decode_result", "encode_batch"]
+__all__ = ["Chunk", "FnBlobs", "PoolWorker", "Source", "WState", "decode_result", "encode_batch"]
 
 _KIND_NAMES: Final = {P.CALL: "apply", P.MAP1: "map", P.MAP: "map", P.STAR1: "starmap", P.STARMAP: "starmap"}
 
@@ -146,7 +146,8 @@ class PoolWorker:
 
 
 def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[object], bool],
-                 fail: Callable[[Chunk, BaseException], None]) -> tuple[bytes, list[Chunk], int]:
+                 fail: Callable[[Chunk, BaseException], None],
+                 dump_fn: Callable[[object, bool], bytes] | None = None) -> tuple[bytes, list[Chunk], int]:
     """Pickle a batch: ``(body, chunks sent, BATCH flags)``; what cannot be pickled is ``fail``ed.
 
     Functions go by reference (plain pickle) unless a worker could not import one
@@ -155,6 +156,7 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
     value. The whole batch is pickled at once; only if that fails is each task's data
     pickled on its own, so that one bad item fails its own chunk and nothing else.
     """
+    dump = dump_fn or _dump_fn
     fns: list[object] = []
     blobs: dict[int, int] = {}
     bad_fns: dict[int, BaseException] = {}
@@ -169,7 +171,7 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
             by_value = isolated or src.fn_by_value or known_by_value(src.fn)
             fns_by_value = fns_by_value and by_value
             try:
-                fns.append(P.Blob(_dump_fn(src.fn, by_value)))
+                fns.append(P.Blob(dump(src.fn, by_value)))
                 fi = blobs[key] = len(fns) - 1
             except SerializationError as exc:
                 bad_fns[key] = exc
@@ -204,6 +206,30 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
     if not kept:
         return b"", [], 0
     return pickle.dumps((fns, slow), 5), kept, flags
+
+
+class FnBlobs:
+    """The pool's pickled functions, by function: a loop of ``apply_async(f, ...)`` pickles
+    ``f`` once, not once per batch (by value, with dill, that costs ~100x a trivial task)."""
+
+    SIZE: Final = 64
+
+    def __init__(self) -> None:
+        self._blobs: collections.OrderedDict[tuple[object, bool], bytes] = collections.OrderedDict()
+
+    def dump(self, fn: object, by_value: bool) -> bytes:
+        key = (fn, by_value)
+        try:
+            blob = self._blobs.get(key)
+        except TypeError:  # an unhashable callable: pickle it every time
+            return _dump_fn(fn, by_value)
+        if blob is None:
+            blob = self._blobs[key] = _dump_fn(fn, by_value)
+            if len(self._blobs) > self.SIZE:
+                self._blobs.popitem(last=False)
+        else:
+            self._blobs.move_to_end(key)
+        return blob
 
 
 def _dump_fn(fn: object, by_value: bool) -> bytes:

@@ -31,6 +31,10 @@ from . import _protocol as P
 __all__ = ["main"]
 
 RECV_BYTES: Final = 256 * 1024
+# Functions already unpickled here, by their pickled bytes: the pool sends the same bytes
+# for every batch of a function, and unpickling one sent by value (dill) is slow.
+FNS_KEPT: Final = 64
+_FNS: dict[bytes, object] = {}
 
 
 class _Undecodable(Exception):
@@ -126,13 +130,20 @@ def _run_batch(sock: socket.socket, body: bytes) -> int:
         return 0
     loaded: list[object] = []
     for fn in fns:
-        try:
-            loaded.append(pickle.loads(fn.data))
-        except Exception as exc:
-            if not flags & P.FNS_BY_VALUE:
-                _send(sock, P.frame(P.NACK, bytes([P.NACK_FN]) + P.pack_ids(ids)))
-                return 0
-            loaded.append(_Undecodable(_why("the function", exc).decode()))
+        func = _FNS.get(fn.data)
+        if func is None:
+            try:
+                func = pickle.loads(fn.data)
+            except Exception as exc:
+                if not flags & P.FNS_BY_VALUE:
+                    _send(sock, P.frame(P.NACK, bytes([P.NACK_FN]) + P.pack_ids(ids)))
+                    return 0
+                loaded.append(_Undecodable(_why("the function", exc).decode()))
+                continue
+            if len(_FNS) >= FNS_KEPT:
+                _FNS.clear()
+            _FNS[fn.data] = func
+        loaded.append(func)
     perf = time.perf_counter
     send = sock.sendall
     dumps = _codec.dumps

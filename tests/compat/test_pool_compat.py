@@ -319,6 +319,40 @@ def test_lambdas_and_closures(mesh_pool: mpmesh.Pool) -> None:
     assert list(mesh_pool.imap(local_square, range(4))) == [0, 1, 4, 9]
 
 
+class CountingPickles:
+    """A callable that counts how often this process pickles it."""
+
+    pickled = 0
+
+    def __call__(self, x: int) -> int:
+        return x
+
+    def __reduce__(self) -> tuple[type[CountingPickles], tuple[()]]:
+        type(self).pickled += 1
+        return (CountingPickles, ())
+
+
+def test_a_function_is_pickled_once_per_pool_not_once_per_batch(mesh_pool: mpmesh.Pool) -> None:
+    fn = CountingPickles()
+    CountingPickles.pickled = 0
+    results = [mesh_pool.apply_async(fn, (i,)) for i in range(200)]
+    assert [r.get(10) for r in results] == list(range(200))
+    assert mesh_pool.map(fn, range(50), chunksize=1) == list(range(50))
+    assert CountingPickles.pickled == 1
+    assert mesh_pool.apply(lambda x: x + 1, (1,)) == 2  # a lambda (dill, by value) still works
+
+
+class Unhashable:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self, x: int) -> int:
+        return -x
+
+
+def test_an_unhashable_callable_still_runs(mesh_pool: mpmesh.Pool) -> None:
+    assert mesh_pool.map(Unhashable(), range(3)) == [0, -1, -2]
+
+
 def test_terminate_fails_what_is_not_done(tmp_path: Path) -> None:
     pool = mpmesh.Pool(1)
     marker, release = tmp_path / "running", tmp_path / "release"
