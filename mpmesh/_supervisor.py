@@ -88,6 +88,7 @@ class _Spare:
 
 
 _spare: _Spare | None = None
+SPARE_EXIT_S: Final = 5.0  # a parked zygote exits at once when its pipes close
 _spare_lock = threading.Lock()
 
 
@@ -129,7 +130,11 @@ def _stop_zygote(spare: _Spare) -> None:
         except OSError:
             pass
     if spare.popen is not None:
-        spare.popen.wait()
+        try:
+            spare.popen.wait(SPARE_EXIT_S)
+        except subprocess.TimeoutExpired:  # it exits on EOF; if it does not, make it
+            spare.popen.kill()
+            spare.popen.wait()
     else:
         try:
             os.waitpid(spare.pid, 0)
