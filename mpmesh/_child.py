@@ -48,7 +48,6 @@ ENV_CONFIG: Final = "MPMESH_CHILD"  # hex of a pickled config dict, for script c
 EXIT_MASTER_GONE: Final = 75
 # Poll flag for "the peer hung up" (Linux); elsewhere the reader notices EOF instead.
 RDHUP: Final[int] = getattr(select, "POLLRDHUP", 0)
-FOREVER: Final = _deadline.FOREVER
 
 
 def check_mode(mode: str, max_concurrency: int | None) -> int:
@@ -123,9 +122,9 @@ class Child(SharedState):
         client = self._client
         poller = select.poll()
         poller.register(client.fileno(), RDHUP)
-        next_beat = time.monotonic() + interval if interval else FOREVER
+        next_beat = time.monotonic() + interval if interval else _deadline.FOREVER
         while not self._beating.is_set():
-            wait_ms = None if next_beat == FOREVER else max(0.0, next_beat - time.monotonic()) * 1000
+            wait_ms = None if next_beat == _deadline.FOREVER else max(0.0, next_beat - time.monotonic()) * 1000
             try:
                 events = poller.poll(wait_ms)
             except InterruptedError:
@@ -142,7 +141,7 @@ class Child(SharedState):
                 except MeshError:
                     if not RDHUP:
                         return
-                    next_beat = FOREVER  # the connection is gone: the hang-up comes next
+                    next_beat = _deadline.FOREVER  # the connection is gone: the hang-up comes next
                 else:
                     next_beat = time.monotonic() + interval
 

@@ -78,13 +78,12 @@ def threads_in_process() -> int:
 
 @dataclass
 class _Spare:
-    """A zygote a closed mesh left running, for the next mesh of this process that cannot
-    fork one (it would have to exec a fresh interpreter: ~100 ms instead of ~3 ms)."""
+    """An exec'd zygote a closed mesh left running, for the next mesh of this process that
+    cannot fork one (it would have to exec a fresh interpreter: ~100 ms instead of ~3 ms)."""
 
     owner: int  # the pid that parked it: a forked copy of this module must not take it
     fds: tuple[int, int, int]  # ctl_w, report_r, life_w
-    pid: int
-    popen: subprocess.Popen[bytes] | None
+    popen: subprocess.Popen[bytes]
 
 
 _spare: _Spare | None = None
@@ -107,18 +106,10 @@ def _take_spare() -> _Spare | None:
         spare, _spare = _spare, None
     if spare is None or spare.owner != os.getpid():
         return None  # inherited through a fork: not ours to command
-    gone = spare.popen.poll() is not None if spare.popen is not None else _reaped(spare.pid)
-    if gone:
+    if spare.popen.poll() is not None:
         _stop_zygote(spare)
         return None
     return spare
-
-
-def _reaped(pid: int) -> bool:
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] != 0
-    except ChildProcessError:
-        return True
 
 
 def _stop_zygote(spare: _Spare) -> None:
@@ -129,17 +120,11 @@ def _stop_zygote(spare: _Spare) -> None:
             os.close(fd)
         except OSError:
             pass
-    if spare.popen is not None:
-        try:
-            spare.popen.wait(SPARE_EXIT_S)
-        except subprocess.TimeoutExpired:  # it exits on EOF; if it does not, make it
-            spare.popen.kill()
-            spare.popen.wait()
-    else:
-        try:
-            os.waitpid(spare.pid, 0)
-        except ChildProcessError:
-            pass
+    try:
+        spare.popen.wait(SPARE_EXIT_S)
+    except subprocess.TimeoutExpired:  # it exits on EOF; if it does not, make it
+        spare.popen.kill()
+        spare.popen.wait()
 
 
 def discard_spare() -> None:
@@ -239,12 +224,16 @@ class Supervisor:
         if spare is None:
             return False
         self._adopt_zygote(*spare.fds)
-        self._zygote_pid, self._zygote_popen = (0, spare.popen) if spare.popen is not None else (spare.pid, None)
-        # The working directory, import path and files to remove are this mesh's now.
+        self._zygote_popen = spare.popen
+        self._brief_zygote()  # the working directory, import path and files are this mesh's now
+        return True
+
+    def _brief_zygote(self) -> None:
+        """Tell an exec'd zygote this mesh's import path, working directory and files to
+        remove, and listen for its reports."""
         _zygote.write_frame(self._ctl_w, ("init", list(sys.path), os.getcwd(), self._cleanup))
         if self._loop is not None:
             self._loop.add_reader(self._report_r, self._on_report)
-        return True
 
     def _exec_zygote(self) -> None:
         ctl_r, ctl_w = os.pipe()
@@ -263,9 +252,7 @@ class Supervisor:
             for fd in (ctl_r, report_w, life_r):
                 os.close(fd)
         self._adopt_zygote(ctl_w, report_r, life_w)
-        _zygote.write_frame(self._ctl_w, ("init", list(sys.path), os.getcwd(), self._cleanup))
-        if self._loop is not None:
-            self._loop.add_reader(self._report_r, self._on_report)
+        self._brief_zygote()
 
     def _adopt_zygote(self, ctl_w: int, report_r: int, life_w: int) -> None:
         for fd in (ctl_w, report_r, life_w):
@@ -447,7 +434,7 @@ class Supervisor:
     def close(self) -> None:
         """Stop the zygote (it kills whatever it still runs) and reap it; or, when it runs
         nothing and this process could not fork a new one, keep it for the next mesh."""
-        if self._parkable():
+        if self._zygote_popen is not None and self._parkable():
             if self._loop is not None:
                 self._loop.add_reader(self._report_r, None)
             try:
@@ -456,9 +443,9 @@ class Supervisor:
                 pass
             else:
                 fds = (self._ctl_w, self._report_r, self._life_w)
-                if _park(_Spare(os.getpid(), fds, self._zygote_pid, self._zygote_popen)):
+                if _park(_Spare(os.getpid(), fds, self._zygote_popen)):
                     self._ctl_w = self._report_r = self._life_w = -1
-                    self._zygote_pid, self._zygote_popen = 0, None
+                    self._zygote_popen = None
                     return
         for fd in (self._ctl_w, self._life_w):
             if fd >= 0:
@@ -476,13 +463,12 @@ class Supervisor:
             os.close(self._report_r)
             self._report_r = -1
 
-
     def _parkable(self) -> bool:
-        """Idle (nothing starting, every child reported exited) and worth keeping: a
-        zygote exec'd because this process had threads (a forked one is cheap to redo,
-        and a fresh fork gives children this process's current state, as ``fork`` should)."""
-        return (self._zygote_popen is not None and self._ctl_w >= 0 and not self._starting
-                and not self._report_buf and all(p.exitcode is not None for p in self._procs.values()))
+        """Idle: nothing starting, every child reported exited. Only an exec'd zygote is
+        kept (a forked one is cheap to redo, and a fresh fork gives children this
+        process's current state, as ``fork`` should)."""
+        return (self._ctl_w >= 0 and not self._starting and not self._report_buf
+                and all(p.exitcode is not None for p in self._procs.values()))
 
 
 class _environ:

@@ -147,7 +147,7 @@ class PoolWorker:
 
 def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[object], bool],
                  fail: Callable[[Chunk, BaseException], None],
-                 dump_fn: Callable[[object, bool], bytes] | None = None) -> tuple[bytes, list[Chunk], int]:
+                 dump_fn: Callable[[object, bool], bytes]) -> tuple[bytes, list[Chunk], int]:
     """Pickle a batch: ``(body, chunks sent, BATCH flags)``; what cannot be pickled is ``fail``ed.
 
     Functions go by reference (plain pickle) unless a worker could not import one
@@ -156,7 +156,6 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
     value. The whole batch is pickled at once; only if that fails is each task's data
     pickled on its own, so that one bad item fails its own chunk and nothing else.
     """
-    dump = dump_fn or _dump_fn
     fns: list[object] = []
     blobs: dict[int, int] = {}
     bad_fns: dict[int, BaseException] = {}
@@ -171,7 +170,7 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
             by_value = isolated or src.fn_by_value or known_by_value(src.fn)
             fns_by_value = fns_by_value and by_value
             try:
-                fns.append(P.Blob(dump(src.fn, by_value)))
+                fns.append(P.Blob(dump_fn(src.fn, by_value)))
                 fi = blobs[key] = len(fns) - 1
             except SerializationError as exc:
                 bad_fns[key] = exc

@@ -12,6 +12,8 @@ import asyncio
 import collections
 import concurrent.futures
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -539,9 +541,6 @@ with mpmesh.Master(start_method="fork") as m2:
 
 def test_idle_callback_thread_does_not_cost_the_next_master_its_forked_zygote() -> None:
     # In a fresh interpreter: the fast path needs a single-threaded process.
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", CALLBACK_THEN_MASTER], cwd=HERE.parent.parent,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -550,8 +549,8 @@ def test_idle_callback_thread_does_not_cost_the_next_master_its_forked_zygote() 
 
 def test_a_threaded_process_reuses_its_execd_zygote_for_the_next_mesh(tmp_path: Path) -> None:
     # A thread of ours makes forking unsafe, so the first mesh execs its zygote; the
-    # second adopts it (same pid) instead of booting another interpreter, with its own
-    # working directory, and still cleans up after itself.
+    # second adopts it (same process) instead of booting another interpreter, briefed
+    # with its own working directory, and still cleans up after itself.
     from mpmesh._supervisor import discard_spare
 
     stop = threading.Event()
@@ -570,6 +569,7 @@ def test_a_threaded_process_reuses_its_execd_zygote_for_the_next_mesh(tmp_path: 
                 assert m2._supervisor._zygote_popen is first
                 m2.spawn_child("w", workers.basic)
                 assert m2.send_request("square", "w", 7) == 49
+                assert os.path.samefile(str(m2.send_request("cwd", "w")), tmp_path)
         finally:
             os.chdir(cwd)
         assert first.poll() is None  # parked again, alive

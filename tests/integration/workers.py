@@ -50,6 +50,10 @@ def basic(child: mpmesh.Child) -> None:
         return {"name": child.name, "group": child.group, "pid": os.getpid(),
                 "instance_id": child.instance_id}
 
+    @child.handler("cwd")
+    def cwd(_: object) -> str:
+        return os.getcwd()
+
     @child.handler("sleep")
     def sleep(seconds: float) -> float:
         time.sleep(seconds)
