@@ -88,23 +88,31 @@ def test_a_stalled_subscriber_does_not_grow_the_broker(m: mpmesh.Master) -> None
     m.spawn_child("slow", shared_workers.shared)
     m.send_request("subscribe-stalled", "slow", "flood")
     received = [0]
-    done = threading.Event()
+    progress = threading.Condition()
     n, size = 1500, 16 * 1024  # ~24 MiB, three times the high-water mark
+    ahead = 64  # 1 MiB: the fast subscriber keeps up, far under the high-water mark
 
     def fast(payload: Any, channel: str) -> None:
-        received[0] += 1
-        if received[0] == n:
-            done.set()
+        with progress:
+            received[0] += 1
+            progress.notify_all()
 
     m.subscribe("flood", fast)
     payload = b"x" * size
-    reached = [m.publish("flood", payload) for _ in range(n)]
+    reached = []
+    for i in range(n):
+        # The fast subscriber shares this process's GIL with the publishing loop: without
+        # this bound it can fall 8 MiB behind and be dropped as a slow consumer itself.
+        with progress:
+            assert progress.wait_for(lambda: received[0] >= i - ahead, WAIT_S)
+        reached.append(m.publish("flood", payload))
     stats = m.stats()
     assert stats["pubsub_dropped"] > 0
     assert stats["pubsub_queued_bytes"] <= 2 * HIGH_WATER_BYTES
     assert stats["broker_memory_bytes"] < 400 * 2**20
     assert reached[0] == 2 and reached[-1] == 1  # the stalled one stopped being reached
-    assert done.wait(WAIT_S)  # the fast subscriber (this process) got every message
+    with progress:  # the fast subscriber (this process) got every message
+        assert progress.wait_for(lambda: received[0] == n, WAIT_S)
     assert m.send_request("sleep", "slow", 0) == 0  # and the stalled one is still served
 
 
