@@ -36,7 +36,7 @@ from ._wire._messages import (
     Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Message, Reply, Request, Role, Serve, Shutdown,
 )
 
-__all__ = ["Child", "process_main", "run_target"]
+__all__ = ["Child", "Detached", "process_main", "run_target"]
 
 log = logging.getLogger("mpmesh.child")
 
@@ -347,15 +347,32 @@ class _WorkerThreads:
             thread.join(10)
 
 
+class Detached:
+    """What a target receives instead of a ``Child`` when its process has no broker to
+    join (a standalone Pool's workers talk only to their pool). The zygote that forked
+    it still ends it when the master goes away."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"<Detached child {self.name!r} pid={self.pid}>"
+
+
 # -- process entry points ------------------------------------------------------------------
 
 def run_target(config: dict[str, Any]) -> int:
-    """Run a callable target in this (new) process; return its exit status."""
+    """Run a callable target in this (new) process; return its exit status.
+
+    A config with a broker ``address`` makes a ``Child``; one without, a ``Detached``.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master stops us in order
     os.environ.update(config.get("env") or {})
+    child: Child | Detached
     try:
         # Connect first: Manager proxies among the arguments rebuild over this connection.
-        child = Child._from_config(config)
+        child = Child._from_config(config) if "address" in config else Detached(config["name"])
         target, args, kwargs = cast("tuple[Callable[..., object], tuple[Any, ...], dict[str, Any]]",
                                     _codec.loads(config["target"]))
     except BaseException:
@@ -364,7 +381,7 @@ def run_target(config: dict[str, Any]) -> int:
     code = 0
     try:
         target(child, *args, **kwargs)
-        if child._handlers and not child._ran:
+        if isinstance(child, Child) and child._handlers and not child._ran:
             child.run()  # a target that registered handlers but forgot run() still serves
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -372,8 +389,9 @@ def run_target(config: dict[str, Any]) -> int:
         traceback.print_exc()
         code = 1
     finally:
-        master_gone = child._master_gone
-        child.close()
+        master_gone = isinstance(child, Child) and child._master_gone
+        if isinstance(child, Child):
+            child.close()
     if master_gone and code == 0:
         code = EXIT_MASTER_GONE
     return code

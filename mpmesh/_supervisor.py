@@ -27,22 +27,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from ._client import dispatcher
 from ._errors import MeshError
 from ._io import _zygote
 from ._wire import _codec
 
-if TYPE_CHECKING:
-    from ._io._loop import BrokerLoop
-
-__all__ = ["ChildSpec", "Supervisor", "default_start_method", "describe_exit"]
+__all__ = ["ChildSpec", "ReaderLoop", "Supervisor", "default_start_method", "describe_exit"]
 
 log = logging.getLogger("mpmesh")
 
 START_METHODS: Final = ("fork", "spawn", "forkserver")
 SPAWN_TIMEOUT_S: Final = 30.0
+
+
+class ReaderLoop(Protocol):
+    """The event loop a Supervisor listens on: a broker's, or a standalone pool's."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` on the loop's thread whenever ``fd`` is readable (None removes)."""
 
 
 def default_start_method() -> str:
@@ -172,7 +176,7 @@ class Supervisor:
         self._mesh = mesh  # address, authkey, timeout: what every child needs
         self._cleanup = cleanup
         self._on_exit = on_exit
-        self._loop: BrokerLoop | None = None
+        self._loop: ReaderLoop | None = None
         self._procs: dict[str, _Proc] = {}
         self._by_pid: dict[int, _Proc] = {}
         self._lock = threading.Lock()
@@ -186,8 +190,11 @@ class Supervisor:
 
     # -- the zygote ---------------------------------------------------------------------
 
-    def fork_zygote_if_safe(self) -> bool:
-        """Fork the zygote now, if this process is single-threaded (fast path)."""
+    def fork_zygote_if_safe(self, private_fds: tuple[int, ...] = ()) -> bool:
+        """Fork the zygote now, if this process is single-threaded (fast path).
+
+        ``private_fds`` are descriptors of ours the zygote (and so every child) must not keep.
+        """
         dispatcher.retire()  # our own idle callback thread must not cost the fast path
         if threading.active_count() != 1 or not hasattr(os, "fork"):
             return False
@@ -203,7 +210,7 @@ class Supervisor:
         life_r, life_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the zygote
-            for fd in (ctl_w, report_r, life_w):
+            for fd in (ctl_w, report_r, life_w, *private_fds):
                 os.close(fd)
             _zygote.serve(ctl_r, report_w, life_r, self._cleanup)
         for fd in (ctl_r, report_w, life_r):
@@ -259,7 +266,7 @@ class Supervisor:
             os.set_inheritable(fd, False)
         self._ctl_w, self._report_r, self._life_w = ctl_w, report_r, life_w
 
-    def attach(self, loop: BrokerLoop) -> None:
+    def attach(self, loop: ReaderLoop) -> None:
         """Start listening for exits on ``loop`` (called once the loop exists)."""
         self._loop = loop
         if self._report_r >= 0:
@@ -417,6 +424,14 @@ class Supervisor:
     def exitcode(self, name: str) -> int | None:
         proc = self._procs.get(name)
         return proc.exitcode if proc is not None else None
+
+    def forget(self, name: str) -> None:
+        """Drop the record of child ``name`` once its exit was reported (a pool that
+        recycles workers would otherwise grow it)."""
+        with self._lock:
+            proc = self._procs.get(name)
+            if proc is not None and proc.exitcode is not None:
+                del self._procs[name]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self._procs.get(name)

@@ -1,4 +1,4 @@
-"""``mpmesh.Pool``: the ``multiprocessing.Pool`` API on a mesh worker group.
+"""``mpmesh.Pool``: the ``multiprocessing.Pool`` API, standalone or on a Master's group.
 
 The methods and their behaviour are the stdlib's (``multiprocessing/pool.py``, 3.11):
 argument checks, chunk sizes, result objects, ``close``/``join``/``terminate``, the
@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import _deadline
 from . import _protocol as P
 from ._engine import Engine, Source, State
+from ._io import listen_channel
 from ._feeder import LazySource, chunked
-from ._processes import WorkerProcesses
+from .._supervisor import START_METHODS, Supervisor, default_start_method
+from ._processes import WorkerProcesses, standalone_supervisor
 from ._progress import check_mode, make_bar
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 
@@ -92,31 +94,41 @@ class Pool:
             raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         self._progress = check_mode(progress)
         method = context.get_start_method() if context is not None else None
-        owns = master is None
-        if master is None:
-            from .._master import Master
-
-            master = Master(start_method=method)
-        elif method is not None and method != master.start_method:
+        if master is not None and method is not None and method != master.start_method:
             raise ValueError(f"this Master starts children with {master.start_method!r}, "
                              f"not the context's {method!r}")
+        if master is None and method is not None and method not in START_METHODS:
+            raise ValueError(f"start method must be one of {', '.join(START_METHODS)}, not {method!r}")
         self._processes = processes
+        channel = listen_channel()
+        token = os.urandom(P.TOKEN_BYTES)
+        home: Master | tuple[Supervisor, str]
+        if master is None:
+            # No Master, no broker: the pool's own zygote, forked before any thread of ours
+            # (and without the channel's listening socket), starts the workers.
+            method = method or default_start_method()
+            try:
+                home = (standalone_supervisor(method, (channel[1].fileno(),)), method)
+            except BaseException:
+                channel[1].close()
+                raise
+        else:
+            home = master
+        procs = WorkerProcesses(home, (channel[0], token, initializer, tuple(initargs), maxtasksperchild))
+        names = [procs.next_name() for _ in range(processes)]
         try:
-            engine = Engine(maxtasks=maxtasksperchild, task_timeout=task_timeout, retries=retries)
+            procs.launch(names)  # the zygote forks them while we build the engine
+            engine = Engine(maxtasks=maxtasksperchild, task_timeout=task_timeout, retries=retries,
+                            channel=channel, token=token, workers=names)
         except BaseException:
-            if owns:
-                master.shutdown()
+            channel[1].close()
+            procs.close()
             raise
-        procs = WorkerProcesses(master, owns, (engine.address, engine.token, initializer,
-                                               tuple(initargs), maxtasksperchild),
-                                engine.on_exit, engine.spawn_failed)
+        procs.attach(engine)
         engine.next_name, engine.request_spawn, engine.kill = procs.next_name, procs.request_spawn, procs.kill
         self._engine, self._procs = engine, procs
-        names = [procs.next_name() for _ in range(processes)]
-        for name in names:
-            engine.add_worker(name)
         try:
-            procs.start(names)
+            procs.start(names, engine.on_exit, engine.spawn_failed)
         except BaseException:
             self._teardown(terminate=True)
             raise

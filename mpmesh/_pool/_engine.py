@@ -42,9 +42,10 @@ per task).
 
 Why a direct channel, not broker requests
 -----------------------------------------
-The workers are ordinary children of a Master (the supervisor starts, watches and stops
-them; ``m.Pool()`` puts them in a group of the caller's mesh), but tasks bypass the
-broker's request path, for two measured reasons:
+The workers are started, watched and stopped by a supervisor (a standalone pool's own,
+with no broker at all; or a Master's, whose mesh they then join as a group: see
+``_processes.py``), and tasks never take a broker's request path, for two measured
+reasons:
 
 - *Cost per message.* A broker request costs ~2-3 us to encode and ~3 us to decode per
   hop, plus routing, on top of the syscalls; one request per task caps a pool near
@@ -57,7 +58,7 @@ broker's request path, for two measured reasons:
   request/reply model (rightly) does not offer.
 
 The channel is the same kind of hop as the broker's (a Unix socket from the worker to
-a thread of the master process), without routing in between; the broker still owns the
+a thread of the pool's process), without routing in between; the supervisor owns the
 processes' lifecycle. Measured here, unpinned, against ``multiprocessing.Pool(2)`` in the
 same run (``python -m benchmarks pool``): map of trivial tasks at chunksize 1 ~240k
 tasks/s (6x), at 16 ~1.3-2M/s (3-4x), at 256 ~4.7M/s (1.5-2.5x); apply_async ~34k/s
@@ -83,10 +84,11 @@ import itertools
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .._errors import MeshClosed, RequestTimeout, WorkerLost
@@ -127,13 +129,17 @@ class State(enum.Enum):
 class Engine(ChannelIO):
     """Owns the workers, the sources and the in-flight chunks of one pool."""
 
-    def __init__(self, *, maxtasks: int | None, task_timeout: float | None, retries: int) -> None:
+    def __init__(self, *, maxtasks: int | None, task_timeout: float | None, retries: int,
+                 channel: tuple[str | bytes, socket.socket] | None = None, token: bytes | None = None,
+                 workers: Iterable[str] = ()) -> None:
+        """``channel``: the listening socket workers connect to (made here if None);
+        ``token``: what they prove; ``workers``: the names of the first ones."""
         self.lock = threading.Lock()
         self.state = State.RUN
         self.maxtasks = maxtasks
         self.task_timeout = task_timeout
         self.retries = retries
-        self.token = os.urandom(P.TOKEN_BYTES)
+        self.token = token or os.urandom(P.TOKEN_BYTES)
         self.sources: collections.deque[Source] = collections.deque()
         self.requeue: collections.deque[Chunk] = collections.deque()
         self.n_ready = 0
@@ -159,7 +165,9 @@ class Engine(ChannelIO):
         self.next_name: Callable[[], str] = lambda: ""
         self.request_spawn: Callable[[str], None] = lambda name: None
         self.kill: Callable[[str], None] = lambda name: None
-        self._start_io()
+        for name in workers:
+            self.workers[name] = PoolWorker(name)
+        self._start_io(channel)
 
     # -- submitting (caller threads) ----------------------------------------------------------
 
@@ -673,6 +681,3 @@ class Engine(ChannelIO):
 
     # -- the I/O thread ------------------------------------------------------------------------
 
-    def add_worker(self, name: str) -> None:
-        with self.lock:
-            self.workers[name] = PoolWorker(name)

@@ -26,7 +26,7 @@ from .._errors import MeshClosed
 from . import _protocol as P
 from ._tasks import PoolWorker, WState
 
-__all__ = ["ChannelIO"]
+__all__ = ["ChannelIO", "listen_channel"]
 
 log = logging.getLogger("mpmesh.pool")
 
@@ -44,6 +44,15 @@ class _Pending:
         self.sock = sock
         self.reader = P.FrameReader()
         self.deadline = deadline
+
+
+class _Reader:
+    """A descriptor someone else watches through this loop (a supervisor's zygote pipe)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
 
 
 _WAKE = object()
@@ -69,8 +78,8 @@ class ChannelIO:
     def _dispatch(self, caller: bool = False) -> None: ...
     def _break(self, make_error: Callable[[], BaseException]) -> None: ...
 
-    def _start_io(self) -> None:
-        self.address, self._listener = _listen()
+    def _start_io(self, channel: tuple[str | bytes, socket.socket] | None) -> None:
+        self.address, self._listener = channel or listen_channel()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -82,9 +91,33 @@ class ChannelIO:
         self._pending: dict[socket.socket, _Pending] = {}
         self._want_write: set[PoolWorker] = set()
         self._orphans: list[socket.socket] = []
+        self._reader_changes: list[tuple[int, Callable[[], None] | None]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mpmesh-pool-io", daemon=True)
         self._thread.start()
+
+    def add_reader(self, fd: int, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` on the I/O thread whenever ``fd`` is readable (None removes);
+        from any thread. A standalone pool's supervisor hears its zygote this way."""
+        with self.lock:
+            if self._wake_w < 0:
+                return  # the loop has stopped: nothing is watched any more
+            self._reader_changes.append((fd, callback))
+        if threading.current_thread() is self._thread:
+            self._apply_reader_changes()
+        else:
+            self._wake()
+
+    def _apply_reader_changes(self) -> None:
+        with self.lock:
+            changes, self._reader_changes = self._reader_changes, []
+        for fd, callback in changes:
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            if callback is not None:
+                self._sel.register(fd, selectors.EVENT_READ, _Reader(callback))
 
     def _write(self, w: PoolWorker, data: bytes) -> None:
         sock = w.sock
@@ -137,6 +170,8 @@ class ChannelIO:
                 self._accept()
             elif type(data) is _Pending:
                 self._read_pending(data)
+            elif type(data) is _Reader:
+                data.callback()
             else:
                 if mask & selectors.EVENT_WRITE:
                     self._flush(data)
@@ -156,6 +191,7 @@ class ChannelIO:
             orphans, self._orphans = self._orphans, []
         for sock in orphans:
             self._unregister_and_close(sock)
+        self._apply_reader_changes()
         for w in want:
             if w.sock is not None and w.out and not w.writing:
                 w.writing = True
@@ -329,7 +365,7 @@ class ChannelIO:
         os.close(wake_w)
 
 
-def _listen() -> tuple[str | bytes, socket.socket]:
+def listen_channel() -> tuple[str | bytes, socket.socket]:
     """A listening Unix socket: abstract on Linux (no file to leak), else in the runtime dir."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     name = f"mpmesh-pool-{os.getpid()}-{os.urandom(8).hex()}"

@@ -1,8 +1,9 @@
-"""A Pool worker: a mesh child that runs tasks the pool sends over its direct channel.
+"""A Pool worker: a child process that runs tasks the pool sends over its direct channel.
 
-The process is an ordinary child of the pool's Master (spawned, watched and stopped by
-the supervisor), but tasks do not travel as broker requests: the worker connects to the
-pool's own socket, proves the pool's token, runs the initializer, says READY, then runs
+The process is started, watched and stopped by a supervisor: the pool's own for a
+standalone Pool (the worker then has no broker connection at all), or a Master's for
+``m.Pool()`` (the worker is then a child of that mesh too). Either way tasks do not
+travel as broker requests: the worker connects to the pool's own socket, proves the pool's token, runs the initializer, says READY, then runs
 every chunk of every batch in order, in its main thread, sending one RESULT frame per
 chunk as soon as the chunk is done. Because results leave one by one, the pool always
 knows which chunk a dead worker was running: the first one without a result.
@@ -17,12 +18,15 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import select
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from .._child import EXIT_MASTER_GONE, RDHUP, Child, Detached
 from .._errors import SerializationError
 from .._wire import _codec
 from .._wire._messages import Goodbye, Message, Shutdown
@@ -41,7 +45,7 @@ class _Undecodable(Exception):
     """A function or task that could not be unpickled here."""
 
 
-def main(child: Any, address: str | bytes, token: bytes, initializer: Callable[..., object] | None,
+def main(child: Child | Detached, address: str | bytes, token: bytes, initializer: Callable[..., object] | None,
          initargs: tuple[Any, ...], maxtasks: int | None) -> None:
     """The target of every pool worker (runs in the child process)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -50,7 +54,10 @@ def main(child: Any, address: str | bytes, token: bytes, initializer: Callable[.
     except OSError:
         sys.exit(1)  # the pool is already gone
     sock.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(token, os.getpid()) + child.name.encode()))
-    _stop_on_shutdown(child, sock)
+    if isinstance(child, Child):
+        _stop_on_shutdown(child, sock)
+    else:
+        _exit_on_hangup(sock)
     if initializer is not None:
         try:
             initializer(*initargs)
@@ -65,7 +72,7 @@ def main(child: Any, address: str | bytes, token: bytes, initializer: Callable[.
         sock.close()
 
 
-def _stop_on_shutdown(child: Any, sock: socket.socket) -> None:
+def _stop_on_shutdown(child: Child, sock: socket.socket) -> None:
     """When the master asks this child to stop (or vanishes), stop reading tasks.
 
     ``shutdown(SHUT_RD)`` makes the serving loop's next ``recv`` return EOF while the
@@ -82,6 +89,27 @@ def _stop_on_shutdown(child: Any, sock: socket.socket) -> None:
 
     client.on_incoming = on_incoming
     client.start_reader()
+
+
+def _exit_on_hangup(sock: socket.socket) -> None:
+    """A detached worker has no broker telling it its pool is gone: the moment the pool's
+    end of the channel hangs up, even in the middle of a task, the process exits."""
+    if not RDHUP:  # pragma: no cover - not Linux: the serving loop's next read sees EOF
+        return
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(sock.fileno(), RDHUP)
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            if any(mask & select.POLLNVAL for _, mask in events):
+                return  # we closed it ourselves
+            os._exit(EXIT_MASTER_GONE)
+
+    threading.Thread(target=watch, name="mpmesh-pool-watch", daemon=True).start()
 
 
 def _send(sock: socket.socket, data: bytes) -> None:

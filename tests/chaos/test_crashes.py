@@ -403,6 +403,37 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_standalone_pool_owner_killed_mid_task_leaves_no_process(method: str, tmp_path: Path) -> None:
+    # A standalone Pool has no broker: its workers learn of their owner's death from the
+    # zygote (fork) or from their pool channel hanging up (spawn), even mid-task.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/chaos/scripts/pool_owner_victim.py"),
+                             method, str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    tree: set[int] = set()
+    try:
+        line = _read_line(proc, 30)
+        assert line, f"the pool's owner exited early with {proc.wait(5)}"
+        assert json.loads(line)["owner"] == proc.pid
+        tree = descendants(proc.pid)
+        assert len(tree) >= 2, tree  # two workers busy in a task (and a zygote, for fork)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(5) == -signal.SIGKILL
+        assert wait_for(lambda: all(_gone(pid) for pid in tree), 5.0), \
+            f"still running 5 s after the pool's owner died: {sorted(p for p in tree if not _gone(p))}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_master_killed_with_sigkill_leaves_no_process_and_no_file(method: str) -> None:
     proc = subprocess.Popen([sys.executable, VICTIM, method], cwd=ROOT, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import mpmesh
+from mpmesh._io._paths import runtime_dir
 from tests.integration import pool_workers as W
 
 from .conftest import FORK_WARNING, Impl
@@ -402,6 +403,21 @@ def test_pool_on_a_master() -> None:
             pool.close()
             pool.join()
         assert m.children() == []
+
+
+def test_standalone_pool_runs_no_broker() -> None:
+    # Its workers talk only to the pool: no mesh socket or key file appears.
+    before = set(os.listdir(runtime_dir()))
+    with mpmesh.Pool(2) as pool:
+        assert pool.map(W.square, range(4)) == [0, 1, 4, 9]
+        assert set(os.listdir(runtime_dir())) == before
+
+
+def test_recycled_workers_leave_no_records_behind() -> None:
+    with mpmesh.Pool(2, maxtasksperchild=1) as pool:
+        assert len(set(pool.map(W.getpid, range(30), chunksize=1))) == 30
+        # Each replacement forgets the workers that exited before it.
+        assert len(pool._procs._sup._procs) < 10
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver", pytest.param("fork", marks=pytest.mark.filterwarnings(FORK_WARNING))])
