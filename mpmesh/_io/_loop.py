@@ -30,6 +30,7 @@ from .._broker._core import LOCAL_PEER, BrokerCore
 from .._errors import AuthenticationError, RemoteProtocolError
 from .._wire._connection import Connection, Phase, Side
 from .._wire._messages import Message, Op, Request, encode
+from ._readers import Reader, Readers
 
 __all__ = ["BrokerLoop"]
 
@@ -57,7 +58,7 @@ LocalSink = Callable[[list[Message]], None]
 NotifySink = Callable[[list[Notify]], None]
 
 
-class BrokerLoop:
+class BrokerLoop(Readers):
     """Runs the broker on a selector; start it on a thread with ``start()``."""
 
     def __init__(self, core: BrokerCore, listener: socket.socket, authkey: bytes, *,
@@ -77,8 +78,7 @@ class BrokerLoop:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._pending_write: set[_Conn] = set()
-        self._readers: dict[int, Callable[[], None]] = {}
-        self._reader_changes: list[tuple[int, Callable[[], None] | None]] = []
+        self._init_readers()
         self._deferred: list[tuple[list[Message], list[Notify]]] = []
         self._inbox: collections.deque[Message] = collections.deque()
         self._sleep_until = 0.0
@@ -138,8 +138,8 @@ class BrokerLoop:
                 if mask & selectors.EVENT_WRITE and obj.id in self._conns:
                     with self.lock:
                         self._flush(obj, on_loop=True)
-            elif key.fileobj in self._readers:
-                obj()
+            elif type(obj) is Reader:
+                obj.callback()
         if self._deferred:
             with self.lock:
                 deferred, self._deferred = self._deferred, []
@@ -192,26 +192,6 @@ class BrokerLoop:
             finally:
                 self.lock.release()
             self._deliver(local, notes)
-
-    def add_reader(self, fd: int, callback: Callable[[], None] | None) -> None:
-        """Call ``callback()`` on the loop thread whenever ``fd`` is readable (None removes)."""
-        with self.locked():
-            self._reader_changes.append((fd, callback))
-        if threading.current_thread() is self._thread:
-            self._apply_reader_changes()
-        else:
-            self._wake()
-
-    def _apply_reader_changes(self) -> None:
-        with self.lock:
-            changes, self._reader_changes = self._reader_changes, []
-        for fd, callback in changes:
-            if callback is None:
-                if self._readers.pop(fd, None) is not None:
-                    self._sel.unregister(fd)
-            elif fd not in self._readers:
-                self._readers[fd] = callback
-                self._sel.register(fd, selectors.EVENT_READ, callback)
 
     def _wake(self) -> None:
         try:
@@ -416,12 +396,7 @@ class BrokerLoop:
         with self.lock:
             for conn in list(self._conns.values()):
                 self._drop(conn)
-        for fd in list(self._readers):
-            try:
-                self._sel.unregister(fd)
-            except (KeyError, ValueError):
-                pass
-        self._readers.clear()
+        self._forget_readers()
         self._sel.close()
         self._listener.close()
         os.close(self._wake_r)

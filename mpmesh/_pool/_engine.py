@@ -671,7 +671,7 @@ class Engine(ChannelIO):
         me = threading.current_thread()
         self._stopping = True
         self._wake()
-        if self._thread is not me:
+        if self._thread is not None and self._thread is not me:
             self._thread.join(10.0)
         q, thread = self._callbacks, self._callback_thread
         if q is not None and thread is not None:

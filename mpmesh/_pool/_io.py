@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Final
 
 from .._errors import MeshClosed
+from .._io._readers import Reader, Readers
 from . import _protocol as P
 from ._tasks import PoolWorker, WState
 
@@ -46,20 +47,11 @@ class _Pending:
         self.deadline = deadline
 
 
-class _Reader:
-    """A descriptor someone else watches through this loop (a supervisor's zygote pipe)."""
-
-    __slots__ = ("callback",)
-
-    def __init__(self, callback: Callable[[], None]) -> None:
-        self.callback = callback
-
-
 _WAKE = object()
 _LISTENER = object()
 
 
-class ChannelIO:
+class ChannelIO(Readers):
     """The I/O half of the engine (a mixin: ``Engine`` owns the state it reads)."""
 
     lock: threading.Lock
@@ -91,33 +83,10 @@ class ChannelIO:
         self._pending: dict[socket.socket, _Pending] = {}
         self._want_write: set[PoolWorker] = set()
         self._orphans: list[socket.socket] = []
-        self._reader_changes: list[tuple[int, Callable[[], None] | None]] = []
+        self._init_readers()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mpmesh-pool-io", daemon=True)
         self._thread.start()
-
-    def add_reader(self, fd: int, callback: Callable[[], None] | None) -> None:
-        """Call ``callback()`` on the I/O thread whenever ``fd`` is readable (None removes);
-        from any thread. A standalone pool's supervisor hears its zygote this way."""
-        with self.lock:
-            if self._wake_w < 0:
-                return  # the loop has stopped: nothing is watched any more
-            self._reader_changes.append((fd, callback))
-        if threading.current_thread() is self._thread:
-            self._apply_reader_changes()
-        else:
-            self._wake()
-
-    def _apply_reader_changes(self) -> None:
-        with self.lock:
-            changes, self._reader_changes = self._reader_changes, []
-        for fd, callback in changes:
-            try:
-                self._sel.unregister(fd)
-            except (KeyError, ValueError):
-                pass
-            if callback is not None:
-                self._sel.register(fd, selectors.EVENT_READ, _Reader(callback))
 
     def _write(self, w: PoolWorker, data: bytes) -> None:
         sock = w.sock
@@ -170,7 +139,7 @@ class ChannelIO:
                 self._accept()
             elif type(data) is _Pending:
                 self._read_pending(data)
-            elif type(data) is _Reader:
+            elif type(data) is Reader:
                 data.callback()
             else:
                 if mask & selectors.EVENT_WRITE:
@@ -359,6 +328,7 @@ class ChannelIO:
         self._pending.clear()
         for sock in socks:
             sock.close()
+        self._forget_readers()
         self._sel.close()
         self._listener.close()
         os.close(wake_r)

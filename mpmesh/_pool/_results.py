@@ -58,12 +58,19 @@ class UnpicklableException(RemoteError, MaybeEncodingError):  # type: ignore[mis
         return f"<{type(self).__name__}: {self}>"
 
 
+# Guards making a waiter's Event against the result becoming ready: most results are
+# ready before anyone waits, and an Event (a Condition and two locks) costs more than
+# sending the task.
+_ready_lock = threading.Lock()
+
+
 class ApplyResult:
     """The result of ``apply_async`` (``multiprocessing.pool.AsyncResult``)."""
 
     def __init__(self, callback: Callable[[Any], object] | None = None,
                  error_callback: Callable[[BaseException], object] | None = None) -> None:
-        self._event = threading.Event()
+        self._ready = False
+        self._event: threading.Event | None = None  # made by the first waiter, if it must wait
         self._callback = callback
         self._error_callback = error_callback
         self._success = False
@@ -73,7 +80,7 @@ class ApplyResult:
         self._pool: object = None  # keeps an unreferenced pool alive until this is done (bpo-34172)
 
     def ready(self) -> bool:
-        return self._event.is_set()
+        return self._ready
 
     def successful(self) -> bool:
         if not self.ready():
@@ -81,7 +88,15 @@ class ApplyResult:
         return self._success
 
     def wait(self, timeout: float | None = None) -> None:
-        self._event.wait(timeout)
+        if self._ready:
+            return
+        with _ready_lock:
+            if self._ready:
+                return
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+        event.wait(timeout)
 
     def get(self, timeout: float | None = None) -> Any:
         """The result, or the task's exception raised here.
@@ -129,7 +144,14 @@ class ApplyResult:
             if self._bar is not None:
                 self._bar.close()
             self._pool = None
-            self._event.set()
+            self._make_ready()
+
+    def _make_ready(self) -> None:
+        with _ready_lock:
+            self._ready = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def _progress(self, n: int) -> None:
         if self._bar is not None:

@@ -95,6 +95,20 @@ def test_not_ready_result(pool: Any, tmp_path: Path) -> None:
     assert isinstance(result.get(LONG), int)
 
 
+def test_every_waiter_wakes_when_the_result_arrives(pool: Any, tmp_path: Path) -> None:
+    marker, release = tmp_path / "running", tmp_path / "release"
+    result = pool.apply_async(W.mark_and_block, (str(marker), str(release)))
+    assert W.wait_for_file(str(marker))
+    seen: list[object] = []
+    waiters = [threading.Thread(target=lambda: seen.append(result.get(LONG))) for _ in range(4)]
+    for t in waiters:
+        t.start()
+    release.touch()
+    for t in waiters:
+        t.join(LONG)
+    assert len(seen) == 4 and len(set(seen)) == 1 and result.ready()
+
+
 def test_exception_keeps_its_type_and_remote_traceback(pool: Any) -> None:
     result = pool.apply_async(W.fail_on, (3,))
     with pytest.raises(ValueError, match="bad value 3") as info:
