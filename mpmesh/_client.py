@@ -41,7 +41,7 @@ from ._wire._messages import (
 if TYPE_CHECKING:
     from ._io._loop import BrokerLoop
 
-__all__ = ["ClientBase", "LocalClient", "MeshFuture", "SocketClient", "error_for"]
+__all__ = ["Call", "ClientBase", "LocalClient", "MeshFuture", "SocketClient", "error_for"]
 
 log = logging.getLogger("mpmesh.client")
 
@@ -131,6 +131,66 @@ class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         return cancelled
 
 
+# Guards making a waiter's Event against a Call settling (see Call.result).
+_settle_lock = threading.Lock()
+
+
+class Call:
+    """A pending blocking call: a Future's job at a fraction of its cost.
+
+    Operations on shared state, Manager proxy calls and blocking requests are waited for
+    by mpmesh's own code, never handed to users, so they need no callbacks, no
+    Condition per call and no decoding on the I/O thread: a waiting leader reads the
+    reply itself and nothing else wakes up. The Event a waiter blocks on is made only
+    when it must block.
+    """
+
+    __slots__ = ("_client", "_error", "_event", "_msg", "_rid")
+
+    def __init__(self, client: ClientBase, rid: int) -> None:
+        self._client = client
+        self._rid = rid
+        self._msg: Reply | Failure | None = None
+        self._error: BaseException | None = None
+        self._event: threading.Event | None = None
+
+    def _settled(self) -> bool:
+        return self._msg is not None or self._error is not None
+
+    done = _settled
+
+    def _settle(self, msg: Reply | Failure | None, error: BaseException | None = None) -> None:
+        with _settle_lock:
+            self._msg, self._error = msg, error
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def cancel(self) -> bool:
+        """Give up on the call: the broker is told to drop it."""
+        if self._settled():
+            return False
+        self._client._forget(self._rid)
+        self._settle(None, concurrent.futures.CancelledError())
+        return True
+
+    def result(self, timeout: float | None = None) -> object:
+        """The reply's value, or its error raised here (``concurrent.futures.TimeoutError``
+        if it does not come within ``timeout``)."""
+        if not self._settled():
+            with _settle_lock:
+                event = None if self._settled() else (self._event or threading.Event())
+                self._event = event
+            if event is not None and not event.wait(timeout):
+                raise concurrent.futures.TimeoutError
+        if self._error is not None:
+            raise self._error
+        msg = self._msg
+        if type(msg) is Reply:
+            return _codec.loads(msg.payload)
+        raise error_for(msg)  # type: ignore[arg-type]
+
+
 # -- errors ------------------------------------------------------------------------------
 
 _SIMPLE: Final[dict[int, type[BaseException]]] = {
@@ -162,7 +222,7 @@ class ClientBase:
 
     def __init__(self) -> None:
         self._rids = itertools.count(1)
-        self._pending: dict[int, MeshFuture] = {}
+        self._pending: dict[int, MeshFuture | Call] = {}
         self._closed: BaseException | None = None
         self.on_incoming: Callable[[Message], None] = self._drop_incoming
         self.on_push: Callable[[Push], None] = self._drop_incoming
@@ -173,7 +233,7 @@ class ClientBase:
     def _send(self, msg: Message) -> None:
         raise NotImplementedError
 
-    def wait(self, fut: MeshFuture, deadline: float) -> object:
+    def wait(self, fut: MeshFuture | Call, deadline: float) -> object:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -192,6 +252,13 @@ class ClientBase:
         self._pending[rid] = fut
         return rid, fut
 
+    def _new_call(self) -> tuple[int, Call]:
+        if self._closed is not None:
+            raise self._closed_error()
+        rid = next(self._rids)
+        call = self._pending[rid] = Call(self, rid)
+        return rid, call
+
     def _closed_error(self) -> BaseException:
         err = self._closed
         if isinstance(err, MeshClosed):
@@ -204,6 +271,11 @@ class ClientBase:
         """Send a request; the future resolves to the handler's return value."""
         payload = _codec.dumps(data)  # before taking any resource (STYLE rule 5)
         rid, fut = self._new_future()
+        self._send_request(rid, action, target, payload, timeout, priority, retries, retry_delay)
+        return fut
+
+    def _send_request(self, rid: int, action: str, target: str | int, payload: bytes,
+                      timeout: float | None, priority: int, retries: int, retry_delay: float) -> None:
         if isinstance(target, int) and not isinstance(target, bool):
             name, target_id = "", target
         else:
@@ -215,27 +287,28 @@ class ClientBase:
         except BaseException:
             self._pending.pop(rid, None)
             raise
-        return fut
 
     def op(self, component: str, op: str, args: object = None, *, timeout: float | None = None,
-           payload: bytes | None = None) -> MeshFuture:
-        """An operation on broker-held state; ``args`` is pickled unless ``payload`` is given."""
+           payload: bytes | None = None) -> Call:
+        """An operation on broker-held state; ``args`` is pickled unless ``payload`` is given.
+        Wait for it with ``wait``."""
         raw = _codec.dumps(args) if payload is None else payload
-        rid, fut = self._new_future()
+        rid, call = self._new_call()
         try:
             self._send(Op(rid, -1.0 if timeout is None else float(timeout), component, op, raw))
         except BaseException:
             self._pending.pop(rid, None)
             raise
-        return fut
+        return call
 
     def call(self, action: str, target: str | int, data: object = None, *,
              timeout: float | None = None, priority: int = 0, retries: int = 0,
              retry_delay: float = 0.0) -> object:
         """Blocking ``request``: the result, or the remote exception raised here."""
-        fut = self.request(action, target, data, timeout=timeout, priority=priority,
-                           retries=retries, retry_delay=retry_delay)
-        return self.wait(fut, self.guard_deadline(timeout, retries, retry_delay))
+        payload = _codec.dumps(data)
+        rid, call = self._new_call()
+        self._send_request(rid, action, target, payload, timeout, priority, retries, retry_delay)
+        return self.wait(call, self.guard_deadline(timeout, retries, retry_delay))
 
     @staticmethod
     def guard_deadline(timeout: float | None, retries: int, retry_delay: float) -> float:
@@ -247,6 +320,10 @@ class ClientBase:
         fut = self._pending.pop(msg.rid, None)
         if fut is None or fut._settled():
             return
+        if type(fut) is Call:
+            fut._settle(msg)  # decoded by the waiter, off the I/O thread
+            return
+        assert isinstance(fut, MeshFuture)
         if type(msg) is Reply:
             try:
                 result = _codec.loads(msg.payload)
@@ -268,10 +345,14 @@ class ClientBase:
     def _fail_pending(self, exc_factory: Callable[[], BaseException]) -> None:
         pending, self._pending = self._pending, {}
         for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc_factory())
+            if fut.done():
+                continue
+            if type(fut) is Call:
+                fut._settle(None, exc_factory())
+            else:
+                fut.set_exception(exc_factory())  # type: ignore[union-attr]
 
-    def _timed_out(self, fut: MeshFuture) -> BaseException:
+    def _timed_out(self, fut: MeshFuture | Call) -> BaseException:
         fut.cancel()
         return RequestTimeout("no answer in time: the broker did not respond (it may be overloaded or gone)")
 
@@ -302,7 +383,7 @@ class LocalClient(ClientBase):
             else:
                 self.on_incoming(msg)
 
-    def wait(self, fut: MeshFuture, deadline: float) -> object:
+    def wait(self, fut: MeshFuture | Call, deadline: float) -> object:
         try:
             return fut.result(_deadline.remaining(deadline))
         except concurrent.futures.TimeoutError:
@@ -417,7 +498,7 @@ class SocketClient(ClientBase):
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def wait(self, fut: MeshFuture, deadline: float) -> object:
+    def wait(self, fut: MeshFuture | Call, deadline: float) -> object:
         settled = fut._settled
         if not settled() and not self.wait_until(settled, deadline) and not settled():
             raise self._timed_out(fut)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Final
 from . import _binding, _deadline
 from ._broker._objects import COMPONENT
 from ._broker._refs import Token, install_proxy_builder, rebuild_ref
-from ._client import GUARD_SLACK_S, ClientBase, MeshFuture, SocketClient, make_hello
+from ._client import GUARD_SLACK_S, Call, ClientBase, SocketClient, make_hello
 from ._errors import BrokerUnavailable, MeshError
 from ._wire import _codec
 from ._wire._messages import Op, Role
@@ -151,7 +151,7 @@ def flush_releases() -> None:
             _post(client, "decref", oids)
 
 
-def _wait(client: ClientBase, fut: MeshFuture, deadline: float) -> Any:
+def _wait(client: ClientBase, fut: Call, deadline: float) -> Any:
     try:
         return client.wait(fut, deadline)
     except BaseException:
