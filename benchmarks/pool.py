@@ -188,7 +188,7 @@ def apply(cfg: Config) -> list[Row]:
 
 
 def startup(cfg: Config) -> list[Row]:
-    reps = cfg.reps(11, 3)
+    reps = cfg.reps(25, 3)
     name = "5 start-up to first result"
     cfg.log(f"  {name}: {reps} repetitions")
     threaded: list[int] = []
@@ -233,7 +233,7 @@ def startup(cfg: Config) -> list[Row]:
 
 
 def cpu_map(cfg: Config) -> list[Row]:
-    count, reps = 200, cfg.reps(5, 3)
+    count, reps = 200, cfg.reps(9, 3)
     name = "6 CPU-bound map (200 x ~5 ms)"
     n = _calibrate(CPU_TASK_S)
     cfg.log(f"  {name}: burn({n}) ~{CPU_TASK_S * 1e3:.0f} ms each x {reps} repetitions")

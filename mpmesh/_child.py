@@ -349,11 +349,13 @@ class _WorkerThreads:
 
 class Detached:
     """What a target receives instead of a ``Child`` when its process has no broker to
-    join (a standalone Pool's workers talk only to their pool). The zygote that forked
-    it still ends it when the master goes away."""
+    join (a standalone Pool's workers talk only to their pool). ``guarded``: a zygote
+    forked it, and ends it if its master goes away; otherwise it must watch for that
+    itself."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, guarded: bool) -> None:
         self.name = name
+        self.guarded = guarded
         self.pid = os.getpid()
 
     def __repr__(self) -> str:
@@ -372,7 +374,7 @@ def run_target(config: dict[str, Any]) -> int:
     child: Child | Detached
     try:
         # Connect first: Manager proxies among the arguments rebuild over this connection.
-        child = Child._from_config(config) if "address" in config else Detached(config["name"])
+        child = Child._from_config(config) if "address" in config else Detached(config["name"], bool(config.get("zygote")))
         target, args, kwargs = cast("tuple[Callable[..., object], tuple[Any, ...], dict[str, Any]]",
                                     _codec.loads(config["target"]))
     except BaseException:

@@ -329,6 +329,7 @@ class Supervisor:
             return self._start_script(spec, config)
         config["target"] = _codec.dumps_by_value((spec.target, spec.args, spec.kwargs))
         if spec.start_method == "fork":
+            config["zygote"] = True  # it ends the child if this process dies
             return self._via_zygote(spec.name, ("fork", 0, config))
         done: concurrent.futures.Future[int] = concurrent.futures.Future()
         ctx = multiprocessing.get_context(spec.start_method)

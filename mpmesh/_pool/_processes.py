@@ -7,8 +7,8 @@ change in one place. Two homes:
   workers from a zygote (forked while this process is single-threaded, as a Master's
   is) and hears their exits on the pool's I/O thread. The workers are ``Detached``:
   their pool channel is all they talk to, and the zygote ends them if this process
-  dies. Measured: start-up to the first result ~1.3-1.4x ``multiprocessing.Pool``'s
-  instead of ~2x with a private Master (the broker and one handshake per worker gone);
+  dies. Start-up to the first result measured ~1.1-1.2x ``multiprocessing.Pool(2)``'s,
+  against ~1.6-2.5x with a private Master (its broker, and a handshake per worker);
 - ``m.Pool(...)`` puts the workers in a new group of the caller's mesh, as children of
   its Master (visible in ``m.children()``).
 

@@ -56,7 +56,7 @@ def main(child: Child | Detached, address: str | bytes, token: bytes, initialize
     sock.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(token, os.getpid()) + child.name.encode()))
     if isinstance(child, Child):
         _stop_on_shutdown(child, sock)
-    else:
+    elif not child.guarded:
         _exit_on_hangup(sock)
     if initializer is not None:
         try:
@@ -92,8 +92,9 @@ def _stop_on_shutdown(child: Child, sock: socket.socket) -> None:
 
 
 def _exit_on_hangup(sock: socket.socket) -> None:
-    """A detached worker has no broker telling it its pool is gone: the moment the pool's
-    end of the channel hangs up, even in the middle of a task, the process exits."""
+    """A detached worker that no zygote guards (``spawn``, ``forkserver``) has no broker
+    telling it its pool is gone: the moment the pool's end of the channel hangs up, even
+    in the middle of a task, the process exits."""
     if not RDHUP:  # pragma: no cover - not Linux: the serving loop's next read sees EOF
         return
 
