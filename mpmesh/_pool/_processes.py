@@ -80,7 +80,7 @@ class WorkerProcesses:
         self._launched: list[tuple[str, concurrent.futures.Future[int]]] = []
         self._counter = itertools.count()
         self._watched: set[str] = set()     # started, exit not reported yet
-        self._dead: list[str] = []           # exited; the Master may forget them
+        self._dead: list[str] = []           # exited; their records may go
         self._spawns: collections.deque[str] = collections.deque()
         self._stopping = False
         if self.master is None:
