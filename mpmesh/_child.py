@@ -374,7 +374,10 @@ def run_target(config: dict[str, Any]) -> int:
     child: Child | Detached
     try:
         # Connect first: Manager proxies among the arguments rebuild over this connection.
-        child = Child._from_config(config) if "address" in config else Detached(config["name"], bool(config.get("zygote")))
+        if "address" in config:
+            child = Child._from_config(config)
+        else:
+            child = Detached(config["name"], guarded=bool(config.get("zygote")))
         target, args, kwargs = cast("tuple[Callable[..., object], tuple[Any, ...], dict[str, Any]]",
                                     _codec.loads(config["target"]))
     except BaseException:

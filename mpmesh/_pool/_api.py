@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import _deadline
+from .._supervisor import START_METHODS, Supervisor, default_start_method
 from . import _protocol as P
 from ._engine import Engine, Source, State
-from ._io import listen_channel
 from ._feeder import LazySource, chunked
-from .._supervisor import START_METHODS, Supervisor, default_start_method
+from ._io import listen_channel
 from ._processes import WorkerProcesses, standalone_supervisor
 from ._progress import check_mode, make_bar
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult

@@ -3,10 +3,11 @@
 The process is started, watched and stopped by a supervisor: the pool's own for a
 standalone Pool (the worker then has no broker connection at all), or a Master's for
 ``m.Pool()`` (the worker is then a child of that mesh too). Either way tasks do not
-travel as broker requests: the worker connects to the pool's own socket, proves the pool's token, runs the initializer, says READY, then runs
-every chunk of every batch in order, in its main thread, sending one RESULT frame per
-chunk as soon as the chunk is done. Because results leave one by one, the pool always
-knows which chunk a dead worker was running: the first one without a result.
+travel as broker requests: the worker connects to the pool's own socket, proves the
+pool's token, runs the initializer, says READY, then runs every chunk of every batch in
+order, in its main thread, sending one RESULT frame per chunk as soon as the chunk is
+done. Because results leave one by one, the pool always knows which chunk a dead worker
+was running: the first one without a result.
 
 A worker that has run ``maxtasks`` chunks exits with status 0 (the pool never sends it
 more than that). A Shutdown from the broker (its master is stopping) ends the loop after
@@ -45,8 +46,9 @@ class _Undecodable(Exception):
     """A function or task that could not be unpickled here."""
 
 
-def main(child: Child | Detached, address: str | bytes, token: bytes, initializer: Callable[..., object] | None,
-         initargs: tuple[Any, ...], maxtasks: int | None) -> None:
+def main(child: Child | Detached, address: str | bytes, token: bytes,
+         initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
+         maxtasks: int | None) -> None:
     """The target of every pool worker (runs in the child process)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
