@@ -25,7 +25,7 @@ import socket
 import socket as _socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _deadline
 from ._errors import (
@@ -105,17 +105,74 @@ class _Dispatcher:
 dispatcher = _Dispatcher()
 
 
+# Guards making a future's Condition, or a Call's Event, against it settling.
+_settle_lock = threading.Lock()
+_PENDING, _FINISHED = "PENDING", "FINISHED"  # concurrent.futures' state names
+
+
 class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     """A ``concurrent.futures.Future`` whose callbacks never run on an I/O thread,
-    and whose ``cancel()`` withdraws the request from the broker."""
+    and whose ``cancel()`` withdraws the request from the broker.
+
+    Its Condition (the costliest part of a Future) is made only when something needs
+    it: a thread that must wait, a callback, ``concurrent.futures.wait``. A future that
+    is settled before anyone looks, the common case for many outstanding requests,
+    never makes one. Everything else is the base class's own code.
+    """
 
     _client: ClientBase | None = None
     _rid = 0
 
+    def __init__(self) -> None:
+        # The base __init__ without its Condition; the attributes are the base class's.
+        self._cond: threading.Condition | None = None
+        self._state = _PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[concurrent.futures.Future], object]] = []  # type: ignore[type-arg]
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            with _settle_lock:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    def _settle_quietly(self, result: object, exception: BaseException | None) -> bool:
+        """Settle without a Condition if none was ever made (no waiter, no callback)."""
+        with _settle_lock:
+            if self._cond is not None or self._state != _PENDING:
+                return False  # the base class's path: it notifies, or raises InvalidStateError
+            self._result, self._exception = result, exception
+            self._state = _FINISHED
+            return True
+
+    def set_result(self, result: object) -> None:
+        if not self._settle_quietly(result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if not self._settle_quietly(None, exception):
+            super().set_exception(exception)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED:
+            if self._exception is not None:
+                return super().result()
+            return self._result
+        return super().result(timeout)
+
+    def done(self) -> bool:
+        return self._state != _PENDING and self._state != "RUNNING"
+
     def _settled(self) -> bool:
         """``done()`` without taking the condition's lock: a future never leaves a done
         state, and ours never enter RUNNING, so any state but PENDING is final."""
-        return self._state != "PENDING"
+        return self._state != _PENDING
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future], object]) -> None:  # type: ignore[type-arg]
         if self.done():
@@ -130,9 +187,6 @@ class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
             client._forget(self._rid)
         return cancelled
 
-
-# Guards making a waiter's Event against a Call settling (see Call.result).
-_settle_lock = threading.Lock()
 
 
 class Call:

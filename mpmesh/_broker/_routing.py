@@ -54,6 +54,10 @@ class WorkerState(enum.Enum):
     DOWN = "down"           # gone for good
 
 
+# States in which a worker takes no new request.
+NOT_TAKING: Final = frozenset({WorkerState.DOWN, WorkerState.STOPPING})
+
+
 class JobState(enum.Enum):
     DELAYED = "delayed"     # a retry waiting out its retry_delay
     QUEUED = "queued"
@@ -254,12 +258,13 @@ class Router:
 
     def _unavailable(self, where: Worker | Group) -> str:
         if isinstance(where, Worker):
-            if where.state in (WorkerState.DOWN, WorkerState.STOPPING):
+            if where.state in NOT_TAKING:
                 return f"child {where.name!r} is not running ({where.down_reason or where.state.value})"
             return ""
-        if not any(w.state not in (WorkerState.DOWN, WorkerState.STOPPING) for w in where.members):
-            return f"group {where.name!r} has no running member"
-        return ""
+        for w in where.members:  # on every request: a plain loop, no generator
+            if w.state not in NOT_TAKING:
+                return ""
+        return f"group {where.name!r} has no running member"
 
     def _enqueue(self, job: Job, where: Worker | Group, now: float) -> list[Action]:
         job.state = JobState.QUEUED
@@ -582,7 +587,7 @@ class Router:
 
     def stop_worker(self, worker: Worker, timeout: float) -> list[Action]:
         """Ask a worker to finish and exit; it takes no new requests meanwhile."""
-        if worker.state in (WorkerState.DOWN, WorkerState.STOPPING):
+        if worker.state in NOT_TAKING:
             return []
         peer = worker.peer
         worker.state = WorkerState.STOPPING

@@ -1,0 +1,95 @@
+"""MeshFuture makes its Condition only when needed: it must still be a Future in full."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+
+from mpmesh._client import Call, LocalClient, MeshFuture
+from tests.conftest import wait_for
+
+LONG = 10.0
+
+
+def test_settled_before_anyone_looks() -> None:
+    fut = MeshFuture()
+    fut.set_result(5)
+    assert fut.done() and not fut.cancelled() and fut.result() == 5 and fut.exception() is None
+    failed = MeshFuture()
+    failed.set_exception(ValueError("boom"))
+    with pytest.raises(ValueError, match="boom"):
+        failed.result()
+    assert isinstance(failed.exception(), ValueError)
+
+
+def test_a_waiter_wakes_when_another_thread_settles_it() -> None:
+    fut = MeshFuture()
+
+    def settle() -> None:
+        # Settle only once the waiter has made the Condition it blocks on (the path
+        # that must notify it).
+        assert wait_for(lambda: fut._cond is not None, LONG)
+        fut.set_result("late")
+
+    thread = threading.Thread(target=settle)
+    thread.start()
+    assert fut.result(LONG) == "late"
+    thread.join(LONG)
+
+
+def test_timeout_while_pending() -> None:
+    with pytest.raises(concurrent.futures.TimeoutError):
+        MeshFuture().result(0.01)
+
+
+def test_settling_twice_or_after_cancel_is_an_error() -> None:
+    fut = MeshFuture()
+    fut.set_result(1)
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        fut.set_result(2)
+    cancelled = MeshFuture()
+    assert cancelled.cancel() and cancelled.cancelled() and cancelled.done()
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        cancelled.set_exception(ValueError())
+    with pytest.raises(concurrent.futures.CancelledError):
+        cancelled.result()
+
+
+def test_callbacks_wait_and_as_completed() -> None:
+    seen: list[object] = []
+    called = threading.Event()
+    fut = MeshFuture()
+    fut.add_done_callback(lambda f: (seen.append(f.result()), called.set()))
+    futures = [MeshFuture() for _ in range(3)]
+    timer = threading.Timer(0.02, lambda: [f.set_result(i) for i, f in enumerate([fut, *futures])])
+    timer.start()
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=LONG)) == [1, 2, 3]
+    done, not_done = concurrent.futures.wait([fut], timeout=LONG)
+    assert done == {fut} and not not_done
+    assert called.wait(LONG) and seen == [0]
+    timer.join(LONG)
+
+
+def test_asyncio_can_await_it() -> None:
+    fut = MeshFuture()
+
+    async def main() -> object:
+        threading.Timer(0.02, fut.set_result, ("from a thread",)).start()
+        return await asyncio.wrap_future(fut)
+
+    assert asyncio.run(main()) == "from a thread"
+
+
+def test_a_call_settled_by_another_thread_wakes_its_waiter() -> None:
+    client = LocalClient(None)  # type: ignore[arg-type]
+    call = Call(client, 1)
+    timer = threading.Timer(0.02, call._settle, (None, KeyError("gone")))
+    timer.start()
+    with pytest.raises(KeyError):
+        call.result(LONG)
+    timer.join(LONG)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        Call(client, 2).result(0.01)
