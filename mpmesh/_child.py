@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import logging
 import os
 import queue
@@ -208,7 +207,7 @@ class Child(SharedState):
             fn = self._handlers.get(req.action)
             if fn is None:
                 answer: Reply | Failure = self._handlers.missing(req)
-            elif inspect.iscoroutinefunction(fn):
+            elif self._handlers.is_async(req.action):
                 if self._aloop is None:
                     self._aloop = asyncio.new_event_loop()
                     # While the event loop runs this thread reads nothing: replies to the
@@ -252,7 +251,7 @@ class Child(SharedState):
             self._answer(self._handlers.missing(req))
             return
         self._outstanding += 1
-        if inspect.iscoroutinefunction(fn):
+        if self._handlers.is_async(req.action):
             if self._async is None:
                 self._async = AsyncRunner(f"mpmesh-{self.name}-async")
             self._async.submit(fn, req, self._finish_concurrent)

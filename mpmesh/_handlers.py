@@ -28,6 +28,7 @@ class HandlerRegistry:
     def __init__(self, owner: str) -> None:
         self._owner = owner
         self._fns: dict[str, Callable[[Any], Any]] = {}
+        self._async: set[str] = set()  # asked on every request: decided once, here
 
     def register(self, action: str, fn: Callable[[Any], Any]) -> None:
         if not isinstance(action, str) or not action:
@@ -35,6 +36,10 @@ class HandlerRegistry:
         if not callable(fn):
             raise TypeError(f"handler for {action!r} must be callable, not {type(fn).__name__}")
         self._fns[action] = fn
+        if inspect.iscoroutinefunction(fn):
+            self._async.add(action)
+        else:
+            self._async.discard(action)
 
     def handler(self, action: str) -> Callable[[F], F]:
         def decorate(fn: F) -> F:
@@ -46,8 +51,7 @@ class HandlerRegistry:
         return self._fns.get(action)
 
     def is_async(self, action: str) -> bool:
-        fn = self._fns.get(action)
-        return fn is not None and inspect.iscoroutinefunction(fn)
+        return action in self._async
 
     def __bool__(self) -> bool:
         return bool(self._fns)
