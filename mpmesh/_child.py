@@ -26,7 +26,8 @@ from collections.abc import Callable
 from typing import Any, Final, TypeVar, cast
 
 from . import _deadline
-from ._client import MeshFuture, SocketClient, make_hello
+from ._client import SocketClient, make_hello
+from ._futures import MeshFuture
 from ._errors import MeshClosed, MeshError
 from ._shared import SharedState
 from ._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async

@@ -1,4 +1,4 @@
-"""The one client: request ids, futures, results and errors, over two transports.
+"""The one client: request ids, pending calls, results and errors, over two transports.
 
 ``SocketClient`` talks to a broker over its Unix socket. It has no dedicated reader
 thread by default: a thread that waits for a reply reads the socket itself (the
@@ -9,6 +9,7 @@ receive pushes while nobody waits (subscribers).
 
 ``LocalClient`` is a Master's own client: the broker runs in the same process, so a
 request is handed to the core directly and replies arrive from the broker's thread.
+What callers wait on (futures, blocking-call records) lives in ``_futures.py``.
 """
 
 from __future__ import annotations
@@ -19,29 +20,29 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import queue
 import select
 import socket
 import socket as _socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from . import _deadline
 from ._errors import (
-    AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, NoHandler, NotFound,
-    RemoteError, RemoteProtocolError, RequestTimeout, SerializationError, WorkerLost,
+    AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, RemoteProtocolError,
+    RequestTimeout, SerializationError,
 )
+from ._futures import Call, MeshFuture, error_for
 from ._wire import _codec
 from ._wire._connection import Connection, Phase, Side
 from ._wire._messages import (
-    Cancel, ErrorCode, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, encode,
+    Cancel, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, encode,
 )
 
 if TYPE_CHECKING:
     from ._io._loop import BrokerLoop
 
-__all__ = ["Call", "ClientBase", "LocalClient", "MeshFuture", "SocketClient", "error_for"]
+__all__ = ["ClientBase", "LocalClient", "SocketClient", "make_hello"]
 
 log = logging.getLogger("mpmesh.client")
 
@@ -51,222 +52,6 @@ CONNECT_TIMEOUT_S: Final = 10.0
 # precise RequestTimeout normally wins the race and the client's guard only catches a
 # broker that stopped answering.
 GUARD_SLACK_S: Final = 2.0
-
-
-# -- futures -----------------------------------------------------------------------------
-
-class _Dispatcher:
-    """One daemon thread per process that runs user callbacks off the I/O threads.
-
-    The thread starts with the first callback and can be retired when idle: a Master
-    forks its zygote only from a single-threaded process.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[..., object], *args: object) -> None:
-        with self._lock:
-            if self._thread is None or self._pid != os.getpid():
-                self._queue = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._run, args=(self._queue,),
-                                                name="mpmesh-callbacks", daemon=True)
-                self._thread.start()
-                self._pid = os.getpid()
-            self._queue.put((fn, args))
-
-    def retire(self, timeout: float = 1.0) -> None:
-        """End the thread if it has nothing queued (the next ``submit`` starts another)."""
-        with self._lock:
-            thread = self._thread
-            if (thread is None or self._pid != os.getpid() or thread is threading.current_thread()
-                    or not self._queue.empty()):
-                return
-            self._queue.put(None)
-            self._thread = None
-        thread.join(timeout)
-
-    @staticmethod
-    def _run(q: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None]) -> None:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("callback %r raised", fn)
-
-
-dispatcher = _Dispatcher()
-
-
-# Guards making a future's Condition, or a Call's Event, against it settling.
-_settle_lock = threading.Lock()
-_PENDING, _FINISHED = "PENDING", "FINISHED"  # concurrent.futures' state names
-
-
-class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A ``concurrent.futures.Future`` whose callbacks never run on an I/O thread,
-    and whose ``cancel()`` withdraws the request from the broker.
-
-    Its Condition (the costliest part of a Future) is made only when something needs
-    it: a thread that must wait, a callback, ``concurrent.futures.wait``. A future that
-    is settled before anyone looks, the common case for many outstanding requests,
-    never makes one. Everything else is the base class's own code.
-    """
-
-    _client: ClientBase | None = None
-    _rid = 0
-
-    def __init__(self) -> None:
-        # The base __init__ without its Condition; the attributes are the base class's.
-        self._cond: threading.Condition | None = None
-        self._state = _PENDING
-        self._result = None
-        self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[concurrent.futures.Future], object]] = []  # type: ignore[type-arg]
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond = self._cond
-        if cond is None:
-            with _settle_lock:
-                cond = self._cond
-                if cond is None:
-                    cond = self._cond = threading.Condition()
-        return cond
-
-    def _settle_quietly(self, result: object, exception: BaseException | None) -> bool:
-        """Settle without a Condition if none was ever made (no waiter, no callback)."""
-        with _settle_lock:
-            if self._cond is not None or self._state != _PENDING:
-                return False  # the base class's path: it notifies, or raises InvalidStateError
-            self._result, self._exception = result, exception
-            self._state = _FINISHED
-            return True
-
-    def set_result(self, result: object) -> None:
-        if not self._settle_quietly(result, None):
-            super().set_result(result)
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        if not self._settle_quietly(None, exception):
-            super().set_exception(exception)
-
-    def result(self, timeout: float | None = None) -> Any:
-        if self._state == _FINISHED:
-            if self._exception is not None:
-                return super().result()
-            return self._result
-        return super().result(timeout)
-
-    def done(self) -> bool:
-        return self._state != _PENDING and self._state != "RUNNING"
-
-    def _settled(self) -> bool:
-        """``done()`` without taking the condition's lock: a future never leaves a done
-        state, and ours never enter RUNNING, so any state but PENDING is final."""
-        return self._state != _PENDING
-
-    def add_done_callback(self, fn: Callable[[concurrent.futures.Future], object]) -> None:  # type: ignore[type-arg]
-        if self.done():
-            super().add_done_callback(fn)
-        else:
-            super().add_done_callback(lambda fut: dispatcher.submit(fn, fut))
-
-    def cancel(self) -> bool:
-        cancelled = super().cancel()
-        client = self._client
-        if cancelled and client is not None:
-            client._forget(self._rid)
-        return cancelled
-
-
-
-class Call:
-    """A pending blocking call: a Future's job at a fraction of its cost.
-
-    Operations on shared state, Manager proxy calls and blocking requests are waited for
-    by mpmesh's own code, never handed to users, so they need no callbacks, no
-    Condition per call and no decoding on the I/O thread: a waiting leader reads the
-    reply itself and nothing else wakes up. The Event a waiter blocks on is made only
-    when it must block.
-    """
-
-    __slots__ = ("_client", "_error", "_event", "_msg", "_rid")
-
-    def __init__(self, client: ClientBase, rid: int) -> None:
-        self._client = client
-        self._rid = rid
-        self._msg: Reply | Failure | None = None
-        self._error: BaseException | None = None
-        self._event: threading.Event | None = None
-
-    def _settled(self) -> bool:
-        return self._msg is not None or self._error is not None
-
-    done = _settled
-
-    def _settle(self, msg: Reply | Failure | None, error: BaseException | None = None) -> None:
-        with _settle_lock:
-            self._msg, self._error = msg, error
-            event = self._event
-        if event is not None:
-            event.set()
-
-    def cancel(self) -> bool:
-        """Give up on the call: the broker is told to drop it."""
-        if self._settled():
-            return False
-        self._client._forget(self._rid)
-        self._settle(None, concurrent.futures.CancelledError())
-        return True
-
-    def result(self, timeout: float | None = None) -> object:
-        """The reply's value, or its error raised here (``concurrent.futures.TimeoutError``
-        if it does not come within ``timeout``)."""
-        if not self._settled():
-            with _settle_lock:
-                event = None if self._settled() else (self._event or threading.Event())
-                self._event = event
-            if event is not None and not event.wait(timeout):
-                raise concurrent.futures.TimeoutError
-        if self._error is not None:
-            raise self._error
-        msg = self._msg
-        if type(msg) is Reply:
-            return _codec.loads(msg.payload)
-        raise error_for(msg)  # type: ignore[arg-type]
-
-
-# -- errors ------------------------------------------------------------------------------
-
-_SIMPLE: Final[dict[int, type[BaseException]]] = {
-    ErrorCode.NOT_FOUND: NotFound,
-    ErrorCode.NO_HANDLER: NoHandler,
-    ErrorCode.TIMEOUT: RequestTimeout,
-    ErrorCode.WORKER_LOST: WorkerLost,
-    ErrorCode.UNAVAILABLE: WorkerLost,
-    ErrorCode.SERIALIZATION: SerializationError,
-    ErrorCode.CLOSED: MeshClosed,
-    ErrorCode.BAD_REQUEST: ValueError,
-    ErrorCode.REMOTE_TEXT: RemoteError,
-}
-
-
-def error_for(msg: Failure) -> BaseException:
-    """The exception a caller sees for a Failure."""
-    if msg.code == ErrorCode.REMOTE:
-        return _codec.unpack_exception(msg.payload, msg.message)
-    if msg.code == ErrorCode.CANCELLED:
-        return concurrent.futures.CancelledError(msg.message)
-    return _SIMPLE.get(msg.code, MeshError)(msg.message)
 
 
 # -- the shared part ---------------------------------------------------------------------

@@ -29,7 +29,8 @@ from . import _deadline
 from ._binding import read_key
 from ._broker._admin import STOP_EVENT, Admin
 from ._broker._actions import Notify
-from ._client import MeshFuture, SocketClient, make_hello
+from ._client import SocketClient, make_hello
+from ._futures import MeshFuture
 from ._errors import BrokerUnavailable
 from ._io import _paths
 from ._shared import SharedState

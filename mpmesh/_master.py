@@ -25,7 +25,7 @@ from . import _deadline
 from ._broker._actions import Action, Notify
 from ._broker._routing import STRATEGIES, Worker, WorkerState
 from ._child import check_mode
-from ._client import MeshFuture, dispatcher
+from ._futures import MeshFuture, dispatcher
 from ._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
 from ._handlers import AsyncRunner, HandlerRegistry, invoke
 from ._io import _paths
@@ -472,7 +472,8 @@ class Master(SharedState, SharedObjects):
             if self._closed:
                 return
             self.log.error("could not restart child %r: %s", name, exc)
-            self._loop.run_core(lambda now: self._core.router.worker_down(worker, f"{how}; restart failed: {exc}", now))
+            reason = f"{how}; restart failed: {exc}"
+            self._loop.run_core(lambda now: self._core.router.worker_down(worker, reason, now))
             return
         worker.restarts += 1
         self.log.warning("restarted child %r as pid %d (restart %d, after %.2f s)", name, pid, worker.restarts, delay)

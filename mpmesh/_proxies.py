@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Final
 from . import _binding, _deadline
 from ._broker._objects import COMPONENT
 from ._broker._refs import Token, install_proxy_builder, rebuild_ref
-from ._client import GUARD_SLACK_S, Call, ClientBase, SocketClient, make_hello
+from ._client import GUARD_SLACK_S, ClientBase, SocketClient, make_hello
+from ._futures import Call
 from ._errors import BrokerUnavailable, MeshError
 from ._wire import _codec
 from ._wire._messages import Op, Role

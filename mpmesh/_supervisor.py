@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from ._client import dispatcher
+from ._futures import dispatcher
 from ._errors import MeshError
 from ._io import _zygote
 from ._wire import _codec

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from mpmesh._client import Call, LocalClient, MeshFuture
+from mpmesh._client import LocalClient
+from mpmesh._futures import Call, MeshFuture
 from tests.conftest import wait_for
 
 LONG = 10.0
