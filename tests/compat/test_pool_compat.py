@@ -14,6 +14,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import pickle
+import subprocess
 import sys
 import threading
 import types
@@ -425,6 +426,27 @@ def test_standalone_pool_runs_no_broker() -> None:
     with mpmesh.Pool(2) as pool:
         assert pool.map(W.square, range(4)) == [0, 1, 4, 9]
         assert set(os.listdir(runtime_dir())) == before
+
+
+FORKED_POOL = """
+import os, mpmesh
+from tests.integration import pool_workers as W
+
+with mpmesh.Pool(2, maxtasksperchild=1) as pool:
+    pids = pool.map(W.getpid, range(6), chunksize=1)
+    forked = bool(pool._procs._sup._zygote_pid)
+    print(len(set(pids)), os.getpid() not in pids, "forked" if forked else "exec'd")
+    assert pool.map(lambda x: x * 2, [1, 2]) == [2, 4]
+"""
+
+
+def test_standalone_pool_in_a_single_threaded_process_forks_its_zygote() -> None:
+    # The production path (the suite's own processes run threads, so their pools exec
+    # their zygote): workers forked by a forked zygote, replaced as they retire.
+    done = subprocess.run([sys.executable, "-c", FORKED_POOL], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["6", "True", "forked"]
 
 
 def test_recycled_workers_leave_no_records_behind() -> None:
