@@ -452,6 +452,8 @@ class Master(SharedState, SharedObjects):
                 return []
             return self._core.router.worker_down(w, how, now, restarting=restarting)
 
+        if worker is not None and worker.peer is not None:
+            self._loop.drain(worker.peer)  # its last replies first
         self._loop.run_core(down)
         if restarting:
             assert delay is not None

@@ -285,6 +285,25 @@ class BrokerLoop(Readers):
         self._deliver(local, notes)
         self._combine()
 
+    def drain(self, peer: int) -> None:
+        """Take in all that ``peer`` sent before it went away, before its end is acted on.
+
+        A process's last replies and the news of its exit come on two descriptors, and
+        the selector may report either first: a reply must not lose that race and turn
+        into WorkerLost. Loop thread only (elsewhere a no-op); the peer has exited, so
+        what is left in its socket is finite.
+        """
+        if threading.current_thread() is not self._thread:
+            return
+        while (conn := self._conns.get(peer)) is not None:
+            try:
+                conn.sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return  # all in
+            except OSError:
+                pass  # _read reports it
+            self._read(conn)
+
     def _lost(self, conn: _Conn, why: str) -> None:
         with self.lock:
             self._drop(conn)

@@ -32,7 +32,7 @@ import pytest
 
 import mpmesh
 from tests.conftest import wait_for
-from tests.integration import supervision_workers
+from tests.integration import supervision_workers, workers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -746,6 +746,18 @@ def test_forced_shutdown_child_kills_a_child_that_ignores_sigterm() -> None:
         assert events.wait("child-exit", name="stubborn")[0]["signal"] == signal.SIGKILL
         assert not m.is_alive("stubborn") and gone(pid)
         assert not events.of("auto-restart")
+
+
+def test_a_reply_sent_just_before_exiting_is_delivered() -> None:
+    # The reply and the zygote's news of the exit arrive on two descriptors at about the
+    # same time; whichever the broker sees first, the caller gets the reply.
+    names = [f"last-{i}" for i in range(12)]
+    with mesh() as m:
+        for name in names:
+            m.spawn_child(name, workers.last_words, auto_restart=False)
+        futures = [m.request("last-words", name, i) for i, name in enumerate(names)]
+        assert [f.result(WAIT_S) for f in futures] == list(range(len(names)))
+        assert wait_for(lambda: not any(m.is_alive(n) for n in names), WAIT_S)
 
 
 def test_master_shutdown_with_requests_in_progress() -> None:

@@ -118,3 +118,14 @@ def basic(child: mpmesh.Child) -> None:
         return seconds
 
     child.run()
+
+
+def last_words(child: mpmesh.Child) -> None:
+    """Answers one ``last-words`` request, then its process exits (code 0)."""
+
+    def once(x: object) -> object:
+        child._stopping = True  # run() returns once this reply is sent
+        return x
+
+    child.register_handler("last-words", once)
+    child.run()
