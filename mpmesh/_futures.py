@@ -27,7 +27,7 @@ from ._wire._messages import ErrorCode, Failure, Reply
 if TYPE_CHECKING:
     from ._client import ClientBase
 
-__all__ = ["Call", "MeshFuture", "dispatcher", "error_for"]
+__all__ = ["Call", "Latch", "MeshFuture", "dispatcher", "error_for"]
 
 log = logging.getLogger("mpmesh.client")
 
@@ -84,7 +84,7 @@ class _Dispatcher:
 dispatcher = _Dispatcher()
 
 
-# Guards making a future's Condition, or a Call's Event, against it settling.
+# Guards making a future's Condition, or a Latch's Event, against it settling.
 _settle_lock = threading.Lock()
 _PENDING, _FINISHED = "PENDING", "FINISHED"  # concurrent.futures' state names
 
@@ -167,6 +167,40 @@ class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         return cancelled
 
 
+class Latch:
+    """A one-shot "it is in" flag whose Event is made only when a waiter has to block.
+
+    Most results arrive before anyone waits for them, and an Event (a Condition and two
+    locks) costs more than the message that carries the result; ``Call`` and the Pool's
+    results use this instead.
+    """
+
+    __slots__ = ("done", "_event")
+
+    def __init__(self) -> None:
+        self.done = False
+        self._event: threading.Event | None = None
+
+    def open(self) -> None:
+        """Mark it done (after writing what it guards) and wake any waiter."""
+        with _settle_lock:
+            self.done = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until done or ``timeout`` passes; True if done."""
+        if self.done:
+            return True
+        with _settle_lock:
+            if self.done:
+                return True
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+        return event.wait(timeout)
+
 
 class Call:
     """A pending blocking call: a Future's job at a fraction of its cost.
@@ -174,30 +208,26 @@ class Call:
     Operations on shared state, Manager proxy calls and blocking requests are waited for
     by mpmesh's own code, never handed to users, so they need no callbacks, no
     Condition per call and no decoding on the I/O thread: a waiting leader reads the
-    reply itself and nothing else wakes up. The Event a waiter blocks on is made only
-    when it must block.
+    reply itself and nothing else wakes up.
     """
 
-    __slots__ = ("_client", "_error", "_event", "_msg", "_rid")
+    __slots__ = ("_client", "_error", "_latch", "_msg", "_rid")
 
     def __init__(self, client: ClientBase, rid: int) -> None:
         self._client = client
         self._rid = rid
         self._msg: Reply | Failure | None = None
         self._error: BaseException | None = None
-        self._event: threading.Event | None = None
+        self._latch = Latch()
 
     def _settled(self) -> bool:
-        return self._msg is not None or self._error is not None
+        return self._latch.done
 
     done = _settled
 
     def _settle(self, msg: Reply | Failure | None, error: BaseException | None = None) -> None:
-        with _settle_lock:
-            self._msg, self._error = msg, error
-            event = self._event
-        if event is not None:
-            event.set()
+        self._msg, self._error = msg, error
+        self._latch.open()
 
     def cancel(self) -> bool:
         """Give up on the call: the broker is told to drop it."""
@@ -210,12 +240,8 @@ class Call:
     def result(self, timeout: float | None = None) -> object:
         """The reply's value, or its error raised here (``concurrent.futures.TimeoutError``
         if it does not come within ``timeout``)."""
-        if not self._settled():
-            with _settle_lock:
-                event = None if self._settled() else (self._event or threading.Event())
-                self._event = event
-            if event is not None and not event.wait(timeout):
-                raise concurrent.futures.TimeoutError
+        if not self._latch.wait(timeout):
+            raise concurrent.futures.TimeoutError
         if self._error is not None:
             raise self._error
         msg = self._msg

@@ -232,7 +232,7 @@ class Pool:
         if not items:
             result = MapResult(0, 0, 0, callback, error_callback)
             result._done = True
-            result._make_ready()  # the stdlib's: an empty map is ready at once, no callback
+            result._latch.open()  # the stdlib's: an empty map is ready at once, no callback
             return result
         n_chunks = -(-len(items) // chunksize)
         result = MapResult(n_chunks, chunksize, len(items), callback, error_callback)

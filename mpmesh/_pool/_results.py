@@ -23,6 +23,7 @@ from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._errors import RemoteError, SerializationError
+from .._futures import Latch
 
 if TYPE_CHECKING:
     from ._feeder import LazySource
@@ -58,19 +59,12 @@ class UnpicklableException(RemoteError, MaybeEncodingError):  # type: ignore[mis
         return f"<{type(self).__name__}: {self}>"
 
 
-# Guards making a waiter's Event against the result becoming ready: most results are
-# ready before anyone waits, and an Event (a Condition and two locks) costs more than
-# sending the task.
-_ready_lock = threading.Lock()
-
-
 class ApplyResult:
     """The result of ``apply_async`` (``multiprocessing.pool.AsyncResult``)."""
 
     def __init__(self, callback: Callable[[Any], object] | None = None,
                  error_callback: Callable[[BaseException], object] | None = None) -> None:
-        self._ready = False
-        self._event: threading.Event | None = None  # made by the first waiter, if it must wait
+        self._latch = Latch()  # most results are in before anyone waits
         self._callback = callback
         self._error_callback = error_callback
         self._success = False
@@ -80,7 +74,7 @@ class ApplyResult:
         self._pool: object = None  # keeps an unreferenced pool alive until this is done (bpo-34172)
 
     def ready(self) -> bool:
-        return self._ready
+        return self._latch.done
 
     def successful(self) -> bool:
         if not self.ready():
@@ -88,15 +82,7 @@ class ApplyResult:
         return self._success
 
     def wait(self, timeout: float | None = None) -> None:
-        if self._ready:
-            return
-        with _ready_lock:
-            if self._ready:
-                return
-            event = self._event
-            if event is None:
-                event = self._event = threading.Event()
-        event.wait(timeout)
+        self._latch.wait(timeout)
 
     def get(self, timeout: float | None = None) -> Any:
         """The result, or the task's exception raised here.
@@ -144,14 +130,7 @@ class ApplyResult:
             if self._bar is not None:
                 self._bar.close()
             self._pool = None
-            self._make_ready()
-
-    def _make_ready(self) -> None:
-        with _ready_lock:
-            self._ready = True
-            event = self._event
-        if event is not None:
-            event.set()
+            self._latch.open()
 
     def _progress(self, n: int) -> None:
         if self._bar is not None:
@@ -213,7 +192,6 @@ class IMapIterator:
         self._bar: Any = None
         self._done = False
         self._pool: object = None
-        self._event = threading.Event()  # set when every result has arrived
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -290,7 +268,6 @@ class IMapIterator:
         if self._bar is not None:
             self._bar.close()
         self._pool = None
-        self._event.set()
         with self._cond:
             self._cond.notify_all()
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from mpmesh._client import LocalClient
-from mpmesh._futures import Call, MeshFuture
+from mpmesh._futures import Call, Latch, MeshFuture
 from tests.conftest import wait_for
 
 LONG = 10.0
@@ -87,10 +87,23 @@ def test_asyncio_can_await_it() -> None:
 def test_a_call_settled_by_another_thread_wakes_its_waiter() -> None:
     client = LocalClient(None)  # type: ignore[arg-type]
     call = Call(client, 1)
-    timer = threading.Timer(0.02, call._settle, (None, KeyError("gone")))
-    timer.start()
+
+    def settle() -> None:
+        # Only once the waiter blocks on the Event it made (the path that must wake it).
+        assert wait_for(lambda: call._latch._event is not None, LONG)
+        call._settle(None, KeyError("gone"))
+
+    thread = threading.Thread(target=settle)
+    thread.start()
     with pytest.raises(KeyError):
         call.result(LONG)
-    timer.join(LONG)
+    thread.join(LONG)
     with pytest.raises(concurrent.futures.TimeoutError):
         Call(client, 2).result(0.01)
+
+
+def test_a_latch_opened_before_anyone_waits_makes_no_event() -> None:
+    latch = Latch()
+    latch.open()
+    assert latch.wait(0) and latch._event is None
+    assert not Latch().wait(0.01)
