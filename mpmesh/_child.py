@@ -36,7 +36,7 @@ from ._wire._messages import (
     Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Message, Reply, Request, Role, Serve, Shutdown,
 )
 
-__all__ = ["Child", "Detached", "process_main", "run_target"]
+__all__ = ["Child", "Detached", "keep", "process_main", "run_target"]
 
 log = logging.getLogger("mpmesh.child")
 
@@ -111,39 +111,18 @@ class Child(SharedState):
         self._beating = threading.Event()
         interval = config.get("heartbeat_interval")
         if interval or RDHUP:
-            threading.Thread(target=self._keep, args=(float(interval) if interval else None,),
+            client = self._client
+            stopped = lambda: self._beating.is_set() or isinstance(client._closed, MeshClosed)  # noqa: E731
+            threading.Thread(target=keep, args=(client.fileno(), float(interval) if interval else None,
+                                                self._beat, stopped),
                              name="mpmesh-keeper", daemon=True).start()
 
-    def _keep(self, interval: float | None) -> None:
-        """One helper thread does two jobs that must not wait for a handler to yield:
-        beat every ``interval`` (a child busy for minutes still looks alive), and exit
-        this process as soon as the broker's end of the socket hangs up (no child
-        outlives its master; the main thread notices an idle hang-up itself)."""
-        client = self._client
-        poller = select.poll()
-        poller.register(client.fileno(), RDHUP)
-        next_beat = time.monotonic() + interval if interval else _deadline.FOREVER
-        while not self._beating.is_set():
-            wait_ms = None if next_beat == _deadline.FOREVER else max(0.0, next_beat - time.monotonic()) * 1000
-            try:
-                events = poller.poll(wait_ms)
-            except InterruptedError:
-                continue
-            if events:
-                if any(mask & select.POLLNVAL for _, mask in events) or isinstance(client._closed, MeshClosed):
-                    return  # we closed it ourselves
-                os._exit(EXIT_MASTER_GONE)
-            if self._beating.is_set():
-                return
-            if interval and time.monotonic() >= next_beat:
-                try:
-                    client.send_message(Heartbeat(self._outstanding))
-                except MeshError:
-                    if not RDHUP:
-                        return
-                    next_beat = _deadline.FOREVER  # the connection is gone: the hang-up comes next
-                else:
-                    next_beat = time.monotonic() + interval
+    def _beat(self) -> bool:
+        try:
+            self._client.send_message(Heartbeat(self._outstanding))
+        except MeshError:
+            return False
+        return True
 
     # -- handlers -----------------------------------------------------------------------
 
@@ -345,6 +324,34 @@ class _WorkerThreads:
             self._queue.put(None)
         for thread in self._threads:
             thread.join(10)
+
+
+def keep(fd: int, interval: float | None, beat: Callable[[], bool], stopped: Callable[[], bool]) -> None:
+    """A helper thread's two jobs that must not wait for a handler to yield: call
+    ``beat()`` every ``interval`` (a child busy for minutes still looks alive; False: the
+    connection is gone), and exit this process the moment ``fd``'s other end hangs up (no
+    child outlives its master; the main thread notices an idle hang-up itself). Returns
+    once ``stopped()`` or we closed ``fd`` ourselves."""
+    poller = select.poll()
+    poller.register(fd, RDHUP)
+    next_beat = time.monotonic() + interval if interval else _deadline.FOREVER
+    while not stopped():
+        wait_ms = None if next_beat == _deadline.FOREVER else max(0.0, next_beat - time.monotonic()) * 1000
+        try:
+            events = poller.poll(wait_ms)
+        except InterruptedError:
+            continue
+        if events:
+            if any(mask & select.POLLNVAL for _, mask in events) or stopped():
+                return  # we closed it ourselves
+            os._exit(EXIT_MASTER_GONE)
+        if interval and time.monotonic() >= next_beat:
+            if beat():
+                next_beat = time.monotonic() + interval
+            elif RDHUP:
+                next_beat = _deadline.FOREVER  # the connection is gone: the hang-up comes next
+            else:
+                return
 
 
 class Detached:

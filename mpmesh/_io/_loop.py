@@ -40,6 +40,8 @@ RECV_BYTES: Final = 256 * 1024  # one reusable buffer; recv_into never allocates
 # A peer whose unsent output passes this is not reading: disconnect it rather than let
 # the broker grow without bound (pub/sub drops messages well before this; see _pubsub).
 MAX_OUTBOUND_BYTES: Final = 256 * 2**20
+# ``drain`` reads at most this many buffers from a peer that exited (64 MiB).
+DRAIN_READS: Final = 256
 
 
 class _Conn:
@@ -290,12 +292,15 @@ class BrokerLoop(Readers):
 
         A process's last replies and the news of its exit come on two descriptors, and
         the selector may report either first: a reply must not lose that race and turn
-        into WorkerLost. Loop thread only (elsewhere a no-op); the peer has exited, so
-        what is left in its socket is finite.
+        into WorkerLost. Loop thread only (elsewhere a no-op). Bounded: a process the
+        peer forked may still hold its socket and write.
         """
         if threading.current_thread() is not self._thread:
             return
-        while (conn := self._conns.get(peer)) is not None:
+        for _ in range(DRAIN_READS):
+            conn = self._conns.get(peer)
+            if conn is None:
+                return
             try:
                 conn.sock.recv(1, socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
-import select
 import socket
 import sys
 import threading
@@ -27,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._child import EXIT_MASTER_GONE, RDHUP, Child, Detached
+from .._child import RDHUP, Child, Detached, keep
 from .._errors import SerializationError
 from .._wire import _codec
 from .._wire._messages import Goodbye, Message, Shutdown
@@ -97,22 +96,9 @@ def _exit_on_hangup(sock: socket.socket) -> None:
     """A detached worker that no zygote guards (``spawn``, ``forkserver``) has no broker
     telling it its pool is gone: the moment the pool's end of the channel hangs up, even
     in the middle of a task, the process exits."""
-    if not RDHUP:  # pragma: no cover - not Linux: the serving loop's next read sees EOF
-        return
-
-    def watch() -> None:
-        poller = select.poll()
-        poller.register(sock.fileno(), RDHUP)
-        while True:
-            try:
-                events = poller.poll()
-            except InterruptedError:
-                continue
-            if any(mask & select.POLLNVAL for _, mask in events):
-                return  # we closed it ourselves
-            os._exit(EXIT_MASTER_GONE)
-
-    threading.Thread(target=watch, name="mpmesh-pool-watch", daemon=True).start()
+    if RDHUP:  # elsewhere the serving loop's next read sees EOF
+        threading.Thread(target=keep, args=(sock.fileno(), None, lambda: True, lambda: False),
+                         name="mpmesh-pool-watch", daemon=True).start()
 
 
 def _send(sock: socket.socket, data: bytes) -> None:
