@@ -115,16 +115,13 @@ class ClientBase:
 
     def _send_request(self, rid: int, action: str, target: str | int, payload: bytes,
                       timeout: float | None, priority: int, retries: int, retry_delay: float) -> None:
-        if isinstance(target, int) and not isinstance(target, bool):
-            name, target_id = "", target
-        else:
-            name, target_id = str(target), -1
+        self._send_or_forget(_request_msg(rid, action, target, payload, timeout, priority, retries, retry_delay))
+
+    def _send_or_forget(self, msg: Request) -> None:
         try:
-            self._send(Request(rid, priority, target_id, retries,
-                               -1.0 if timeout is None else float(timeout), retry_delay,
-                               action, name, payload))
+            self._send(msg)
         except BaseException:
-            self._pending.pop(rid, None)
+            self._pending.pop(msg.rid, None)
             raise
 
     def op(self, component: str, op: str, args: object = None, *, timeout: float | None = None,
@@ -146,8 +143,13 @@ class ClientBase:
         """Blocking ``request``: the result, or the remote exception raised here."""
         payload = _codec.dumps(data)
         rid, call = self._new_call()
-        self._send_request(rid, action, target, payload, timeout, priority, retries, retry_delay)
-        return self.wait(call, self.guard_deadline(timeout, retries, retry_delay))
+        msg = _request_msg(rid, action, target, payload, timeout, priority, retries, retry_delay)
+        return self._call(call, msg, self.guard_deadline(timeout, retries, retry_delay))
+
+    def _call(self, call: Call, msg: Request, deadline: float) -> object:
+        """Send the request ``call`` stands for and wait for its answer."""
+        self._send_or_forget(msg)
+        return self.wait(call, deadline)
 
     @staticmethod
     def guard_deadline(timeout: float | None, retries: int, retry_delay: float) -> float:
@@ -221,6 +223,22 @@ class LocalClient(ClientBase):
                 self.on_push(msg)  # type: ignore[arg-type]
             else:
                 self.on_incoming(msg)
+
+    def _call(self, call: Call, msg: Request, deadline: float) -> object:
+        # A child that starts the request at once has its socket lent to this thread
+        # before the frame goes out: the reply is read here, not by the loop thread.
+        try:
+            lease = self._loop.submit_lent(msg)
+        except BaseException:
+            self._pending.pop(msg.rid, None)
+            raise
+        if lease is not None:
+            call._latch.arm(lease.wake)
+            try:
+                self._loop.read_for(lease, call._settled, deadline)
+            finally:
+                call._latch.arm(None)
+        return self.wait(call, deadline)
 
     def wait(self, fut: MeshFuture | Call, deadline: float) -> object:
         try:
@@ -466,6 +484,16 @@ class SocketClient(ClientBase):
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+
+def _request_msg(rid: int, action: str, target: str | int, payload: bytes, timeout: float | None,
+                 priority: int, retries: int, retry_delay: float) -> Request:
+    if isinstance(target, int) and not isinstance(target, bool):
+        name, target_id = "", target
+    else:
+        name, target_id = str(target), -1
+    return Request(rid, priority, target_id, retries, -1.0 if timeout is None else float(timeout),
+                   retry_delay, action, name, payload)
 
 
 def make_hello(role: int, *, name: str = "", group: str = "", capacity: int = 0) -> Hello:

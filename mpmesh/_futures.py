@@ -175,19 +175,29 @@ class Latch:
     results use this instead.
     """
 
-    __slots__ = ("done", "_event")
+    __slots__ = ("done", "_event", "_alarm")
 
     def __init__(self) -> None:
         self.done = False
         self._event: threading.Event | None = None
+        self._alarm: Callable[[], None] | None = None
 
     def open(self) -> None:
         """Mark it done (after writing what it guards) and wake any waiter."""
         with _settle_lock:
             self.done = True
-            event = self._event
+            event, alarm = self._event, self._alarm
         if event is not None:
             event.set()
+        if alarm is not None:
+            alarm()
+
+    def arm(self, alarm: Callable[[], None] | None) -> bool:
+        """Have ``open`` also call ``alarm`` (a waiter blocked elsewhere than on the
+        Event); None disarms. False if it is done already."""
+        with _settle_lock:
+            self._alarm = alarm
+            return not self.done
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until done or ``timeout`` passes; True if done."""

@@ -8,11 +8,21 @@ thread and are applied on the loop's own thread, which alone touches its selecto
 
 from __future__ import annotations
 
+import os
 import selectors
 import threading
 from collections.abc import Callable
 
-__all__ = ["Reader", "Readers"]
+__all__ = ["Reader", "Readers", "drain_pipe"]
+
+
+def drain_pipe(fd: int) -> None:
+    """Read a non-blocking wake-up pipe empty."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:  # BlockingIOError: empty
+        pass
 
 
 class Reader:

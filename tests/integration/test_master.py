@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 import mpmesh
+from tests.conftest import wait_for
 from tests.integration import workers
 from tests.integration.workers import CustomError
 
@@ -313,6 +315,111 @@ def test_nested_master_child_master_child_round_trip() -> None:
         # many at once through the same chain: still no deadlock
         futures = [m.request("call-master", "a", ("to-b", i)) for i in range(8)]
         assert [f.result(WAIT_S) for f in futures] == [("to-b", ("master-echo", i)) for i in range(8)]
+
+
+# -- a blocked caller reads its child's reply itself (BrokerLoop.submit_lent / read_for) ------
+
+def test_an_idle_childs_reply_is_read_by_the_blocked_caller() -> None:
+    with mesh() as m:
+        m.spawn_child("c", workers.basic)
+        m.send_request("echo", "c", 0)
+        readers: list[str] = []
+        take_in = m._loop._take_in
+
+        def recording(conn: Any, view: memoryview) -> None:
+            readers.append(threading.current_thread().name)
+            take_in(conn, view)
+
+        m._loop._take_in = recording  # type: ignore[method-assign]
+        assert [m.send_request("square", "c", i) for i in range(20)] == [i * i for i in range(20)]
+        assert readers.count(threading.current_thread().name) >= 20, readers
+
+
+def test_blocking_calls_from_many_threads_to_one_child_and_a_group() -> None:
+    with mesh() as m:
+        m.spawn_child("c", workers.basic, mode="sequential")
+        m.spawn_group("g", workers.basic, size=2, mode="concurrent")
+        errors: list[BaseException] = []
+
+        def caller(k: int) -> None:
+            try:
+                for i in range(150):
+                    target = "c" if (i + k) % 2 else "g"
+                    assert m.send_request("square", target, k * 1000 + i) == (k * 1000 + i) ** 2
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S * 3)
+        assert not any(t.is_alive() for t in threads)
+        assert not errors, errors
+        assert m._core.router.jobs == {}
+
+
+def test_a_blocked_caller_hears_its_child_die_its_timeout_and_shutdown() -> None:
+    inside = threading.Event()
+    with mesh(timeout=30) as m:
+        m.register_handler("entered", lambda info: inside.set())
+        m.spawn_child("victim", workers.basic, auto_restart=False)
+        m.spawn_child("slow", workers.basic)
+        m.spawn_child("busy", workers.basic)
+        outcome: dict[str, BaseException] = {}
+
+        def call(key: str, *args: Any, **kwargs: Any) -> None:
+            try:
+                m.send_request(*args, **kwargs)
+            except BaseException as exc:
+                outcome[key] = exc
+
+        # The child dies: its socket hangs up under the caller reading it.
+        t = threading.Thread(target=call, args=("killed", "enter-then-sleep", "victim", 60))
+        t.start()
+        assert inside.wait(WAIT_S)
+        started = time.monotonic()
+        os.kill(m.process_stats("victim").pid, signal.SIGKILL)
+        t.join(WAIT_S)
+        assert isinstance(outcome["killed"], mpmesh.WorkerLost), outcome
+        assert time.monotonic() - started < 2.0
+        # The broker's timer fails the call: the caller is woken off the socket.
+        started = time.monotonic()
+        with pytest.raises(mpmesh.RequestTimeout):
+            m.send_request("sleep", "slow", 30, timeout=0.3)
+        assert time.monotonic() - started < 2.0
+        # Shutdown fails what is still in flight.
+        t = threading.Thread(target=call, args=("shutdown", "sleep", "busy", 30))
+        t.start()
+        assert wait_for(lambda: m.process_stats("busy").requests_active == 1, WAIT_S)
+        m.shutdown(timeout=0.5)
+        t.join(WAIT_S)
+        assert not t.is_alive()
+        assert isinstance(outcome["shutdown"], mpmesh.MeshError), outcome
+
+
+def test_a_reply_sent_just_before_exiting_reaches_a_blocked_caller() -> None:
+    # The caller reads the child's socket; the loop, told of the exit, takes it back
+    # and reads what is left before it fails anything.
+    names = [f"last-{i}" for i in range(12)]
+    results: dict[str, object] = {}
+    with mesh() as m:
+        for name in names:
+            m.spawn_child(name, workers.last_words, auto_restart=False)
+        ready_names = list(names)
+
+        def call(i: int, name: str) -> None:
+            try:
+                results[name] = m.send_request("last-words", name, i)
+            except BaseException as exc:
+                results[name] = exc
+
+        threads = [threading.Thread(target=call, args=(i, n)) for i, n in enumerate(ready_names)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S)
+        assert results == {name: i for i, name in enumerate(names)}
 
 
 def test_async_master_handlers_plain_and_concurrent() -> None:
