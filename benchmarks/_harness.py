@@ -84,7 +84,7 @@ class Row:
     ``per_op`` is the median over repetitions of the seconds one operation took;
     ``ratio`` compares it with the scenario's reference row (``ratio_kind`` "time": this
     row's time per op / the reference's; "rate": this row's ops/s / the reference's).
-    ``floor_ratio`` is time per op / the Pipe ping-pong floor's, where there is one.
+    ``floor_ratio`` is time per op / the scenario's floor row's, where there is one.
     """
 
     scenario: str
@@ -404,7 +404,8 @@ LEGEND: Final = (
     "per op: median over repetitions (± half the range, relative); ratio: against the "
     "scenario's reference row (time bars: time per op ÷ reference's, lower is better; "
     "rate bars: ops/s ÷ reference's, higher is better); vs floor: time per op ÷ the "
-    "multiprocessing.Pipe ping-pong's in the same run; pinned = every process on one CPU."
+    "scenario's floor row in the same run (bare Python: a multiprocessing.Pipe ping-pong, "
+    "or a socket echo server with no protocol); pinned = every process on one CPU."
 )
 
 

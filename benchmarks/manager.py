@@ -11,7 +11,9 @@ Scenarios, each side by side with its peer in the same process, alternating:
    objects at once, starting together on a ``multiprocessing.Barrier``; the figure is
    the aggregate: all their operations over the wall time from the barrier to the last
    one done. Bar: mpmesh >= 2.5x the aggregate ops/s on dict get/set and Lock
-   acquire+release, pinned and unpinned.
+   acquire+release, pinned and unpinned. Those scenarios have a floor row: four such
+   processes doing bare 64-byte round trips with a Python socket echo server
+   (``_echo.py``), the most any Python server reaches on that machine.
 3. **start-up / shutdown**: ``Manager()`` returning a started manager, then one
    ``dict()`` created (the first proxy), then ``shutdown()``. Bar: start-up <= 1.0x.
 
@@ -32,12 +34,14 @@ from typing import Any, Final
 
 import mpmesh
 
+from . import _echo
 from ._harness import Config, Row, alternate, bar_check, guarded, loop_time, relate, wait_single_threaded
 
 __all__ = ["TITLE", "budget", "run", "client_main"]
 
 TITLE: Final = "Manager drop-in: shared objects from 1 and 4 clients, start-up (issue 5)"
 MESH, STD = "mpmesh.Manager()", "multiprocessing.Manager()"
+FLOOR: Final = "bare socket echo (floor)"
 CLIENTS: Final = 4
 RESULT_TIMEOUT_S: Final = 120.0
 UPDATE: Final = {f"key-{i}": i for i in range(100)}
@@ -59,7 +63,11 @@ def budget(cfg: Config) -> float:
 
 
 def make_op(name: str, objs: dict[str, Any]) -> Callable[[], object]:
-    """One operation of scenario ``name`` on the proxies in ``objs``."""
+    """One operation of scenario ``name`` on the proxies in ``objs`` (or, for the floor,
+    as many bare round trips with the echo server at ``objs["echo"]`` as it makes calls)."""
+    if "echo" in objs:
+        ping, calls = _echo.pinger(_echo.connect(objs["echo"])), OPS[name][0]
+        return ping if calls == 1 else lambda: [ping() for _ in range(calls)]
     d, lst, lock, v, q = objs["d"], objs["l"], objs["lock"], objs["v"], objs["q"]
     if name == "dict set":
         return lambda: d.__setitem__("k", 1)
@@ -101,13 +109,13 @@ def reset(objs: dict[str, Any]) -> None:
 
 def client_main(conn: multiprocessing.connection.Connection, objs: dict[str, Any], barrier: Any) -> None:
     """A client process: for each ``(op, n)`` command, meet at the barrier, run, report."""
-    ops = {name: make_op(name, objs) for name in OPS}
+    ops: dict[str, Callable[[], object]] = {}
     while True:
         cmd = conn.recv()
         if cmd is None:
             return
         name, n = cmd
-        fn = ops[name]
+        fn = ops.get(name) or ops.setdefault(name, make_op(name, objs))
         for _ in range(max(n // 20, 5)):  # warm this op's path
             fn()
         barrier.wait()
@@ -214,9 +222,10 @@ def one_client(cfg: Config) -> list[Row]:
 def four_clients(cfg: Config) -> list[Row]:
     n, reps = cfg.size(2000, 200), cfg.reps(3, 2)
     rows: list[Row] = []
-    with managers() as (std, mesh):
+    with managers() as (std, mesh), _echo.EchoServer() as echo:
         objs = {STD: new_objects(std), MESH: new_objects(mesh)}
         clients = {impl: Clients(objs[impl]) for impl in objs}
+        clients[FLOOR] = Clients({"echo": echo.address})
         try:
             for name, (calls, has_bar) in OPS.items():
                 label = f"{CLIENTS} clients: {name}"
@@ -224,14 +233,15 @@ def four_clients(cfg: Config) -> list[Row]:
 
                 def batch(impl: str) -> Callable[[], float]:
                     def timed() -> float:
-                        reset(objs[impl])
+                        if impl in objs:
+                            reset(objs[impl])
                         return clients[impl].run(name, n)
                     return timed
 
-                samples = alternate([(MESH, batch(MESH)), (STD, batch(STD))], reps)
-                pair = [Row(label, impl, samples[impl], n * CLIENTS, note="aggregate")
-                        for impl in (MESH, STD)]
-                relate(pair, STD, kind="rate")
+                impls = (MESH, STD, FLOOR) if has_bar else (MESH, STD)
+                samples = alternate([(impl, batch(impl)) for impl in impls], reps)
+                pair = [Row(label, impl, samples[impl], n * CLIENTS, note="aggregate") for impl in impls]
+                relate(pair, STD, kind="rate", floor=FLOOR if has_bar else None)
                 if has_bar:
                     _bars(pair, cfg, clients=CLIENTS)
                 rows += pair

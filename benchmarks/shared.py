@@ -10,6 +10,10 @@ Scenarios, each side by side with its peer in the same process, alternating:
 2. **cache get/set, 4 clients**: four processes alternate get and set on their own key,
    started together by a barrier; aggregate ops/s = all operations / the slowest
    process's time. Bar: mpmesh >= 2.5x Manager's aggregate, pinned and unpinned.
+
+Scenarios 1 and 2 have a floor row: the same clients doing bare 64-byte round trips with
+a Python socket echo server (``_echo.py``: one poll loop, no protocol). A bar above the
+floor's rate is out of reach of any Python broker on that machine.
 3. **mget / mset of 100 keys** vs the Manager dict doing the same key by key (``d.get``
    100 times) and ``d.update`` (one call). No bar.
 4. **lock acquire + release** (``m.lock`` context manager) vs a ``Manager().Lock()``. No bar.
@@ -35,6 +39,7 @@ from typing import Any, Final
 
 import mpmesh
 
+from . import _echo
 from ._harness import Config, Row, alternate, bar_check, guarded, loop_time, relate
 
 __all__ = ["TITLE", "budget", "run"]
@@ -47,6 +52,7 @@ S1G, S1S, S2, S3G, S3S, S4, S5A, S5B = (
     "1 cache get, 1 client", "1 cache set, 1 client", "2 get/set, 4 clients", "3 mget 100 keys",
     "3 mset 100 keys", "4 lock acquire+release", "5 pub/sub, 1 subscriber", "5 pub/sub, 4 subscribers")
 MESH, MGR, LOCAL = "mpmesh connect() client", "Manager().dict()", "mpmesh Master's own cache"
+FLOOR: Final = "bare socket echo (floor)"
 
 
 def budget(cfg: Config) -> float:
@@ -77,7 +83,8 @@ def _bar(cfg: Config, row: Row, pinned: float, unpinned: float) -> None:
 def one_client(cfg: Config) -> list[Row]:
     n, reps = cfg.size(5000, 500), cfg.reps(7, 3)
     cfg.log(f"  {S1G} / {S1S}: {n} ops x {reps} repetitions")
-    with multiprocessing.Manager() as manager, standalone(cfg) as h, mpmesh.Master() as m:
+    with (multiprocessing.Manager() as manager, standalone(cfg) as h, mpmesh.Master() as m,
+          _echo.EchoServer() as echo, _echo.echo_client(echo.address) as sock):
         d = manager.dict()
         c = h.cache("bench")
         local = m.cache("bench")
@@ -91,7 +98,8 @@ def one_client(cfg: Config) -> list[Row]:
 
         batches = [(MESH, batch(lambda: c.get("k"), lambda: c.set("k", VALUE))),
                    (MGR, batch(lambda: d["k"], lambda: d.__setitem__("k", VALUE))),
-                   (LOCAL, batch(lambda: local.get("k"), lambda: local.set("k", VALUE)))]
+                   (LOCAL, batch(lambda: local.get("k"), lambda: local.set("k", VALUE))),
+                   (FLOOR, lambda: {"get": _echo.round_trips(sock, n) / n, "set": _echo.round_trips(sock, n) / n})]
         results: dict[str, dict[str, list[float]]] = {}
         for rep in range(reps):
             order = batches if rep % 2 == 0 else list(reversed(batches))
@@ -100,8 +108,8 @@ def one_client(cfg: Config) -> list[Row]:
                     results.setdefault(op, {}).setdefault(impl, []).append(value)
     rows: list[Row] = []
     for scenario, op in ((S1G, "get"), (S1S, "set")):
-        group = [Row(scenario, impl, results[op][impl], n) for impl in (MESH, MGR, LOCAL)]
-        relate(group, MGR, kind="rate")
+        group = [Row(scenario, impl, results[op][impl], n) for impl in (MESH, MGR, LOCAL, FLOOR)]
+        relate(group, MGR, kind="rate", floor=FLOOR)
         _bar(cfg, group[0], 1.5, 1.0)
         rows += group
     return rows
@@ -131,6 +139,12 @@ def _manager_client(d: Any, key: str, n: int, barrier: Any, out: Any) -> None:
     out.put(time.perf_counter() - start)
 
 
+def _echo_worker(address: str, key: str, n: int, barrier: Any, out: Any) -> None:
+    with _echo.echo_client(address) as sock:
+        barrier.wait()
+        out.put(_echo.round_trips(sock, n))
+
+
 def _fan_out(target: Any, args_for: Any, clients: int) -> float:
     ctx = multiprocessing.get_context()
     barrier, out = ctx.Barrier(clients), ctx.SimpleQueue()
@@ -151,7 +165,7 @@ def _fan_out(target: Any, args_for: Any, clients: int) -> float:
 def four_clients(cfg: Config) -> list[Row]:
     n, reps, clients = cfg.size(4000, 600), cfg.reps(5, 3), 4
     cfg.log(f"  {S2}: {clients} processes x {n} ops x {reps} repetitions")
-    with multiprocessing.Manager() as manager, standalone(cfg) as h:
+    with multiprocessing.Manager() as manager, standalone(cfg) as h, _echo.EchoServer() as echo:
         d = manager.dict()
         name = h.name
 
@@ -161,9 +175,12 @@ def four_clients(cfg: Config) -> list[Row]:
         def stdlib() -> float:
             return _fan_out(_manager_client, lambda i: (d, f"k{i}", n), clients) / (n * clients)
 
-        samples = alternate([(MESH, mesh), (MGR, stdlib)], reps, log=cfg.log, label=S2)
-    rows = [Row(S2, impl, samples[impl], n * clients) for impl in (MESH, MGR)]
-    relate(rows, MGR, kind="rate")
+        def floor() -> float:
+            return _fan_out(_echo_worker, lambda i: (echo.address, f"k{i}", n), clients) / (n * clients)
+
+        samples = alternate([(MESH, mesh), (MGR, stdlib), (FLOOR, floor)], reps, log=cfg.log, label=S2)
+    rows = [Row(S2, impl, samples[impl], n * clients) for impl in (MESH, MGR, FLOOR)]
+    relate(rows, MGR, kind="rate", floor=FLOOR)
     _bar(cfg, rows[0], 2.5, 2.5)
     return rows
 
