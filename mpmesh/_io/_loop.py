@@ -100,7 +100,7 @@ class Lease:
     closes them with itself.
     """
 
-    __slots__ = ("conn", "owner", "r", "w", "view")
+    __slots__ = ("conn", "owner", "r", "w", "view", "poller")
 
     def __init__(self) -> None:
         self.conn: _Conn | None = None
@@ -109,6 +109,8 @@ class Lease:
         os.set_blocking(self.r, False)
         os.set_blocking(self.w, False)
         self.view = memoryview(bytearray(RECV_BYTES))
+        self.poller = select.poll()  # the pipe, and the lent socket while there is one
+        self.poller.register(self.r, select.POLLIN)
 
     def wake(self) -> None:
         if threading.get_ident() == self.owner:
@@ -444,11 +446,12 @@ class BrokerLoop(Readers):
         """
         conn = lease.conn
         assert conn is not None
+        fd = conn.sock.fileno()
+        poller = lease.poller
         try:
-            fd = conn.sock.fileno()
-            poller = select.poll()
+            if fd < 0:  # dropped since it was lent
+                return
             poller.register(fd, select.POLLIN)
-            poller.register(lease.r, select.POLLIN)
             view = lease.view
             self._take_in(conn, view)  # the reply is often in already (one CPU: the worker ran first)
             while not settled() and not conn.give_back and conn.id in self._conns:
@@ -461,6 +464,8 @@ class BrokerLoop(Readers):
                     else:
                         lease.clear()
         finally:
+            with contextlib.suppress(KeyError, ValueError):
+                poller.unregister(fd)
             with self.lock:
                 self._lend(conn, None)
                 lease.conn, lease.owner = None, 0
