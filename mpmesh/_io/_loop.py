@@ -9,6 +9,11 @@ Writes never block: frames are appended to the peer's outbound buffer and flushe
 non-blocking sends; what the kernel does not take waits for EVENT_WRITE. Messages for
 the in-process host and ``Notify`` events are handed to callbacks *after* the lock is
 released, on the thread that produced them; those callbacks must not block.
+
+A caller that will block on a request may borrow the socket of the worker running it
+(``submit_lent``, ``read_for``): the loop stops watching that socket until the caller
+gives it back, and the caller reads the reply itself. Whoever reads a socket holds its
+``_Conn.reading`` lock.
 """
 
 from __future__ import annotations
