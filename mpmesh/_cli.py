@@ -78,7 +78,9 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError:
             _say("--authkey-stdin: expected the key as hex on the first line")
             return REFUSED
-    if not args.detached:
+    if args.detached:
+        os.chdir("/")  # a broker started for connect() keeps no directory busy
+    else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def ready() -> None:

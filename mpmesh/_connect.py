@@ -18,7 +18,6 @@ import fcntl
 import os
 import select
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -41,8 +40,10 @@ __all__ = ["MeshHandle", "connect", "serve"]
 # How long an autospawned broker gets to say it is ready.
 SPAWN_TIMEOUT_S: Final = 15.0
 READY_PREFIX: Final = "mpmesh-ready"
-# Brokers this process started, kept until they exit so they are reaped (no zombies).
-_spawned: list[subprocess.Popen[bytes]] = []
+# Brokers this process started, by pid, reaped once they exit (no zombies). Not Popen
+# objects: a detached broker outlives us by design, and a Popen collected while its
+# process runs warns that it leaked.
+_spawned: set[int] = set()
 
 
 class MeshHandle(SharedState):
@@ -149,40 +150,64 @@ def _spawn_lock(deadline: float) -> Iterator[None]:
         os.close(fd)  # also releases the lock
 
 
+def _reap_spawned() -> None:
+    for pid in list(_spawned):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _spawned.discard(pid)
+
+
 def _spawn(name: str, authkey: bytes | None) -> None:
-    """Start a detached ``python -m mpmesh serve`` and wait until it listens."""
-    for proc in list(_spawned):  # reap earlier ones that have exited
-        if proc.poll() is not None:
-            _spawned.remove(proc)
+    """Start a detached ``python -m mpmesh serve`` (its own session; it moves to ``/``) and
+    wait until it listens."""
+    _reap_spawned()
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "mpmesh", "serve", "--name", name, "--detached"]
+    argv = [sys.executable, "-m", "mpmesh", "serve", "--name", name, "--detached"]
     if authkey is not None:
-        cmd.append("--authkey-stdin")
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True, cwd="/", env=env)
-    _spawned.append(proc)
-    assert proc.stdin is not None and proc.stdout is not None
+        argv.append("--authkey-stdin")
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        pid = os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, devnull, 2)])
+    except BaseException:
+        for fd in (in_w, out_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (in_r, out_w, devnull):
+            os.close(fd)
+    _spawned.add(pid)
     try:
         if authkey is not None:
-            proc.stdin.write(bytes(authkey).hex().encode() + b"\n")
-        proc.stdin.close()
-        line = _read_line(proc.stdout, _deadline.after(SPAWN_TIMEOUT_S))
+            os.write(in_w, bytes(authkey).hex().encode() + b"\n")  # a line: the pipe takes it whole
+    except OSError:
+        pass  # it exited already; the missing ready line says so
     finally:
-        proc.stdout.close()
+        os.close(in_w)
+    try:
+        line = _read_line(out_r, _deadline.after(SPAWN_TIMEOUT_S))
+    finally:
+        os.close(out_r)
     if not line.startswith(READY_PREFIX):
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        _spawned.discard(pid)
         raise BrokerUnavailable(f"the standalone broker for mesh {name!r} did not start "
-                                f"(exit status {proc.returncode}); run `python -m mpmesh serve "
-                                f"--name {name}` to see why")
+                                f"(exit status {os.waitstatus_to_exitcode(status)}); run `python -m mpmesh "
+                                f"serve --name {name}` to see why")
 
 
-def _read_line(stream: Any, deadline: float) -> str:
+def _read_line(fd: int, deadline: float) -> str:
     data = b""
-    fd = stream.fileno()
     while not data.endswith(b"\n"):
         timeout = _deadline.remaining(deadline)
         if timeout == 0 or not select.select([fd], [], [], timeout)[0]:

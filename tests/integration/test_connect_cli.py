@@ -111,6 +111,25 @@ def test_serve_from_the_cli_and_join_from_an_unrelated_process(name: str) -> Non
             server.stderr.close()
 
 
+def test_a_process_that_autospawned_a_broker_exits_cleanly_and_leaves_it_serving(name: str) -> None:
+    # The broker is detached on purpose: the process that started it neither waits for it
+    # nor warns at exit that a subprocess is still running.
+    script = textwrap.dedent(f"""
+        import mpmesh
+        with mpmesh.connect({name!r}) as h:
+            assert h.spawned
+            h.cache("c")["k"] = "v"
+    """)
+    out = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c", script], cwd=ROOT,
+                         capture_output=True, text=True, timeout=WAIT_S)
+    assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr, out.stderr
+    with mpmesh.connect(name, autospawn=False) as h:
+        assert h.cache("c")["k"] == "v"
+    assert cli("stop", "--name", name).returncode == 0
+    assert wait_for(lambda: cli("status", "--name", name).returncode == 1, WAIT_S)
+
+
 def test_concurrent_autospawns_start_one_broker(name: str) -> None:
     script = textwrap.dedent(f"""
         import os, mpmesh
