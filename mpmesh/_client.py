@@ -25,7 +25,7 @@ import socket
 import socket as _socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from . import _deadline
 from ._errors import (
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["ClientBase", "LocalClient", "SocketClient", "make_hello"]
 
 log = logging.getLogger("mpmesh.client")
+
+_T = TypeVar("_T")
 
 RECV_BYTES: Final = 64 * 1024
 CONNECT_TIMEOUT_S: Final = 10.0
@@ -115,11 +117,13 @@ class ClientBase:
 
     def _send_request(self, rid: int, action: str, target: str | int, payload: bytes,
                       timeout: float | None, priority: int, retries: int, retry_delay: float) -> None:
-        self._send_or_forget(_request_msg(rid, action, target, payload, timeout, priority, retries, retry_delay))
+        self._send_or_forget(self._send, _request_msg(rid, action, target, payload, timeout, priority, retries,
+                                                      retry_delay))
 
-    def _send_or_forget(self, msg: Request) -> None:
+    def _send_or_forget(self, send: Callable[[Request], _T], msg: Request) -> _T:
+        """``send(msg)``; if it fails, the request's pending call is dropped."""
         try:
-            self._send(msg)
+            return send(msg)
         except BaseException:
             self._pending.pop(msg.rid, None)
             raise
@@ -148,7 +152,7 @@ class ClientBase:
 
     def _call(self, call: Call, msg: Request, deadline: float) -> object:
         """Send the request ``call`` stands for and wait for its answer."""
-        self._send_or_forget(msg)
+        self._send_or_forget(self._send, msg)
         return self.wait(call, deadline)
 
     @staticmethod
@@ -227,11 +231,7 @@ class LocalClient(ClientBase):
     def _call(self, call: Call, msg: Request, deadline: float) -> object:
         # A child that starts the request at once has its socket lent to this thread
         # before the frame goes out: the reply is read here, not by the loop thread.
-        try:
-            lease = self._loop.submit_lent(msg)
-        except BaseException:
-            self._pending.pop(msg.rid, None)
-            raise
+        lease = self._send_or_forget(self._loop.submit_lent, msg)
         if lease is not None:
             call._latch.arm(lease.wake)
             try:

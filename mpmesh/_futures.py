@@ -192,12 +192,11 @@ class Latch:
         if alarm is not None:
             alarm()
 
-    def arm(self, alarm: Callable[[], None] | None) -> bool:
+    def arm(self, alarm: Callable[[], None] | None) -> None:
         """Have ``open`` also call ``alarm`` (a waiter blocked elsewhere than on the
-        Event); None disarms. False if it is done already."""
+        Event); None disarms."""
         with _settle_lock:
             self._alarm = alarm
-            return not self.done
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until done or ``timeout`` passes; True if done."""

@@ -54,8 +54,6 @@ class WorkerState(enum.Enum):
     DOWN = "down"           # gone for good
 
 
-# States in which a worker takes no new request.
-NOT_TAKING: Final = frozenset({WorkerState.DOWN, WorkerState.STOPPING})
 
 
 class JobState(enum.Enum):
@@ -72,6 +70,12 @@ W_STARTING, W_READY, W_STOPPING, W_LOST, W_DOWN = (
     WorkerState.STARTING, WorkerState.READY, WorkerState.STOPPING, WorkerState.LOST, WorkerState.DOWN)
 J_DELAYED, J_QUEUED, J_RUNNING, J_ABANDONED, J_DONE = (
     JobState.DELAYED, JobState.QUEUED, JobState.RUNNING, JobState.ABANDONED, JobState.DONE)
+
+
+def not_taking(state: WorkerState) -> bool:
+    """A worker in ``state`` takes no new request (identity tests: an Enum's hash is Python
+    code, and this runs on every request)."""
+    return state is W_DOWN or state is W_STOPPING
 
 
 @dataclass(eq=False, slots=True)
@@ -265,15 +269,12 @@ class Router:
         return self._enqueue(job, where, now)
 
     def _unavailable(self, where: Worker | Group) -> str:
-        # On every request: plain identity tests (an Enum's hash is Python code), no generator.
         if isinstance(where, Worker):
-            state = where.state
-            if state is W_DOWN or state is W_STOPPING:
-                return f"child {where.name!r} is not running ({where.down_reason or state.value})"
+            if not_taking(where.state):
+                return f"child {where.name!r} is not running ({where.down_reason or where.state.value})"
             return ""
-        for w in where.members:
-            state = w.state
-            if state is not W_DOWN and state is not W_STOPPING:
+        for w in where.members:  # on every request: a plain loop, no generator
+            if not not_taking(w.state):
                 return ""
         return f"group {where.name!r} has no running member"
 
@@ -598,7 +599,7 @@ class Router:
 
     def stop_worker(self, worker: Worker, timeout: float) -> list[Action]:
         """Ask a worker to finish and exit; it takes no new requests meanwhile."""
-        if worker.state in NOT_TAKING:
+        if not_taking(worker.state):
             return []
         peer = worker.peer
         worker.state = W_STOPPING

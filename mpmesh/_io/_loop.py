@@ -249,8 +249,12 @@ class BrokerLoop(Readers):
         """
         self._inbox.append(msg)
         self._combine()
-        # A request or op that may wait (timeout >= 0) can bring the next deadline forward.
-        if type(msg) in (Request, Op) and msg.timeout >= 0 and time.monotonic() + msg.timeout < self._sleep_until:  # type: ignore[attr-defined]
+        if type(msg) in (Request, Op):
+            self._wake_for(msg, time.monotonic())  # type: ignore[arg-type]
+
+    def _wake_for(self, msg: Request | Op, now: float) -> None:
+        """A request or op that may wait (timeout >= 0) can bring the next deadline forward."""
+        if msg.timeout >= 0 and now + msg.timeout < self._sleep_until:
             self._wake()
 
     @contextlib.contextmanager
@@ -265,15 +269,18 @@ class BrokerLoop(Readers):
         inbox = self._inbox
         while inbox and self.lock.acquire(blocking=False):
             try:
-                now = time.monotonic()
-                on_message = self.core.on_message
-                actions: list[Action] = []
-                while inbox:
-                    actions += on_message(LOCAL_PEER, inbox.popleft(), now)
-                local, notes = self._perform(actions)
+                local, notes = self._perform(self._take_inbox(time.monotonic()))
             finally:
                 self.lock.release()
             self._deliver(local, notes)
+
+    def _take_inbox(self, now: float) -> list[Action]:
+        """Run what the host's threads queued through the core, in order (lock held)."""
+        inbox, on_message = self._inbox, self.core.on_message
+        actions: list[Action] = []
+        while inbox:
+            actions += on_message(LOCAL_PEER, inbox.popleft(), now)
+        return actions
 
     def _wake(self) -> None:
         try:
@@ -413,13 +420,10 @@ class BrokerLoop(Readers):
         caller then waits the usual way).
         """
         lease: Lease | None = None
-        inbox, on_message = self._inbox, self.core.on_message
         with self.lock:
             now = time.monotonic()
-            actions: list[Action] = []
-            while inbox:  # what this thread (or another) queued earlier goes first
-                actions += on_message(LOCAL_PEER, inbox.popleft(), now)
-            mine = on_message(LOCAL_PEER, msg, now)
+            actions = self._take_inbox(now)  # what was queued earlier goes first
+            mine = self.core.on_message(LOCAL_PEER, msg, now)
             actions += mine
             for action in mine:
                 if type(action) is Send and type(action.msg) is Request:
@@ -434,8 +438,7 @@ class BrokerLoop(Readers):
                             lease = None
                     break
             local, notes = self._perform(actions)
-            if msg.timeout >= 0 and now + msg.timeout < self._sleep_until:
-                self._wake()
+            self._wake_for(msg, now)
         self._deliver(local, notes)
         self._combine()
         return lease
@@ -488,7 +491,7 @@ class BrokerLoop(Readers):
             return False
         conn.lent_to, conn.give_back = lease, False
         try:
-            self._sel.set_events(conn.sock.fileno(), conn.interest(), conn)
+            self._watch(conn)
         except (KeyError, ValueError, OSError):
             conn.lent_to = None
             return False
@@ -567,7 +570,7 @@ class BrokerLoop(Readers):
                     conn.writing = True
                     if conn.id in self._conns and conn.sock.fileno() >= 0:
                         try:
-                            self._sel.modify(conn.sock, conn.interest(), conn)
+                            self._watch(conn)
                         except KeyError:
                             pass  # registered by _accept right after this flush
                 else:
@@ -576,13 +579,17 @@ class BrokerLoop(Readers):
             return
         if conn.writing and on_loop:
             conn.writing = False
-            self._sel.modify(conn.sock, conn.interest(), conn)
+            self._watch(conn)
         if conn.closing:
             if on_loop:
                 self._drop_and_forget(conn)
             else:
                 self._pending_write.add(conn)
                 self._wake()
+
+    def _watch(self, conn: _Conn) -> None:
+        """Make the selector watch ``conn`` for ``conn.interest()`` (lock held)."""
+        self._sel.set_events(conn.sock.fileno(), conn.interest(), conn)
 
     def _drop_and_forget(self, conn: _Conn) -> None:
         reason = conn.closing

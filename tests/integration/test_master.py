@@ -406,7 +406,6 @@ def test_a_reply_sent_just_before_exiting_reaches_a_blocked_caller() -> None:
     with mesh() as m:
         for name in names:
             m.spawn_child(name, workers.last_words, auto_restart=False)
-        ready_names = list(names)
 
         def call(i: int, name: str) -> None:
             try:
@@ -414,7 +413,7 @@ def test_a_reply_sent_just_before_exiting_reaches_a_blocked_caller() -> None:
             except BaseException as exc:
                 results[name] = exc
 
-        threads = [threading.Thread(target=call, args=(i, n)) for i, n in enumerate(ready_names)]
+        threads = [threading.Thread(target=call, args=(i, n)) for i, n in enumerate(names)]
         for t in threads:
             t.start()
         for t in threads:
