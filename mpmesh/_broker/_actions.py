@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Union
 
 from .._wire._messages import Message
+from .._wire._record import record
 
 __all__ = ["Action", "Close", "Notify", "Offload", "Send"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Send:
     """Deliver ``msg`` to peer ``peer``."""
 
@@ -19,7 +20,7 @@ class Send:
     msg: Message
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Close:
     """Close the connection to ``peer`` (after flushing what is queued for it)."""
 
@@ -27,7 +28,7 @@ class Close:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Notify:
     """Something the owner of the broker may want to hear about (``m.on`` events)."""
 
@@ -35,7 +36,7 @@ class Notify:
     info: dict[str, object] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Offload:
     """Run user code (a method of a registered Manager type) off the loop thread.
 

@@ -105,7 +105,7 @@ class Lease:
     closes them with itself.
     """
 
-    __slots__ = ("conn", "owner", "r", "w", "view", "poller")
+    __slots__ = ("conn", "owner", "r", "w", "view", "poller", "woken")
 
     def __init__(self) -> None:
         self.conn: _Conn | None = None
@@ -116,17 +116,22 @@ class Lease:
         self.view = memoryview(bytearray(RECV_BYTES))
         self.poller = select.poll()  # the pipe, and the lent socket while there is one
         self.poller.register(self.r, select.POLLIN)
+        self.woken = False  # a byte may be in the pipe
 
     def wake(self) -> None:
         if threading.get_ident() == self.owner:
             return  # the caller settled its own call while reading: it is not blocked
+        self.woken = True
         try:
             os.write(self.w, b"\0")
         except OSError:
             pass  # full: a wake-up is pending anyway
 
     def clear(self) -> None:
-        drain_pipe(self.r)
+        """Empty the pipe; a system call only if someone woke this lease."""
+        if self.woken:
+            self.woken = False
+            drain_pipe(self.r)
 
     def close(self) -> None:
         os.close(self.r)
@@ -166,6 +171,7 @@ class BrokerLoop(Readers):
         self._sleep_until = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._loop_ident: int | None = None  # the thread running ``_run``
         listener.setblocking(False)
         self._sel.register(listener, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -184,6 +190,7 @@ class BrokerLoop(Readers):
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        self._loop_ident = threading.get_ident()
         try:
             while not self._stopping:
                 self._once()
@@ -388,7 +395,7 @@ class BrokerLoop(Readers):
         into WorkerLost. Loop thread only (elsewhere a no-op). Bounded: a process the
         peer forked may still hold its socket and write.
         """
-        if threading.current_thread() is not self._thread:
+        if threading.get_ident() != self._loop_ident:
             return
         conn = self._conns.get(peer)
         lease = conn.lent_to if conn is not None else None
@@ -470,10 +477,12 @@ class BrokerLoop(Readers):
                     if ready_fd == fd:
                         self._take_in(conn, view)
                     else:
-                        lease.clear()
+                        drain_pipe(lease.r)  # always: a late ``wake`` may have missed ``woken``
         finally:
-            with contextlib.suppress(KeyError, ValueError):
+            try:
                 poller.unregister(fd)
+            except (KeyError, ValueError):
+                pass
             with self.lock:
                 self._lend(conn, None)
                 lease.conn, lease.owner = None, 0
@@ -546,7 +555,7 @@ class BrokerLoop(Readers):
                     touched[conn.id] = conn
             else:
                 notes.append(action)  # type: ignore[arg-type]
-        on_loop = threading.current_thread() is self._thread
+        on_loop = threading.get_ident() == self._loop_ident
         for conn in touched.values():
             self._flush(conn, on_loop)
         return local, notes

@@ -1,4 +1,4 @@
-"""One frozen, slotted dataclass per message kind, and their byte encoding.
+"""One immutable record (``_record.record``) per message kind, and their byte encoding.
 
 Routing metadata is encoded with ``struct`` and UTF-8, never pickle: the broker routes
 a request without unpickling anything, and garbage fails here, at decode time. User data
@@ -15,11 +15,11 @@ import dataclasses
 import enum
 import operator
 import struct
-from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 from .._errors import RemoteProtocolError
 from ._frames import HEADER
+from ._record import record
 
 __all__ = [
     "Answer", "Cancel", "Challenge", "ErrorCode", "Failure", "Goodbye", "Heartbeat",
@@ -61,32 +61,32 @@ class Message:
     KIND: ClassVar[int]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Challenge(Message):
     KIND: ClassVar[int] = 1
     nonce: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Answer(Message):
     KIND: ClassVar[int] = 2
     digest: bytes
     nonce: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Welcome(Message):
     KIND: ClassVar[int] = 3
     digest: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rejected(Message):
     KIND: ClassVar[int] = 4
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Hello(Message):
     """First message after the handshake: who this peer is."""
 
@@ -99,14 +99,14 @@ class Hello(Message):
     hostname: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Ready(Message):
     KIND: ClassVar[int] = 11
     instance_id: int
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Request(Message):
     """Ask ``target`` (a name, or ``target_id`` >= 0) to run ``action``."""
 
@@ -122,14 +122,14 @@ class Request(Message):
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reply(Message):
     KIND: ClassVar[int] = 21
     rid: int
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Failure(Message):
     KIND: ClassVar[int] = 22
     rid: int
@@ -138,7 +138,7 @@ class Failure(Message):
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Cancel(Message):
     """Broker -> worker: the caller gave up on this request; skip it if not started."""
 
@@ -146,7 +146,7 @@ class Cancel(Message):
     rid: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Op(Message):
     """An operation on broker-held state (cache, locks, pub/sub, objects, admin)."""
 
@@ -158,7 +158,7 @@ class Op(Message):
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Push(Message):
     """Broker -> peer, outside any request: a pub/sub delivery or a notice."""
 
@@ -168,13 +168,13 @@ class Push(Message):
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Heartbeat(Message):
     KIND: ClassVar[int] = 40
     busy: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Shutdown(Message):
     """Broker -> child: finish what you hold, take nothing new, exit."""
 
@@ -182,7 +182,7 @@ class Shutdown(Message):
     timeout: float
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Serve(Message):
     """Peer -> broker: send me up to ``capacity`` requests at once (0: none).
 
@@ -194,7 +194,7 @@ class Serve(Message):
     capacity: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Goodbye(Message):
     """Peer -> broker: I am leaving on purpose (not a crash)."""
 

@@ -70,13 +70,15 @@ def test_kinds_table_is_consistent() -> None:
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
-def test_every_message_is_a_frozen_slotted_dataclass(cls: type[Message]) -> None:
+def test_every_message_is_a_slotted_record(cls: type[Message]) -> None:
+    # Immutability is mypy's to enforce (``record`` reads as a frozen dataclass); at run
+    # time a message is a slotted dataclass: no stray attribute, equality by value.
     assert dataclasses.is_dataclass(cls)
     assert "__slots__" in cls.__dict__
     msg = make(cls, 0)
-    if field_kinds(cls):
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            setattr(msg, field_kinds(cls)[0][0], None)
+    with pytest.raises(AttributeError):
+        msg.stray = 1
+    assert make(cls, 0) == msg
 
 
 @pytest.mark.parametrize("variant", range(4))
