@@ -18,6 +18,7 @@ import os
 import queue
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -102,9 +103,11 @@ class Child(SharedState):
         self._workers: _WorkerThreads | None = None
         self._async: AsyncRunner | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
+        fd = config.get("socket_fd")  # forked by the zygote: connected already
         self._client = SocketClient(
             config["address"], config["authkey"],
             make_hello(Role.CHILD, name=self.name, group=self.group or "", capacity=0),
+            sock=None if fd is None else socket.socket(fileno=fd),
         )
         self.instance_id: int = self._client.instance_id
         self._client.on_incoming = self._on_incoming

@@ -260,16 +260,23 @@ class SocketClient(ClientBase):
     """A connection to a broker's Unix socket, authenticated and introduced by Hello."""
 
     def __init__(self, address: str | tuple[str, int], authkey: bytes, hello: Hello, *,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, sock: _socket.socket | None = None) -> None:
+        """``sock``: a connection the zygote made for this (forked) child; it is already
+        the broker's, so there is no connect and no handshake."""
         super().__init__()
         self.address = address
-        if isinstance(address, (tuple, list)):  # a (host, port) broker: TCP, Nagle off
-            address = self.address = (str(address[0]), int(address[1]))
-            self._sock = sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        inherited = sock is not None
+        if sock is None:
+            self._conn = Connection(Side.PEER, authkey, os.urandom)
+            if isinstance(address, (tuple, list)):  # a (host, port) broker: TCP, Nagle off
+                address = self.address = (str(address[0]), int(address[1]))
+                sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            else:
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         else:
-            self._sock = sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        self._conn = Connection(Side.PEER, authkey, os.urandom)
+            self._conn = Connection.trusted(Side.PEER)
+        self._sock = sock
         self._buf = bytearray(RECV_BYTES)
         self._view = memoryview(self._buf)
         self._send_lock = threading.Lock()
@@ -284,7 +291,8 @@ class SocketClient(ClientBase):
         deadline = _deadline.after(connect_timeout)
         try:
             sock.settimeout(connect_timeout)
-            sock.connect(address)
+            if not inherited:
+                sock.connect(address)
             self._handshake(hello, deadline)
         except BaseException:
             sock.close()

@@ -158,7 +158,7 @@ class Master(SharedState, SharedObjects):
         self._client = self._host.client
         self._client.on_incoming = self._on_incoming
         self._core.router.enable_heartbeats(heartbeat_interval, heartbeat_miss_threshold, time.monotonic())
-        self._supervisor.attach(self._loop)
+        self._supervisor.attach(self._loop, adopt=self._loop.adopt)
         self._host.start_thread()
         self._atexit = _make_atexit(weakref.ref(self))
         atexit.register(self._atexit)

@@ -8,19 +8,21 @@ How a child starts depends on the start method:
   safe from a threaded process).
 
 Either way the broker loop learns of an exit without polling: the zygote reports it on
-a pipe, a ``multiprocessing`` child's sentinel becomes readable. ``on_exit(name, pid,
+a socket, a ``multiprocessing`` child's sentinel becomes readable. ``on_exit(name, pid,
 exitcode)`` then runs on the loop thread.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import itertools
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -186,6 +188,8 @@ class Supervisor:
         self._zygote_pid = 0
         self._zygote_popen: subprocess.Popen[bytes] | None = None
         self._report_buf = bytearray()
+        self._report_fds: collections.deque[int] = collections.deque()  # came before their report
+        self._adopt: Callable[[socket.socket], None] | None = None
         self.exited = threading.Condition(self._lock)
 
     # -- the zygote ---------------------------------------------------------------------
@@ -206,7 +210,7 @@ class Supervisor:
                 return False
             time.sleep(0.001)
         ctl_r, ctl_w = os.pipe()
-        report_r, report_w = os.pipe()
+        report_r, report_w = _zygote.channel()
         life_r, life_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the zygote
@@ -244,7 +248,7 @@ class Supervisor:
 
     def _exec_zygote(self) -> None:
         ctl_r, ctl_w = os.pipe()
-        report_r, report_w = os.pipe()
+        report_r, report_w = _zygote.channel()
         life_r, life_w = os.pipe()
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,17 +270,21 @@ class Supervisor:
             os.set_inheritable(fd, False)
         self._ctl_w, self._report_r, self._life_w = ctl_w, report_r, life_w
 
-    def attach(self, loop: ReaderLoop) -> None:
-        """Start listening for exits on ``loop`` (called once the loop exists)."""
+    def attach(self, loop: ReaderLoop, adopt: Callable[[socket.socket], None] | None = None) -> None:
+        """Start listening for exits on ``loop`` (called once the loop exists). ``adopt``
+        takes the broker's end of a forked mesh child's connection, on the loop's thread
+        (a supervisor without a broker closes it: its children have no mesh to join)."""
         self._loop = loop
+        self._adopt = adopt
         if self._report_r >= 0:
             loop.add_reader(self._report_r, self._on_report)
 
     def _on_report(self) -> None:
         try:
-            data = os.read(self._report_r, 65536)
+            data, fds = _zygote.read_report(self._report_r)
         except BlockingIOError:
             return
+        self._report_fds.extend(fds)
         if not data:
             assert self._loop is not None
             self._loop.add_reader(self._report_r, None)
@@ -293,7 +301,9 @@ class Supervisor:
         for report in _zygote.read_frames(self._report_buf, data):
             kind = report[0]
             if kind == "started":
-                _, token, pid = report
+                _, token, pid, connected = report
+                if connected:
+                    self._serve_child(self._report_fds.popleft())
                 name, fut = self._starting.pop(token)
                 proc = _Proc(name, pid)
                 with self._lock:
@@ -307,6 +317,14 @@ class Supervisor:
                 proc = self._by_pid.get(pid)
                 if proc is not None:
                     self._exit(proc, code)
+
+    def _serve_child(self, fd: int) -> None:
+        """Hand the broker's end of a forked child's socketpair to the broker."""
+        sock = socket.socket(fileno=fd)
+        if self._adopt is None:
+            sock.close()  # the child then finds its connection closed, and exits
+        else:
+            self._adopt(sock)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -478,6 +496,8 @@ class Supervisor:
                 self._loop.add_reader(self._report_r, None)
             os.close(self._report_r)
             self._report_r = -1
+        while self._report_fds:
+            os.close(self._report_fds.popleft())
 
     def _parkable(self) -> bool:
         """Idle: nothing starting, every child reported exited. Only an exec'd zygote is

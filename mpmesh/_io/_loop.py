@@ -317,16 +317,31 @@ class BrokerLoop(Readers):
                     log.error("cannot accept a connection: %s", exc)
                     return
                 raise
-            sock.setblocking(False)
-            peer_id = self._next_id
-            self._next_id += 1
-            conn = _Conn(peer_id, sock, Connection(Side.BROKER, self._authkey, os.urandom))
-            with self.lock:
-                self._conns[peer_id] = conn
-                conn.out += conn.conn.initiate()
+            self._serve(sock, Connection(Side.BROKER, self._authkey, os.urandom))
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection our zygote made for a child it forked (the other end is the
+        child's): it needs no handshake. Loop thread only."""
+        if self._stopping or self._leases is None:
+            sock.close()
+            return
+        self._serve(sock, Connection.trusted(Side.BROKER))
+
+    def _serve(self, sock: socket.socket, wire: Connection) -> None:
+        """Start serving a new connection: open its handshake, or take it as a peer now."""
+        sock.setblocking(False)
+        peer_id = self._next_id
+        self._next_id += 1
+        conn = _Conn(peer_id, sock, wire)
+        with self.lock:
+            self._conns[peer_id] = conn
+            if wire.phase is Phase.READY:
+                self.core.on_connect(peer_id, time.monotonic())
+            else:
+                conn.out += wire.initiate()
                 self._flush(conn, on_loop=True)
-            if peer_id in self._conns:
-                self._sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.writing else 0), conn)
+        if peer_id in self._conns:
+            self._sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.writing else 0), conn)
 
     def _read(self, conn: _Conn) -> None:
         if not conn.reading.acquire(blocking=False):

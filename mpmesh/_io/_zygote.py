@@ -6,11 +6,16 @@ handler pool), so it never forks a child itself. It starts the zygote first — 
 ``os.fork()`` while it is still single-threaded (fast: modules stay imported), otherwise
 as a fresh interpreter (``python -m mpmesh._io._zygote``) — and asks it to fork.
 
-Pipes between the two carry length-prefixed pickles (both ends are ours)::
+Channels between the two carry length-prefixed pickles (both ends are ours)::
 
     master ──ctl──► zygote     ("fork", token, config) | ("exec", token, argv, env) | ("init", ...)
-    master ◄─report─ zygote    ("started", token, pid) | ("exited", pid, status) | ("failed", token, text)
+    master ◄─report─ zygote    ("started", token, pid, connected) | ("exited", pid, status) | ("failed", token, text)
     master ──life──► zygote    never written: EOF means the master is gone
+
+``report`` is a Unix socket: a child forked to join a mesh gets one end of a socketpair
+made for it (``config["socket_fd"]``), and its "started" report carries the other end
+(SCM_RIGHTS) for the broker to serve. No handshake is needed on it: nothing but this
+zygote and the master ever holds either end.
 
 When the master goes away (``ctl`` or ``life`` reaches EOF) the zygote terminates every
 child it forked, removes the mesh's socket and key files, and exits: a master killed
@@ -24,6 +29,7 @@ import os
 import pickle
 import selectors
 import signal
+import socket
 import struct
 import sys
 import time
@@ -36,12 +42,22 @@ _LEN: Final = struct.Struct("!I")
 TERM_GRACE_S: Final = 1.0
 
 
-def write_frame(fd: int, obj: object) -> None:
+def write_frame(fd: int, obj: object, pass_fd: int = -1) -> None:
+    """Write ``obj`` as one frame; ``pass_fd`` (a Unix socket ``fd`` only) travels with
+    its first byte."""
     data = pickle.dumps(obj, 5)
     view = memoryview(_LEN.pack(len(data)) + data)
     while view:
         try:
-            n = os.write(fd, view)
+            if pass_fd >= 0:
+                with socket.socket(fileno=fd) as sock:
+                    try:
+                        n = socket.send_fds(sock, [view], [pass_fd])
+                    finally:
+                        sock.detach()
+                pass_fd = -1
+            else:
+                n = os.write(fd, view)
         except InterruptedError:
             continue
         except BlockingIOError:
@@ -49,6 +65,25 @@ def write_frame(fd: int, obj: object) -> None:
             select.select([], [fd], [])
             continue
         view = view[n:]
+
+
+def read_report(fd: int) -> tuple[bytes, list[int]]:
+    """One read from the report socket: the bytes, and the descriptors that came with
+    them (not inheritable)."""
+    with socket.socket(fileno=fd) as sock:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 65536, 16)
+        finally:
+            sock.detach()
+    for passed in fds:
+        os.set_inheritable(passed, False)
+    return data, fds
+
+
+def channel() -> tuple[int, int]:
+    """A connected pair of Unix socket descriptors, for the report channel."""
+    a, b = socket.socketpair()
+    return a.detach(), b.detach()
 
 
 def read_frames(buf: bytearray, data: bytes) -> list[Any]:
@@ -138,15 +173,30 @@ class _Zygote:
             self.cleanup = list(cmd[1])
         elif kind in ("fork", "exec"):
             token = cmd[1]
+            # A forked child of a mesh gets its broker connection from here, ready to use.
+            pair = socket.socketpair() if kind == "fork" and "address" in cmd[2] else None
             try:
                 pid = os.fork()
             except OSError as exc:
+                if pair is not None:
+                    pair[0].close()
+                    pair[1].close()
                 write_frame(self.report, ("failed", token, f"fork failed: {exc}"))
                 return
             if pid == 0:
+                if pair is not None:
+                    pair[0].close()
+                    cmd[2]["socket_fd"] = pair[1].detach()
                 self._in_child(cmd)
             self.children.add(pid)
-            write_frame(self.report, ("started", token, pid))
+            if pair is None:
+                write_frame(self.report, ("started", token, pid, False))
+                return
+            pair[1].close()
+            try:
+                write_frame(self.report, ("started", token, pid, True), pair[0].fileno())
+            finally:
+                pair[0].close()
 
     def _in_child(self, cmd: tuple[Any, ...]) -> NoReturn:
         code = 1

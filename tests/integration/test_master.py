@@ -319,6 +319,20 @@ def test_nested_master_child_master_child_round_trip() -> None:
 
 # -- a blocked caller reads its child's reply itself (BrokerLoop.submit_lent / read_for) ------
 
+def test_forked_children_get_their_connection_from_the_zygote() -> None:
+    # The zygote makes a socketpair per forked child and hands the broker its end: the
+    # child never dials the mesh's socket (no connect, no handshake). With the socket
+    # file gone nobody can dial it, yet children forked now (and a restart) still join.
+    with mesh(start_method="fork") as m:
+        os.unlink(m.address)
+        m.spawn_group("g", workers.basic, 2)
+        assert [m.send_request("square", "g", i) for i in range(4)] == [0, 1, 4, 9]
+        pid = m.send_request("whoami", "g-0")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: m.process_stats("g-0").pid not in (pid, None), WAIT_S)
+        assert m.send_request("square", "g-0", 5) == 25
+
+
 def test_an_idle_childs_reply_is_read_by_the_blocked_caller() -> None:
     with mesh() as m:
         m.spawn_child("c", workers.basic)

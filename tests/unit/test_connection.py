@@ -256,6 +256,21 @@ def test_garbage_after_the_handshake_closes_the_connection() -> None:
     assert pair.broker.phase is Phase.CLOSED
 
 
+def test_a_trusted_pair_is_ready_at_once_and_refuses_handshake_frames() -> None:
+    # The zygote's socketpair for a forked child: no handshake, full-size frames at once,
+    # and a handshake frame arriving later is garbage like on any ready connection.
+    broker, peer = Connection.trusted(Side.BROKER), Connection.trusted(Side.PEER)
+    assert broker.phase is Phase.READY and peer.phase is Phase.READY
+    big = Reply(7, b"q" * (64 * MAX_HANDSHAKE_FRAME_BYTES))
+    assert broker.receive_data(peer.send(HELLO) + peer.send(big)) == b""
+    assert broker.events() == [HELLO, big]
+    with pytest.raises(LocalProtocolError):
+        broker.initiate()
+    with pytest.raises(RemoteProtocolError):
+        peer.receive_data(encode(Challenge(b"n" * 32)))
+    assert peer.phase is Phase.CLOSED
+
+
 def _split(frame: bytes) -> tuple[int, bytes]:
     length, kind = HEADER.unpack_from(frame, 0)
     assert len(frame) == HEADER.size + length
