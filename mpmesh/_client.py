@@ -112,13 +112,9 @@ class ClientBase:
         """Send a request; the future resolves to the handler's return value."""
         payload = _codec.dumps(data)  # before taking any resource (STYLE rule 5)
         rid, fut = self._new_future()
-        self._send_request(rid, action, target, payload, timeout, priority, retries, retry_delay)
-        return fut
-
-    def _send_request(self, rid: int, action: str, target: str | int, payload: bytes,
-                      timeout: float | None, priority: int, retries: int, retry_delay: float) -> None:
         self._send_or_forget(self._send, _request_msg(rid, action, target, payload, timeout, priority, retries,
                                                       retry_delay))
+        return fut
 
     def _send_or_forget(self, send: Callable[[Request], _T], msg: Request) -> _T:
         """``send(msg)``; if it fails, the request's pending call is dropped."""

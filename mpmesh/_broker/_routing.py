@@ -24,6 +24,7 @@ running there, and the late answer is dropped when it arrives.
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import itertools
@@ -102,39 +103,71 @@ class Job:
 
 
 class JobQueue:
-    """Priority queue of jobs: higher priority first, FIFO among equals."""
+    """Jobs by priority (higher first), FIFO among equals: one deque per priority.
 
-    __slots__ = ("_heap", "live")
+    Jobs are ordered by ``seq``. Nearly all arrive with the highest yet and are appended
+    in O(1) (a heap of thousands of queued jobs cost ~10% of a busy master's CPU); a
+    retried job keeps its ``seq`` and goes back to where it stood. Jobs that left by
+    another way (timeout, cancel) are dropped when they reach the front.
+    """
+
+    __slots__ = ("_lanes", "_order", "_entries", "live")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, Job]] = []
+        self._lanes: dict[int, collections.deque[Job]] = {}
+        self._order: list[int] = []  # the lanes' priorities, highest first
+        self._entries = 0            # jobs held, live or not
         self.live = 0
 
     def push(self, job: Job) -> None:
-        heapq.heappush(self._heap, (-job.priority, job.seq, job))
+        lane = self._lanes.get(job.priority)
+        if lane is None:
+            lane = self._lanes[job.priority] = collections.deque()
+            self._order.append(job.priority)
+            self._order.sort(reverse=True)
+        if not lane or lane[-1].seq < job.seq:
+            lane.append(job)
+        else:
+            at = len(lane)
+            while at and lane[at - 1].seq > job.seq:
+                at -= 1
+            lane.insert(at, job)
+        self._entries += 1
         self.live += 1
 
-    def _clean(self) -> None:
-        heap = self._heap
-        while heap and heap[0][2].state is not J_QUEUED:
-            heapq.heappop(heap)
-
     def peek(self) -> Job | None:
-        self._clean()
-        return self._heap[0][2] if self._heap else None
+        order, lanes = self._order, self._lanes
+        i = 0
+        while i < len(order):
+            lane = lanes[order[i]]
+            while lane and lane[0].state is not J_QUEUED:
+                lane.popleft()
+                self._entries -= 1
+            if lane:
+                return lane[0]
+            del lanes[order.pop(i)]
+        return None
 
     def pop(self) -> Job:
-        self._clean()
-        job = heapq.heappop(self._heap)[2]
+        job = self.peek()
+        if job is None:
+            raise IndexError("pop from an empty JobQueue")
+        lane = self._lanes[job.priority]
+        lane.popleft()
+        if not lane:
+            del self._lanes[job.priority]
+            self._order.remove(job.priority)
+        self._entries -= 1
         self.live -= 1
         return job
 
     def discard(self, job: Job) -> None:
         """Account for a queued job that left by another way (timeout, cancel)."""
         self.live -= 1
-        if len(self._heap) > 64 and len(self._heap) > 4 * self.live:
-            self._heap = [e for e in self._heap if e[2].state is J_QUEUED]
-            heapq.heapify(self._heap)
+        if self._entries > 64 and self._entries > 4 * self.live:
+            for priority, lane in self._lanes.items():
+                self._lanes[priority] = collections.deque(j for j in lane if j.state is J_QUEUED)
+            self._entries = sum(map(len, self._lanes.values()))
 
     def drain(self) -> Iterator[Job]:
         while self.peek() is not None:
@@ -252,12 +285,12 @@ class Router:
 
     def submit(self, origin: int, req: Request, where: Worker | Group, now: float) -> list[Action]:
         timeout = req.timeout if req.timeout >= 0 else None
-        job = Job(
+        retries = max(0, req.retries)
+        job = Job(  # positional: with keywords it builds ~1.7x slower, on every request
             next(self._brids), origin, req.rid, req.action, req.payload, req.priority,
             timeout, req.target or where.name,
             now + timeout if timeout is not None else float("inf"),
-            where=where, retries_left=max(0, req.retries), retry_delay=req.retry_delay,
-            attempts=1 + max(0, req.retries), seq=next(self._seqs),
+            where, retries, req.retry_delay, 1, 1 + retries, next(self._seqs),
         )
         unavailable = self._unavailable(where)
         if unavailable:

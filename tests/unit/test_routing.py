@@ -10,6 +10,7 @@ import random
 import pytest
 
 from mpmesh._broker._core import LOCAL_PEER
+from mpmesh._broker._routing import J_DONE, Job, JobQueue
 from mpmesh._wire._messages import ErrorCode, Failure, Hello, Reply, Request, Role
 
 from ._broker_harness import (
@@ -192,6 +193,33 @@ def test_priority_order_on_a_saturated_group(h: Harness) -> None:
                 running[p] = req.rid
     assert started == EXPECTED
     h.settled()
+
+
+def _job(seq: int, priority: int = 0) -> Job:
+    return Job(seq, ORIGIN, seq, f"job-{seq}", b"", priority, None, "g", float("inf"), seq=seq)
+
+
+def test_job_queue_orders_by_priority_then_seq_and_skips_jobs_that_left() -> None:
+    queue = JobQueue()
+    jobs = {seq: _job(seq, priority) for seq, priority in [(1, 0), (2, 5), (3, 0), (4, 5), (6, -1)]}
+    for job in jobs.values():
+        queue.push(job)
+    queue.push(retried := _job(0))  # a retried job keeps its seq: back to the front of its lane
+    queue.push(late := _job(5))     # and one that stood between others goes between them
+    jobs[3].state = J_DONE          # left by another way (timeout, cancel)
+    queue.discard(jobs[3])
+    assert len(queue) == 6
+    order = [job.seq for job in queue.drain()]
+    assert order == [2, 4, 0, 1, 5, 6]
+    assert retried.seq == 0 and late.seq == 5 and len(queue) == 0 and queue.peek() is None
+
+
+def test_job_queue_keeps_no_lane_for_priorities_it_no_longer_holds() -> None:
+    queue = JobQueue()
+    for seq in range(1000):
+        queue.push(_job(seq, priority=seq))
+        queue.pop()
+    assert queue._lanes == {} and queue._order == []
 
 
 # -- strategies ------------------------------------------------------------------------------------
