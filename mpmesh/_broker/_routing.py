@@ -232,7 +232,9 @@ class Router:
         self.groups: dict[str, Group] = {}
         self.jobs: dict[int, Job] = {}          # brid -> job, QUEUED or RUNNING/ABANDONED
         self._by_origin: dict[tuple[int, int], Job] = {}
-        self._timers: list[tuple[float, int, Job]] = []
+        # (deadline, brid): the job is looked up in ``jobs`` (gone: finished). Without a
+        # reference in it, the collector soon stops walking each of thousands of entries.
+        self._timers: list[tuple[float, int]] = []
         self._delayed: list[tuple[float, int, Job]] = []      # retries waiting out retry_delay
         self._lost: list[tuple[float, int, Worker]] = []      # LOST workers' grace deadlines
         self.heartbeat_timeout: float | None = None           # silence that makes a worker unhealthy
@@ -298,7 +300,7 @@ class Router:
         self.jobs[job.brid] = job
         self._by_origin[(origin, req.rid)] = job
         if timeout is not None:
-            heapq.heappush(self._timers, (job.deadline, job.brid, job))
+            heapq.heappush(self._timers, (job.deadline, job.brid))
         return self._enqueue(job, where, now)
 
     def _unavailable(self, where: Worker | Group) -> str:
@@ -457,7 +459,7 @@ class Router:
     def next_deadline(self) -> float | None:
         """The earliest moment ``on_tick`` has something to do (cheap: heap heads only)."""
         timers = self._timers
-        while timers and timers[0][2].state in (J_DONE, J_ABANDONED):
+        while timers and self._timer_job(*timers[0]) is None:
             heapq.heappop(timers)
         lost = self._lost
         while lost and (lost[0][2].state is not W_LOST or not lost[0][2].running):
@@ -468,14 +470,20 @@ class Router:
                 best = heap[0][0]
         return None if best == float("inf") else best
 
+    def _timer_job(self, deadline: float, brid: int) -> Job | None:
+        """The job a timer entry stands for, if it is still waiting for that deadline."""
+        job = self.jobs.get(brid)
+        if job is None or job.deadline != deadline or job.state not in (J_QUEUED, J_RUNNING, J_DELAYED):
+            return None
+        return job
+
     def on_tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
-            deadline, _, job = heapq.heappop(timers)
-            if job.state not in (J_QUEUED, J_RUNNING, J_DELAYED) or job.deadline != deadline:
-                continue
-            actions += self._timed_out(job, now)
+            job = self._timer_job(*heapq.heappop(timers))
+            if job is not None:
+                actions += self._timed_out(job, now)
         delayed = self._delayed
         while delayed and delayed[0][0] <= now:
             job = heapq.heappop(delayed)[2]
@@ -620,7 +628,7 @@ class Router:
         job.state = J_QUEUED
         if job.timeout is not None:
             job.deadline = now + job.retry_delay + job.timeout
-            heapq.heappush(self._timers, (job.deadline, job.brid, job))
+            heapq.heappush(self._timers, (job.deadline, job.brid))
         note = Notify("request-retry", {"action": job.action, "target": job.target,
                                         "attempt": job.attempt, "attempts": job.attempts,
                                         "reason": reason})

@@ -74,6 +74,34 @@ def test_callbacks_wait_and_as_completed() -> None:
     timer.join(LONG)
 
 
+def test_waiters_installed_on_pending_futures_are_woken() -> None:
+    # A future settled unobserved makes neither its Condition nor its lists; wait() and
+    # as_completed() install waiters on pending ones (under the Condition they make)
+    # and must be woken by the settling.
+    early = MeshFuture()
+    early.set_result("early")
+    assert early._cond is None and "_waiters" not in vars(early)
+    pending = [MeshFuture() for _ in range(3)]
+
+    def settle() -> None:
+        assert wait_for(lambda: all(f._cond is not None and f._waiters for f in pending), LONG)
+        for i, f in enumerate(pending):
+            f.set_result(i)
+
+    thread = threading.Thread(target=settle)
+    thread.start()
+    results = [f.result() for f in concurrent.futures.as_completed([early, *pending], timeout=LONG)]
+    assert sorted(results, key=str) == [0, 1, 2, "early"]
+    thread.join(LONG)
+    again = MeshFuture()
+    thread = threading.Thread(target=lambda: wait_for(lambda: bool(again._waiters), LONG) and again.set_result(1))
+    thread.start()
+    done, not_done = concurrent.futures.wait([again, early], return_when=concurrent.futures.ALL_COMPLETED,
+                                             timeout=LONG)
+    assert done == {again, early} and not not_done
+    thread.join(LONG)
+
+
 def test_asyncio_can_await_it() -> None:
     fut = MeshFuture()
 
