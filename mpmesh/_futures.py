@@ -87,7 +87,7 @@ dispatcher = _Dispatcher()
 # Guards making a future's Condition, or a Latch's Event, against it settling.
 _settle_lock = threading.Lock()
 _PENDING, _FINISHED = "PENDING", "FINISHED"  # concurrent.futures' state names
-_NONE: tuple[()] = ()
+_EMPTY: tuple[()] = ()
 
 
 class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -106,8 +106,8 @@ class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     _rid = 0
     # Read (as empty) until the Condition is made; whatever adds to them (a callback,
     # concurrent.futures.wait / as_completed) holds the Condition first.
-    _waiters: list[Any] = _NONE  # type: ignore[assignment]
-    _done_callbacks: list[Callable[[concurrent.futures.Future], object]] = _NONE  # type: ignore[assignment,type-arg]
+    _waiters: list[Any] = _EMPTY  # type: ignore[assignment]
+    _done_callbacks: list[Callable[[concurrent.futures.Future], object]] = _EMPTY  # type: ignore[assignment,type-arg]
 
     def __init__(self) -> None:
         # The base __init__ without its Condition and lists; the attributes are the base class's.

@@ -230,7 +230,7 @@ class Router:
         self._rng = rng
         self.workers: dict[str, Worker] = {}
         self.groups: dict[str, Group] = {}
-        self.jobs: dict[int, Job] = {}          # brid -> job, QUEUED or RUNNING/ABANDONED
+        self.jobs: dict[int, Job] = {}          # brid -> job, QUEUED, DELAYED or RUNNING
         self._by_origin: dict[tuple[int, int], Job] = {}
         # (deadline, brid): the job is looked up in ``jobs`` (gone: finished). Without a
         # reference in it, the collector soon stops walking each of thousands of entries.
