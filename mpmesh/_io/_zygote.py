@@ -24,6 +24,7 @@ with SIGKILL leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -33,13 +34,24 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, Final, NoReturn
 
-__all__ = ["main", "read_frames", "serve", "write_frame"]
+__all__ = ["channel", "main", "read_frames", "read_report", "serve", "write_frame"]
 
 _LEN: Final = struct.Struct("!I")
 # After SIGTERM, how long children of a vanished master get before SIGKILL.
 TERM_GRACE_S: Final = 1.0
+
+
+@contextlib.contextmanager
+def _socket_over(fd: int) -> Iterator[socket.socket]:
+    """A socket object over ``fd`` that leaves ``fd`` open when it is done."""
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
 
 
 def write_frame(fd: int, obj: object, pass_fd: int = -1) -> None:
@@ -50,11 +62,8 @@ def write_frame(fd: int, obj: object, pass_fd: int = -1) -> None:
     while view:
         try:
             if pass_fd >= 0:
-                with socket.socket(fileno=fd) as sock:
-                    try:
-                        n = socket.send_fds(sock, [view], [pass_fd])
-                    finally:
-                        sock.detach()
+                with _socket_over(fd) as sock:
+                    n = socket.send_fds(sock, [view], [pass_fd])
                 pass_fd = -1
             else:
                 n = os.write(fd, view)
@@ -70,11 +79,8 @@ def write_frame(fd: int, obj: object, pass_fd: int = -1) -> None:
 def read_report(fd: int) -> tuple[bytes, list[int]]:
     """One read from the report socket: the bytes, and the descriptors that came with
     them (not inheritable)."""
-    with socket.socket(fileno=fd) as sock:
-        try:
-            data, fds, _, _ = socket.recv_fds(sock, 65536, 16)
-        finally:
-            sock.detach()
+    with _socket_over(fd) as sock:
+        data, fds, _, _ = socket.recv_fds(sock, 65536, 16)
     for passed in fds:
         os.set_inheritable(passed, False)
     return data, fds
