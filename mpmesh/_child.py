@@ -95,7 +95,9 @@ class Child(SharedState):
         self._timeout: float | None = config.get("timeout")
         self._handlers = HandlerRegistry(f"child {self.name!r}")
         self._inbox: collections.deque[Request] = collections.deque()
-        self._pending: dict[int, Request] = {}  # concurrent requests not yet started
+        # Requests received and not yet started, in either mode. Whoever pops one from
+        # here owns it: the thread that starts it, or a Cancel that arrives first.
+        self._pending: dict[int, Request] = {}
         self._outstanding = 0                    # concurrent requests accepted, not answered
         self._stopping = False
         self._master_gone = False
@@ -187,6 +189,8 @@ class Child(SharedState):
                 wait_until(ready, _deadline.FOREVER)
                 continue
             req = inbox.popleft()
+            if self._pending.pop(req.rid, None) is None:
+                continue  # cancelled while it waited
             fn = self._handlers.get(req.action)
             if fn is None:
                 answer: Reply | Failure = self._handlers.missing(req)
@@ -215,10 +219,12 @@ class Child(SharedState):
         """Called by whichever thread is reading the socket."""
         cls = type(msg)
         if cls is Request:
+            req = cast(Request, msg)
             if self.mode == "sequential":
-                self._inbox.append(msg)  # type: ignore[arg-type]
+                self._pending[req.rid] = req
+                self._inbox.append(req)
             else:
-                self._start_concurrent(msg)  # type: ignore[arg-type]
+                self._start_concurrent(req)
         elif cls is Cancel:
             self._cancel(msg.rid)  # type: ignore[attr-defined]
         elif cls is Shutdown:
@@ -257,13 +263,10 @@ class Child(SharedState):
             self._client._wake_followers()
 
     def _cancel(self, rid: int) -> None:
-        for req in self._inbox:
-            if req.rid == rid:
-                self._inbox.remove(req)
-                break
-        else:
-            if self._pending.pop(rid, None) is None:
-                return  # already running (or done): its answer will be dropped
+        # Never scans the inbox: a reader thread may cancel while the main thread pops.
+        if self._pending.pop(rid, None) is None:
+            return  # already running (or done): its answer will be dropped
+        if self.mode != "sequential":
             self._outstanding -= 1
         self._answer(Failure(rid, ErrorCode.CANCELLED, "cancelled before it started", b""))
 
