@@ -183,12 +183,13 @@ class Child(SharedState):
         wait_until = self._client.wait_until
         ready = lambda: bool(inbox) or self._stopping  # noqa: E731
         while True:
-            if not inbox:
+            try:
+                req = inbox.popleft()  # a reader thread's Goodbye may empty it at any time
+            except IndexError:
                 if self._stopping:
                     return
                 wait_until(ready, _deadline.FOREVER)
                 continue
-            req = inbox.popleft()
             if self._pending.pop(req.rid, None) is None:
                 continue  # cancelled while it waited
             fn = self._handlers.get(req.action)

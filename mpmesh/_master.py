@@ -138,6 +138,8 @@ class Master(SharedState, SharedObjects):
         self._handlers = HandlerRegistry("the master")
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._async: AsyncRunner | None = None
+        # Both are made on first use, by whichever thread delivers that request.
+        self._runners_lock = threading.Lock()
         self.address = _paths.socket_path(self.name)
         self._supervisor = Supervisor(
             {"address": self.address, "authkey": self.authkey, "timeout": timeout,
@@ -210,7 +212,7 @@ class Master(SharedState, SharedObjects):
             if group is not None and group not in self._core.router.groups:
                 self._core.declare_group(group, "round-robin")
             self._core.declare_child(name, group, capacity)
-        self._specs[name] = spec
+            self._specs[name] = spec  # with the router's record: readers see both or neither
         try:
             return self._supervisor.launch(spec)
         except BaseException:
@@ -225,8 +227,8 @@ class Master(SharedState, SharedObjects):
             raise
 
     def _forget(self, name: str) -> None:
-        self._specs.pop(name, None)
         with self._loop.locked():
+            self._specs.pop(name, None)
             worker = self._core.router.workers.get(name)
             if worker is not None:
                 self._core.router.forget(worker)
@@ -274,13 +276,13 @@ class Master(SharedState, SharedObjects):
                 g.strategy = strategy
             if max_concurrency is not None:
                 g.max_concurrency = max_concurrency
+            if auto_restart is not None:
+                for spec in self._specs.values():
+                    if spec.group == group:
+                        spec.auto_restart = auto_restart
             return self._core.router._pump_group(g, now)
 
         self._loop.run_core(change)
-        if auto_restart is not None:
-            for spec in self._specs.values():
-                if spec.group == group:
-                    spec.auto_restart = auto_restart
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -376,13 +378,24 @@ class Master(SharedState, SharedObjects):
         if fn is None:
             self._loop.submit_local(self._handlers.missing(req))
         elif self._handlers.is_async(req.action):
-            if self._async is None:
-                self._async = AsyncRunner("mpmesh-master-async")
-            self._async.submit(fn, req, self._loop.submit_local)
+            self._async_runner().submit(fn, req, self._loop.submit_local)
         else:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(MASTER_HANDLER_THREADS, "mpmesh-master-handler")
-            self._pool.submit(lambda: self._loop.submit_local(invoke(fn, req)))
+            self._handler_pool().submit(lambda: self._loop.submit_local(invoke(fn, req)))
+
+    def _handler_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            with self._runners_lock:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(MASTER_HANDLER_THREADS,
+                                                                       "mpmesh-master-handler")
+        return self._pool
+
+    def _async_runner(self) -> AsyncRunner:
+        if self._async is None:
+            with self._runners_lock:
+                if self._async is None:
+                    self._async = AsyncRunner("mpmesh-master-async")
+        return self._async
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -486,8 +499,9 @@ class Master(SharedState, SharedObjects):
 
     def children(self) -> list[str]:
         """Names of the children that are running or being restarted, in spawn order."""
-        workers = self._core.router.workers
-        return [n for n in self._specs if n in workers and workers[n].state is not WorkerState.DOWN]
+        with self._loop.locked():  # a Pool's thread may add or forget children meanwhile
+            workers = self._core.router.workers
+            return [n for n in self._specs if (w := workers.get(n)) is not None and w.state is not WorkerState.DOWN]
 
     def is_alive(self, name: str) -> bool:
         """Whether child ``name``'s process is running."""
@@ -496,6 +510,11 @@ class Master(SharedState, SharedObjects):
 
     def unhealthy(self) -> list[str]:
         """Children whose heartbeats stopped (they leave the list when beats resume)."""
+        with self._loop.locked():
+            return self._unhealthy()
+
+    def _unhealthy(self) -> list[str]:
+        """``unhealthy()`` with the core lock held."""
         return [n for n, w in self._core.router.workers.items()
                 if n in self._specs and not w.healthy and w.state is not WorkerState.DOWN]
 
@@ -527,7 +546,7 @@ class Master(SharedState, SharedObjects):
             snapshot: dict[str, Any] = {
                 "mesh": self.name, "address": self.address, "children": children,
                 "requests_queued": pending, "requests_in_flight": len(router.jobs) - pending,
-                "connections": len(self._core.peers) - 1, "unhealthy": self.unhealthy(),
+                "connections": len(self._core.peers) - 1, "unhealthy": self._unhealthy(),
             }
         snapshot["groups"] = {g: self.group_stats(g) for g in groups}
         extra = getattr(super(), "stats", None)
@@ -566,7 +585,9 @@ class Master(SharedState, SharedObjects):
         def ask(now: float) -> list[Any]:
             actions: list[Any] = []
             for n in names:
-                actions += router.stop_worker(router.workers[n], timeout if timeout is not None else -1.0)
+                worker = router.workers.get(n)
+                if worker is not None:  # not forgotten meanwhile
+                    actions += router.stop_worker(worker, timeout if timeout is not None else -1.0)
             return actions
 
         self._loop.run_core(ask)
@@ -590,9 +611,11 @@ class Master(SharedState, SharedObjects):
         self._closed = True
         try:
             atexit.unregister(self._atexit)
-            for spec in self._specs.values():
+            with self._loop.locked():
+                specs = list(self._specs.values())
+            for spec in specs:
                 spec.auto_restart = False
-            self._stop(list(self._specs), timeout)
+            self._stop([spec.name for spec in specs], timeout)
             self._loop.run_core(lambda now: self._core.router.fail_all(ErrorCode.CLOSED, "the mesh was shut down"))
         finally:
             self._host.close()

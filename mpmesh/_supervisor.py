@@ -288,14 +288,17 @@ class Supervisor:
         if not data:
             assert self._loop is not None
             self._loop.add_reader(self._report_r, None)
-            if self._ctl_w >= 0:  # not our own close(): the zygote died under us
+            with self._lock:  # a spawning thread writes to ctl_w and records its start under it
+                died = self._ctl_w >= 0  # not our own close(): the zygote died under us
+                if died:
+                    os.close(self._ctl_w)
+                    os.close(self._report_r)
+                    self._ctl_w = self._report_r = -1
+                starting, self._starting = self._starting, {}
+            if died:
                 log.error("the zygote (fork server) died; children it started are no longer supervised")
-                os.close(self._ctl_w)
-                os.close(self._report_r)
-                self._ctl_w = self._report_r = -1
-                for _, fut in self._starting.values():
-                    fut.set_exception(MeshError("the zygote (fork server) died before starting the child"))
-                self._starting.clear()
+            for _, fut in starting.values():
+                fut.set_exception(MeshError("the zygote (fork server) died before starting the child"))
             return
         proc: _Proc | None
         for report in _zygote.read_frames(self._report_buf, data):
@@ -304,14 +307,16 @@ class Supervisor:
                 _, token, pid, connected = report
                 if connected:
                     self._serve_child(self._report_fds.popleft())
-                name, fut = self._starting.pop(token)
-                proc = _Proc(name, pid)
                 with self._lock:
+                    name, fut = self._starting.pop(token)
+                    proc = _Proc(name, pid)
                     self._procs[name] = self._by_pid[pid] = proc
                 fut.set_result(pid)
             elif kind == "failed":
                 _, token, text = report
-                self._starting.pop(token)[1].set_exception(MeshError(text))
+                with self._lock:
+                    _, fut = self._starting.pop(token)
+                fut.set_exception(MeshError(text))
             elif kind == "exited":
                 _, pid, code = report
                 proc = self._by_pid.get(pid)
@@ -386,12 +391,13 @@ class Supervisor:
         self.ensure_zygote()
         token = next(self._tokens)
         fut: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._starting[token] = (name, fut)
         try:
             with self._lock:
+                self._starting[token] = (name, fut)
                 _zygote.write_frame(self._ctl_w, (cmd[0], token, *cmd[2:]))
         except OSError as exc:
-            self._starting.pop(token, None)
+            with self._lock:
+                self._starting.pop(token, None)
             raise MeshError(f"cannot start child {name!r}: the zygote is gone ({exc})") from None
         return fut
 
@@ -503,8 +509,9 @@ class Supervisor:
         """Idle: nothing starting, every child reported exited. Only an exec'd zygote is
         kept (a forked one is cheap to redo, and a fresh fork gives children this
         process's current state, as ``fork`` should)."""
-        return (self._ctl_w >= 0 and not self._starting and not self._report_buf
-                and all(p.exitcode is not None for p in self._procs.values()))
+        with self._lock:
+            return (self._ctl_w >= 0 and not self._starting and not self._report_buf
+                    and all(p.exitcode is not None for p in self._procs.values()))
 
 
 class _environ:

@@ -64,6 +64,7 @@ class BrokerHost:
         self.client = LocalClient(None)  # type: ignore[arg-type]
         self._on_notify = on_notify or (lambda notes: None)
         self._offload_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._offload_lock = threading.Lock()  # made on first use, by any delivering thread
         self.loop = BrokerLoop(self.core, listener, authkey, on_local=self.client.deliver,
                                on_notify=self._notes)
         self.client._loop = self.loop
@@ -104,7 +105,9 @@ class BrokerHost:
         if self._closed:
             return
         if self._offload_pool is None:
-            self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
+            with self._offload_lock:
+                if self._offload_pool is None:
+                    self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
 
         def run() -> None:
             outcome = job.job()

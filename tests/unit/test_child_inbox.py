@@ -1,7 +1,9 @@
-"""A sequential child's queued requests: a Cancel claims one without scanning the inbox.
+"""A sequential child's queued requests, shared by two threads.
 
 In a sequential child that has started a reader thread (it ran an ``async def``
-handler), Cancels are read on that thread while the main thread pops the inbox.
+handler), Cancels and Goodbyes are read on that thread while the main thread pops the
+inbox: a Cancel claims a request without scanning the inbox, and the main thread pops
+without checking the inbox's size first.
 """
 
 from __future__ import annotations
@@ -71,3 +73,25 @@ def test_a_cancel_for_a_queued_request_answers_cancelled_and_it_never_runs() -> 
     cancelled = answers[0]
     assert isinstance(cancelled, Failure) and cancelled.code == ErrorCode.CANCELLED
     assert not child._pending
+
+
+class _EmptiedAfterLooking(collections.deque):  # type: ignore[type-arg]
+    """An inbox a reader thread's Goodbye empties right after anyone checks its size."""
+
+    def __len__(self) -> int:
+        size = super().__len__()
+        self.clear()
+        return size
+
+
+def test_an_inbox_emptied_by_a_goodbye_mid_loop_ends_the_loop_quietly() -> None:
+    ran: list[int] = []
+    answers: list[Reply | Failure] = []
+    child = _sequential_child(ran, answers)
+    child._inbox = _EmptiedAfterLooking()
+    child._on_incoming(_request(1))
+    child._stopping = True  # as a Goodbye leaves it
+
+    child._run_sequential()  # must neither raise IndexError nor wait
+
+    assert ran in ([], [1]) and len(answers) == len(ran)
