@@ -21,12 +21,14 @@ import itertools
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -93,7 +95,9 @@ class _Spare:
 
 
 _spare: _Spare | None = None
-SPARE_EXIT_S: Final = 5.0  # a parked zygote exits at once when its pipes close
+# A zygote exits at once when its pipes close (after stopping what it still runs, which
+# takes at most its TERM_GRACE_S); one that has not by then is killed.
+ZYGOTE_EXIT_S: Final = 5.0
 _spare_lock = threading.Lock()
 
 
@@ -126,11 +130,35 @@ def _stop_zygote(spare: _Spare) -> None:
             os.close(fd)
         except OSError:
             pass
+    _reap_popen(spare.popen)
+
+
+def _reap_popen(popen: subprocess.Popen[bytes]) -> None:
     try:
-        spare.popen.wait(SPARE_EXIT_S)
+        popen.wait(ZYGOTE_EXIT_S)
     except subprocess.TimeoutExpired:  # it exits on EOF; if it does not, make it
-        spare.popen.kill()
-        spare.popen.wait()
+        popen.kill()
+        popen.wait()
+
+
+def _reap_forked(pid: int) -> None:
+    """Wait for our forked zygote ``pid`` to exit; kill it after ``ZYGOTE_EXIT_S``."""
+    try:
+        if hasattr(os, "pidfd_open"):
+            fd = os.pidfd_open(pid)  # readable once it has exited
+            try:
+                select.select([fd], [], [], ZYGOTE_EXIT_S)
+            finally:
+                os.close(fd)
+        else:  # pragma: no cover - macOS
+            deadline = time.monotonic() + ZYGOTE_EXIT_S
+            while os.waitpid(pid, os.WNOHANG)[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        if os.waitpid(pid, os.WNOHANG)[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass  # reaped already
 
 
 def discard_spare() -> None:
@@ -143,6 +171,32 @@ def discard_spare() -> None:
 
 
 atexit.register(discard_spare)
+
+# Every supervisor of this process with a zygote. A process forked from ours by anyone
+# (multiprocessing's fork, a ProcessPoolExecutor) must not keep their ends of the zygote's
+# pipes: the zygote learns that its master is gone, or done, from those pipes' EOF.
+_with_zygote: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+
+
+def _drop_inherited_zygotes() -> None:
+    global _spare
+    for sup in list(_with_zygote):
+        sup._disown_zygote()
+    _with_zygote.clear()
+    if _spare is not None:
+        for fd in _spare.fds:
+            _close_quietly(fd)
+        _spare = None
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+os.register_at_fork(after_in_child=_drop_inherited_zygotes)
 
 
 @dataclass
@@ -267,8 +321,20 @@ class Supervisor:
 
     def _adopt_zygote(self, ctl_w: int, report_r: int, life_w: int) -> None:
         for fd in (ctl_w, report_r, life_w):
-            os.set_inheritable(fd, False)
+            os.set_inheritable(fd, False)  # exec drops them; a plain fork: _drop_inherited_zygotes
         self._ctl_w, self._report_r, self._life_w = ctl_w, report_r, life_w
+        _with_zygote.add(self)
+
+    def _disown_zygote(self) -> None:
+        """In a forked copy of this process: close our copies of the zygote's pipes and
+        forget it (it is the original's to stop and reap)."""
+        for fd in (self._ctl_w, self._report_r, self._life_w, *self._report_fds):
+            if fd >= 0:
+                _close_quietly(fd)
+        self._ctl_w = self._report_r = self._life_w = -1
+        self._report_fds.clear()
+        self._zygote_pid = 0
+        self._zygote_popen = None
 
     def attach(self, loop: ReaderLoop, adopt: Callable[[socket.socket], None] | None = None) -> None:
         """Start listening for exits on ``loop`` (called once the loop exists). ``adopt``
@@ -492,10 +558,10 @@ class Supervisor:
                 os.close(fd)
         self._ctl_w = self._life_w = -1
         if self._zygote_pid:
-            os.waitpid(self._zygote_pid, 0)
+            _reap_forked(self._zygote_pid)
             self._zygote_pid = 0
         if self._zygote_popen is not None:
-            self._zygote_popen.wait()
+            _reap_popen(self._zygote_popen)
             self._zygote_popen = None
         if self._report_r >= 0:
             if self._loop is not None:

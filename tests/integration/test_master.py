@@ -698,3 +698,43 @@ def test_a_threaded_process_reuses_its_execd_zygote_for_the_next_mesh(tmp_path: 
         helper.join()
         discard_spare()
     assert first.poll() is not None
+
+
+FORK_BYSTANDER = """
+import os, signal, sys, time, warnings
+warnings.simplefilter("ignore", DeprecationWarning)  # it forks a threaded process on purpose
+import mpmesh
+from tests.integration import workers
+
+if sys.argv[1] == "pool":
+    mesh = mpmesh.Pool(2)
+    assert mesh.map(abs, [-1, -2]) == [1, 2]
+    stop = lambda: (mesh.close(), mesh.join())
+else:
+    mesh = mpmesh.Master(start_method="fork")
+    mesh.spawn_child("w", workers.basic)
+    stop = mesh.shutdown
+release_r, release_w = os.pipe()
+bystander = os.fork()  # a fork of the user's own (multiprocessing's, a ProcessPoolExecutor's)
+if bystander == 0:
+    signal.alarm(8)  # never outlive a hung test
+    os.close(release_w)
+    os.read(release_r, 1)
+    os._exit(0)
+os.close(release_r)
+start = time.monotonic()
+stop()
+print(f"{time.monotonic() - start:.2f}")
+os.close(release_w)
+os.waitpid(bystander, 0)
+"""
+
+
+@pytest.mark.parametrize("kind", ["master", "pool"])
+def test_shutdown_does_not_wait_for_a_process_the_user_forked(kind: str) -> None:
+    # A process forked from the user's (after the mesh exists) must not hold the ends of
+    # the zygote's pipes: the zygote would never see EOF, and shutdown would wait for it.
+    done = subprocess.run([sys.executable, "-c", FORK_BYSTANDER, kind], cwd=HERE.parent.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip()) < 3.0, f"{kind} shutdown waited for the bystander: {done.stdout}"
