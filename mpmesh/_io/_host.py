@@ -28,9 +28,10 @@ from ._loop import BrokerLoop
 
 __all__ = ["BrokerHost", "listen", "write_key"]
 
-# Worker threads for offloaded user code (methods of registered Manager types, Barrier
-# actions). Generous: such a method may block (a user's queue.Queue.get), and the
-# standard library gives each client thread its own server thread.
+# Pooled threads for offloaded user code (methods of registered Manager types, Barrier
+# actions). Such a method may block (a user's queue.Queue.get) until another call runs,
+# as the standard library's thread per client allows: a job that finds every pooled
+# thread busy gets a thread of its own.
 OFFLOAD_THREADS: Final = 128
 
 
@@ -64,7 +65,8 @@ class BrokerHost:
         self.client = LocalClient(None)  # type: ignore[arg-type]
         self._on_notify = on_notify or (lambda notes: None)
         self._offload_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._offload_lock = threading.Lock()  # made on first use, by any delivering thread
+        self._offload_lock = threading.Lock()  # guards both: jobs come from any delivering thread
+        self._offloaded = 0  # jobs running or queued, pooled or not
         self.loop = BrokerLoop(self.core, listener, authkey, on_local=self.client.deliver,
                                on_notify=self._notes)
         self.client._loop = self.loop
@@ -104,16 +106,24 @@ class BrokerHost:
     def _offload(self, job: Offload) -> None:
         if self._closed:
             return
-        if self._offload_pool is None:
-            with self._offload_lock:
-                if self._offload_pool is None:
-                    self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
+        with self._offload_lock:
+            if self._offload_pool is None:
+                self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
+            pool = self._offload_pool if self._offloaded < OFFLOAD_THREADS else None
+            self._offloaded += 1
 
         def run() -> None:
-            outcome = job.job()
-            self.loop.run_core(lambda now: job.done(outcome, now))
+            try:
+                outcome = job.job()
+                self.loop.run_core(lambda now: job.done(outcome, now))
+            finally:
+                with self._offload_lock:
+                    self._offloaded -= 1
 
-        self._offload_pool.submit(run)
+        if pool is not None:
+            pool.submit(run)
+        else:
+            threading.Thread(target=run, name="mpmesh-offload-extra", daemon=True).start()
 
     def deliver_to(self, on_incoming: Callable[[Message], None]) -> None:
         self.client.on_incoming = on_incoming

@@ -9,7 +9,7 @@ from typing import Any
 
 import mpmesh.managers
 
-from ._workers import Counter
+from ._workers import Box, Counter
 
 
 class StdCounterProxy(multiprocessing.managers.BaseProxy):
@@ -49,6 +49,7 @@ for _cls, _proxy, _managers in ((StdCounterManager, StdCounterProxy, multiproces
     _cls.register("ChildCounter", create_method=False)  # results of make_child, as they are
     _cls.register("Narrow", Counter, exposed=("get",))
     _cls.register("ns", _managers.Namespace, _managers.NamespaceProxy)
+    _cls.register("Box", Box)
 
 MANAGERS: dict[str, Any] = {"multiprocessing": StdCounterManager, "mpmesh": MeshCounterManager}
 

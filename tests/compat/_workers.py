@@ -66,6 +66,30 @@ class Counter:
         return -1
 
 
+class Box:
+    """A user type whose ``get`` blocks until another caller ``put``s."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._items: queue.Queue[object] = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def get(self) -> object:
+        with self._lock:
+            self._waiting += 1
+        return self._items.get(timeout=60)  # a bound for a test gone wrong; never reached
+
+    def put(self, item: object) -> None:
+        self._items.put(item)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return self._waiting
+
+
 # -- mpmesh children (targets take the Child first) ----------------------------------------
 
 def mesh_counter(child: Any, d: Any, lock: Any) -> None:

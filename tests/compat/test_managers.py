@@ -8,9 +8,12 @@ import multiprocessing
 import multiprocessing.managers
 import os
 import signal
+import threading
 from typing import Any
 
 import pytest
+
+from tests.conftest import wait_for
 
 from . import _servers
 from .conftest import Impl
@@ -165,3 +168,20 @@ def test_tcp_address(impl: Impl) -> None:
     finally:
         m.shutdown()
         m.join()
+
+
+def test_more_blocked_calls_than_server_threads_all_return(counters: Any) -> None:
+    # The standard manager runs each client thread's calls on a thread of their own:
+    # however many callers block in a method, the call that releases them still runs.
+    box = counters.Box()
+    n = 140  # more than mpmesh's pool of offload threads (128)
+    got: list[object] = []
+    consumers = [threading.Thread(target=lambda: got.append(box.get()), daemon=True) for _ in range(n)]
+    for consumer in consumers:
+        consumer.start()
+    assert wait_for(lambda: box.waiting() == n, LONG)
+    for i in range(n):
+        box.put(i)
+    for consumer in consumers:
+        consumer.join(LONG)
+    assert sorted(got) == list(range(n))  # type: ignore[type-var]
