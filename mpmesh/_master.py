@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
-import functools
 import logging
 import os
 import threading
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from . import _deadline
-from ._broker._actions import Action, Notify
+from ._broker._actions import Notify
 from ._broker._routing import STRATEGIES, Worker, WorkerState
 from ._child import check_mode
 from ._futures import MeshFuture, dispatcher
@@ -159,7 +158,8 @@ class Master(SharedState, SharedObjects):
         self._loop = self._host.loop
         self._client = self._host.client
         self._client.on_incoming = self._on_incoming
-        self._core.router.enable_heartbeats(heartbeat_interval, heartbeat_miss_threshold, time.monotonic())
+        self._core.router.enable_heartbeats(heartbeat_interval, heartbeat_miss_threshold, time.monotonic(),
+                                            busy=_on_cpu)
         self._supervisor.attach(self._loop, adopt=self._loop.adopt)
         self._host.start_thread()
         self._atexit = _make_atexit(weakref.ref(self))
@@ -409,19 +409,11 @@ class Master(SharedState, SharedObjects):
         for callback in self._callbacks.get(event, ()):
             dispatcher.submit(callback, info)
 
-    def _busy_not_stuck(self, name: str, now: float) -> list[Action]:
-        """Count a child busy in a long C call (on a CPU, holding the GIL) as beating."""
-        worker = self._core.router.workers.get(name)
-        return self._core.router.on_beat(worker, now) if worker is not None else []
-
     def _on_notify(self, notes: list[Notify]) -> None:
         for note in notes:
             info: dict[str, Any] = dict(note.info)
             if note.event == "heartbeat-missed":
                 name = str(info["name"])
-                if _on_cpu(int(info["pid"])):  # inside a long C call holding the GIL: busy, not stuck
-                    self._loop.run_core(functools.partial(self._busy_not_stuck, name))
-                    continue
                 spec = self._specs.get(name)
                 restart = spec is not None and spec.auto_restart and not self._closed
                 self.log.warning("child %r (pid %s) missed its heartbeats for %.1f s%s", name,

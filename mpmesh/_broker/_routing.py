@@ -240,6 +240,7 @@ class Router:
         self.heartbeat_timeout: float | None = None           # silence that makes a worker unhealthy
         self.heartbeat_interval = 1.0
         self._next_health_check = float("inf")
+        self._busy: Callable[[int], bool] | None = None  # see enable_heartbeats
         self._brids = itertools.count(1)
         self._seqs = itertools.count()
         self.host: Worker | None = None
@@ -541,6 +542,9 @@ class Router:
             if (worker.supervised and worker.peer is not None and worker.healthy
                     and worker.state in (W_READY, W_STOPPING)
                     and now - worker.last_beat > limit):
+                if worker.pid and self._busy is not None and self._busy(worker.pid):
+                    worker.last_beat = now  # on a CPU: busy in a long call, not stuck
+                    continue
                 worker.healthy = False
                 actions.append(Notify("heartbeat-missed", {
                     "name": worker.name, "pid": worker.pid, "silent_for": now - worker.last_beat,
@@ -555,10 +559,15 @@ class Router:
         worker.healthy = True
         return [Notify("heartbeat-resumed", {"name": worker.name, "pid": worker.pid})]
 
-    def enable_heartbeats(self, interval: float, misses: int, now: float) -> None:
+    def enable_heartbeats(self, interval: float, misses: int, now: float,
+                          busy: Callable[[int], bool] | None = None) -> None:
+        """Check heartbeats every ``interval``; a worker silent for ``misses`` of them is
+        unhealthy, unless ``busy(pid)`` says its process is running (a handler inside one
+        long C call that holds the GIL starves the thread that beats)."""
         self.heartbeat_interval = interval
         self.heartbeat_timeout = interval * misses
         self._next_health_check = now + interval
+        self._busy = busy
 
     # -- peers going away ---------------------------------------------------------------------
 

@@ -319,3 +319,24 @@ def test_nothing_is_left_after_a_busy_schedule() -> None:
                 absorb(h.reply(peer, brids.pop()))
     assert len(answered) == submitted, "every request got exactly one answer"
     h.settled()
+
+
+# -- heartbeats ------------------------------------------------------------------------------------
+
+def test_a_silent_worker_whose_process_runs_is_busy_not_unhealthy() -> None:
+    # A handler inside one long C call that holds the GIL starves the thread that beats;
+    # its process is still running, and the router asks before it calls the worker
+    # unhealthy (never marking it, not even for a moment).
+    h = Harness()
+    h.client()
+    running: set[int] = set()
+    h.router.enable_heartbeats(1.0, 3, 0.0, busy=running.__contains__)
+    busy, stuck = h.child("busy", 1), h.child("stuck", 2)
+    running.add(busy.pid)
+    out = h.tick(4.0)  # silent for 4 s: past three missed beats
+    assert [n.info["name"] for n in notes(out, "heartbeat-missed")] == ["stuck"]
+    assert busy.healthy and not stuck.healthy
+    running.clear()  # the busy one stops running and stays silent
+    out = h.tick(7.5)
+    assert [n.info["name"] for n in notes(out, "heartbeat-missed")] == ["busy"]
+    assert not busy.healthy
