@@ -132,6 +132,7 @@ class Master(SharedState, SharedObjects):
         self.log = logger or logging.getLogger("mpmesh")
         self._restarts = _RestartPolicy(restart_limit, restart_window, restart_backoff, restart_backoff_max)
         self._closed = False
+        self._pid = os.getpid()  # a forked copy of this process never shuts the mesh down
         self._specs: dict[str, ChildSpec] = {}
         self._callbacks: dict[str, list[Callable[[dict[str, Any]], object]]] = {e: [] for e in EVENTS}
         self._handlers = HandlerRegistry("the master")
@@ -596,11 +597,18 @@ class Master(SharedState, SharedObjects):
         self.log.error("children %s did not exit after SIGKILL", [n for n in live if self._supervisor.alive(n)])
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop every child (in parallel, gracefully first) and the broker. Idempotent."""
+        """Stop every child (in parallel, gracefully first) and the broker. Idempotent.
+
+        In a forked copy of the Master's process (a ``with`` block left in a child of
+        ``os.fork()``, its exit handlers) it only closes this copy's handle: the mesh is
+        its creator's to stop, as with a standard Manager or Pool.
+        """
         _deadline.check_timeout(timeout)
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:
+            return
         try:
             atexit.unregister(self._atexit)
             with self._loop.locked():

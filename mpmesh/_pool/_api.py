@@ -80,6 +80,7 @@ class Pool:
                retries: int, progress: bool | str) -> None:
         self._state_lock = threading.Lock()
         self._finished = False
+        self._pid = os.getpid()  # a forked copy of this process never stops the pool
         if processes is None:
             processes = _cpu_count()
         if processes < 1:
@@ -132,7 +133,7 @@ class Pool:
         except BaseException:
             self._teardown(terminate=True)
             raise
-        self._finalizer = weakref.finalize(self, _collect, engine, procs)
+        self._finalizer = weakref.finalize(self, _collect, engine, procs, self._pid)
 
     # -- the stdlib API -----------------------------------------------------------------------
 
@@ -267,6 +268,8 @@ class Pool:
         return (item for chunk in result for item in chunk)
 
     def _teardown(self, *, terminate: bool) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked copy's handle, as with the standard Pool: the pool is its creator's
         with self._state_lock:
             if self._finished:
                 return
@@ -287,8 +290,11 @@ def _label(func: object) -> str:
     return str(getattr(func, "__qualname__", None) or type(func).__name__)
 
 
-def _collect(engine: Engine, procs: WorkerProcesses) -> None:
-    """A pool was garbage-collected (or the interpreter exits) while running: stop it."""
+def _collect(engine: Engine, procs: WorkerProcesses, pid: int) -> None:
+    """A pool was garbage-collected (or the interpreter exits) while running: stop it,
+    unless this is a forked copy of the process that made it."""
+    if os.getpid() != pid:
+        return
     if engine.state is State.RUN:
         warnings.warn("unclosed running mpmesh.Pool", ResourceWarning, stacklevel=1)
     names = engine.terminate()

@@ -738,3 +738,37 @@ def test_shutdown_does_not_wait_for_a_process_the_user_forked(kind: str) -> None
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip()) < 3.0, f"{kind} shutdown waited for the bystander: {done.stdout}"
+
+
+FORKED_COPY = """
+import os, signal, sys, warnings
+warnings.simplefilter("ignore", DeprecationWarning)  # it forks a threaded process on purpose
+import mpmesh
+from tests.integration import workers
+
+if sys.argv[1] == "pool":
+    mesh = mpmesh.Pool(2)
+    look = lambda: sorted(set(mesh.map(lambda _: os.getpid(), range(40), chunksize=1)))
+else:
+    mesh = mpmesh.Master(start_method="fork")
+    mesh.spawn_child("w", workers.basic)
+    look = lambda: (mesh.send_request("whoami", "w")["pid"], os.path.exists(mesh.address))
+with mesh:
+    before = look()
+    copy = os.fork()
+    if copy == 0:
+        signal.alarm(20)  # never outlive a hung test
+        sys.exit(0)  # leaves the with block (and runs the exit handlers) in the copy
+    os.waitpid(copy, 0)
+    print("same" if look() == before else f"changed: {before} -> {look()}")
+"""
+
+
+@pytest.mark.parametrize("kind", ["master", "pool"])
+def test_a_forked_copy_leaving_the_with_block_does_not_stop_the_mesh(kind: str) -> None:
+    # As with the standard Manager and Pool: shutdown, terminate and the exit handlers do
+    # nothing to the mesh in a forked copy of the process that made it.
+    done = subprocess.run([sys.executable, "-c", FORKED_COPY, kind], cwd=HERE.parent.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "same", done.stdout
