@@ -494,7 +494,8 @@ class Master(SharedState, SharedObjects):
         """Names of the children that are running or being restarted, in spawn order."""
         with self._loop.locked():  # a Pool's thread may add or forget children meanwhile
             workers = self._core.router.workers
-            return [n for n in self._specs if (w := workers.get(n)) is not None and w.state is not WorkerState.DOWN]
+            return [n for n in self._specs
+                    if (w := workers.get(n)) is not None and w.state is not WorkerState.DOWN]
 
     def is_alive(self, name: str) -> bool:
         """Whether child ``name``'s process is running."""

@@ -124,13 +124,16 @@ def _take_spare() -> _Spare | None:
 
 def _stop_zygote(spare: _Spare) -> None:
     """Close our ends (the zygote exits on EOF) and reap it."""
-    ctl_w, report_r, life_w = spare.fds
-    for fd in (ctl_w, life_w, report_r):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    for fd in spare.fds:
+        _close_quietly(fd)
     _reap_popen(spare.popen)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _reap_popen(popen: subprocess.Popen[bytes]) -> None:
@@ -187,13 +190,6 @@ def _drop_inherited_zygotes() -> None:
         for fd in _spare.fds:
             _close_quietly(fd)
         _spare = None
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 os.register_at_fork(after_in_child=_drop_inherited_zygotes)
