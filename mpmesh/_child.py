@@ -220,7 +220,7 @@ class Child(SharedState):
         """Called by whichever thread is reading the socket."""
         cls = type(msg)
         if cls is Request:
-            req = cast(Request, msg)
+            req: Request = msg  # type: ignore[assignment]
             if self.mode == "sequential":
                 self._pending[req.rid] = req
                 self._inbox.append(req)

@@ -136,10 +136,10 @@ class Master(SharedState, SharedObjects):
         self._specs: dict[str, ChildSpec] = {}
         self._callbacks: dict[str, list[Callable[[dict[str, Any]], object]]] = {e: [] for e in EVENTS}
         self._handlers = HandlerRegistry("the master")
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._async: AsyncRunner | None = None
-        # Both are made on first use, by whichever thread delivers that request.
-        self._runners_lock = threading.Lock()
+        # Threads for child-to-master handlers: the executor starts them only when used.
+        self._pool = concurrent.futures.ThreadPoolExecutor(MASTER_HANDLER_THREADS, "mpmesh-master-handler")
+        self._async: AsyncRunner | None = None  # an event loop thread, made on first use
+        self._async_lock = threading.Lock()  # by whichever thread delivers that request
         self.address = _paths.socket_path(self.name)
         self._supervisor = Supervisor(
             {"address": self.address, "authkey": self.authkey, "timeout": timeout,
@@ -381,19 +381,11 @@ class Master(SharedState, SharedObjects):
         elif self._handlers.is_async(req.action):
             self._async_runner().submit(fn, req, self._loop.submit_local)
         else:
-            self._handler_pool().submit(lambda: self._loop.submit_local(invoke(fn, req)))
-
-    def _handler_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._pool is None:
-            with self._runners_lock:
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(MASTER_HANDLER_THREADS,
-                                                                       "mpmesh-master-handler")
-        return self._pool
+            self._pool.submit(lambda: self._loop.submit_local(invoke(fn, req)))
 
     def _async_runner(self) -> AsyncRunner:
         if self._async is None:
-            with self._runners_lock:
+            with self._async_lock:
                 if self._async is None:
                     self._async = AsyncRunner("mpmesh-master-async")
         return self._async
@@ -621,8 +613,7 @@ class Master(SharedState, SharedObjects):
         finally:
             self._host.close()
             self._supervisor.close()
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             if self._async is not None:
                 self._async.close()
 

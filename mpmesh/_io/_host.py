@@ -64,8 +64,9 @@ class BrokerHost:
         self.core.components.update(default_components(self.core) if components is None else components)
         self.client = LocalClient(None)  # type: ignore[arg-type]
         self._on_notify = on_notify or (lambda notes: None)
-        self._offload_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._offload_lock = threading.Lock()  # guards both: jobs come from any delivering thread
+        # Its threads start only when used.
+        self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
+        self._offload_lock = threading.Lock()  # jobs come from any thread that delivers
         self._offloaded = 0  # jobs running or queued, pooled or not
         self.loop = BrokerLoop(self.core, listener, authkey, on_local=self.client.deliver,
                                on_notify=self._notes)
@@ -107,9 +108,7 @@ class BrokerHost:
         if self._closed:
             return
         with self._offload_lock:
-            if self._offload_pool is None:
-                self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
-            pool = self._offload_pool if self._offloaded < OFFLOAD_THREADS else None
+            pooled = self._offloaded < OFFLOAD_THREADS
             self._offloaded += 1
 
         def run() -> None:
@@ -120,8 +119,8 @@ class BrokerHost:
                 with self._offload_lock:
                     self._offloaded -= 1
 
-        if pool is not None:
-            pool.submit(run)
+        if pooled:
+            self._offload_pool.submit(run)
         else:
             threading.Thread(target=run, name="mpmesh-offload-extra", daemon=True).start()
 
@@ -135,8 +134,7 @@ class BrokerHost:
         self._closed = True
         self.client.close()
         self.loop.stop()
-        if self._offload_pool is not None:
-            self._offload_pool.shutdown(wait=False, cancel_futures=True)
+        self._offload_pool.shutdown(wait=False, cancel_futures=True)
         self._remove_files()
 
     def _remove_files(self) -> None:
