@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from mpmesh._io._forking import threads_in_process
+
 __all__ = [
     "MODES", "Config", "Row", "Timed", "alternate", "bar_check", "machine_info", "render_table",
     "guarded", "run_mode_subprocess", "threads_in_process", "wait_single_threaded", "watchdog",
@@ -193,15 +195,6 @@ def loop_time(n: int, fn: Callable[[], object]) -> float:
     for _ in range(n):
         fn()
     return (perf() - start) / n
-
-
-def threads_in_process() -> int:
-    """OS threads of this process (mpmesh forks its zygote only when this is 1)."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[17])
-    except (OSError, ValueError, IndexError):
-        return threading.active_count()
 
 
 def wait_single_threaded(timeout: float = 3.0) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import select
 import signal
 import sys
 import threading
@@ -32,6 +31,7 @@ from ._client import SocketClient, make_hello
 from ._futures import MeshFuture
 from ._errors import BrokerUnavailable
 from ._io import _paths
+from ._io._broker_process import read_line
 from ._shared import SharedState
 from ._wire._messages import Role
 
@@ -193,7 +193,7 @@ def _spawn(name: str, authkey: bytes | None) -> None:
     finally:
         os.close(in_w)
     try:
-        line = _read_line(out_r, _deadline.after(SPAWN_TIMEOUT_S))
+        line = read_line(out_r, _deadline.after(SPAWN_TIMEOUT_S))
     finally:
         os.close(out_r)
     if not line.startswith(READY_PREFIX):
@@ -204,19 +204,6 @@ def _spawn(name: str, authkey: bytes | None) -> None:
         raise BrokerUnavailable(f"the standalone broker for mesh {name!r} did not start "
                                 f"(exit status {os.waitstatus_to_exitcode(status)}); run `python -m mpmesh "
                                 f"serve --name {name}` to see why")
-
-
-def _read_line(fd: int, deadline: float) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        timeout = _deadline.remaining(deadline)
-        if timeout == 0 or not select.select([fd], [], [], timeout)[0]:
-            break
-        chunk = os.read(fd, 256)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace")
 
 
 # -- the standalone broker ------------------------------------------------------------------

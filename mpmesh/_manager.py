@@ -27,6 +27,7 @@ import multiprocessing.managers
 import os
 import queue
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -39,7 +40,8 @@ from ._broker._objects import COMPONENT, ObjectTable
 from ._broker._refs import Token, TypeSpec
 from ._client import ClientBase, SocketClient, make_hello
 from ._errors import MeshClosed
-from ._io import _paths
+from ._futures import dispatcher
+from ._io import _broker_process, _paths
 from ._io._host import BrokerHost
 from ._proxies import AutoProxy, _wait, create_proxy, flush_releases, register_client, unregister_client
 from ._proxy_types import (
@@ -221,7 +223,7 @@ class BaseManager:
 
     def __init__(self, address: object = None, authkey: bytes | None = None,
                  serializer: str = "pickle", ctx: BaseContext | None = None, *,
-                 shutdown_timeout: float = 1.0) -> None:
+                 shutdown_timeout: float = 1.0, broker: str = "process") -> None:
         if serializer != "pickle":
             raise ValueError(f"mpmesh managers speak pickle only, not {serializer!r}")
         if authkey is None:
@@ -237,6 +239,10 @@ class BaseManager:
         self._client: ClientBase | None = None
         self._host: BrokerHost | None = None
         self._process: Any = None
+        if broker not in ("process", "thread"):
+            raise ValueError(f"broker must be 'process' or 'thread', not {broker!r}")
+        self._broker = broker
+        self._broker_proc: _broker_process.BrokerProcess | None = None
         self._pid = os.getpid()
         self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
 
@@ -271,6 +277,9 @@ class BaseManager:
         if initializer is not None:
             self._start_process(initializer, initargs)
             return
+        if self._broker == "process":
+            self._start_broker_process()
+            return
         host = _new_host(self._address, self._authkey, self._registry)
         host.start_thread()
         self._host = host
@@ -280,6 +289,25 @@ class BaseManager:
         register_client(host.address, host.client)
         self._state.value = State.STARTED
         self._finalizer = weakref.finalize(self, _close_host, host, self._pid)
+
+    def _start_broker_process(self) -> None:
+        dispatcher.retire()  # our idle callback thread would cost the fork
+        proc = _broker_process.start(_broker_process.Config(
+            _paths.new_mesh_name(), self._authkey, address=self._address,
+            registry=builtins.dict(self._registry),
+            sys_path=[os.path.abspath(p) for p in sys.path], cwd=os.getcwd()))
+        try:
+            client = SocketClient(proc.address, self._authkey, make_hello(Role.CLIENT), sock=proc.sock)
+        except BaseException:
+            proc.stop()
+            raise
+        self._address = proc.address
+        self._client = client
+        self._broker_proc = proc
+        self._pid = os.getpid()
+        register_client(proc.address, client)
+        self._state.value = State.STARTED
+        self._finalizer = weakref.finalize(self, _stop_broker, proc, client, self._pid)
 
     def _start_process(self, initializer: Callable[..., object], initargs: tuple[Any, ...]) -> None:
         reader, writer = connection.Pipe(duplex=False)
@@ -435,6 +463,14 @@ def _close_client(address: object, client: ClientBase, pid: int) -> None:
     client.close()
 
 
+def _stop_broker(proc: _broker_process.BrokerProcess, client: ClientBase, pid: int) -> None:
+    """Stop a manager's broker process: close our connection and its life pipe, reap it."""
+    if os.getpid() != pid:
+        return
+    _close_client(proc.address, client, pid)
+    proc.stop()
+
+
 def _stop_server(address: object, client: ClientBase, proc: Any, timeout: float, pid: int) -> None:
     """Stop a manager's server process: SIGTERM (it finishes its loop), then SIGKILL."""
     if os.getpid() != pid:
@@ -485,12 +521,15 @@ SyncManager.register("AsyncResult", create_method=False)
 del _typeid, _callable, _proxy
 
 
-def Manager(*, ctx: BaseContext | None = None) -> SyncManager:  # noqa: N802
+def Manager(*, ctx: BaseContext | None = None, broker: str = "process") -> SyncManager:  # noqa: N802
     """A started ``SyncManager``: a drop-in for ``multiprocessing.Manager()``.
 
-    Its broker runs on a thread of this process; shut it down with ``shutdown()`` or a
-    ``with`` block.
+    Its broker runs in a process of its own (``broker="process"``), as the standard
+    library's server does, so nothing this process does slows other processes' calls;
+    ``broker="thread"`` runs it on a thread of this process instead, whose own calls then
+    skip the socket, but which stalls everyone while this process's code holds the GIL.
+    Shut it down with ``shutdown()`` or a ``with`` block.
     """
-    manager = SyncManager(ctx=ctx)
+    manager = SyncManager(ctx=ctx, broker=broker)
     manager.start()
     return manager

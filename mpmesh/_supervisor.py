@@ -21,13 +21,11 @@ import itertools
 import logging
 import multiprocessing
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from typing import Any, Final, Protocol
 from ._futures import dispatcher
 from ._errors import MeshError
 from ._io import _zygote
+from ._io._forking import fork_is_safe, reap
 from ._wire import _codec
 
 __all__ = ["ChildSpec", "ReaderLoop", "Supervisor", "default_start_method", "describe_exit"]
@@ -73,15 +72,6 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             return f"died with signal {-exitcode}"
     return f"exited with code {exitcode}"
-
-
-def threads_in_process() -> int:
-    """OS threads in this process (what Python 3.12+ counts before warning on fork)."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[17])
-    except (OSError, ValueError, IndexError):
-        return threading.active_count()
 
 
 @dataclass
@@ -142,26 +132,6 @@ def _reap_popen(popen: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:  # it exits on EOF; if it does not, make it
         popen.kill()
         popen.wait()
-
-
-def _reap_forked(pid: int) -> None:
-    """Wait for our forked zygote ``pid`` to exit; kill it after ``ZYGOTE_EXIT_S``."""
-    try:
-        if hasattr(os, "pidfd_open"):
-            fd = os.pidfd_open(pid)  # readable once it has exited
-            try:
-                select.select([fd], [], [], ZYGOTE_EXIT_S)
-            finally:
-                os.close(fd)
-        else:  # pragma: no cover - macOS
-            deadline = time.monotonic() + ZYGOTE_EXIT_S
-            while os.waitpid(pid, os.WNOHANG)[0] == 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
-        if os.waitpid(pid, os.WNOHANG)[0] == 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    except (ChildProcessError, ProcessLookupError):
-        pass  # reaped already
 
 
 def discard_spare() -> None:
@@ -250,15 +220,8 @@ class Supervisor:
         ``private_fds`` are descriptors of ours the zygote (and so every child) must not keep.
         """
         dispatcher.retire()  # our own idle callback thread must not cost the fast path
-        if threading.active_count() != 1 or not hasattr(os, "fork"):
+        if not fork_is_safe():
             return False
-        # A thread that was just joined can linger in the kernel's count for a moment,
-        # and os.fork() (Python 3.12+) counts kernel threads: wait a little for it.
-        deadline = time.monotonic() + 0.05
-        while threads_in_process() != 1:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.001)
         ctl_r, ctl_w = os.pipe()
         report_r, report_w = _zygote.channel()
         life_r, life_w = os.pipe()
@@ -554,7 +517,7 @@ class Supervisor:
                 os.close(fd)
         self._ctl_w = self._life_w = -1
         if self._zygote_pid:
-            _reap_forked(self._zygote_pid)
+            reap(self._zygote_pid, ZYGOTE_EXIT_S)
             self._zygote_pid = 0
         if self._zygote_popen is not None:
             _reap_popen(self._zygote_popen)

@@ -73,10 +73,13 @@ def leak_guard() -> Iterator[None]:
     before_procs = descendants()
     before_fds = open_fds()
     yield
-    # A zygote parked for the next mesh of this process is kept on purpose; not a leak.
+    # A zygote parked for the next mesh of this process, and the launcher of broker
+    # processes, are kept on purpose; not leaks.
+    from mpmesh._io._broker_process import discard_launcher
     from mpmesh._supervisor import discard_spare
 
     discard_spare()
+    discard_launcher()
     wait_for(lambda: not (descendants() - before_procs), SETTLE_S)
     leaked = descendants() - before_procs
     for pid in leaked:

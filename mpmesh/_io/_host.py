@@ -82,11 +82,12 @@ class BrokerHost:
         """Run the broker on a daemon thread of this process."""
         self.loop.start()
 
-    def serve_forever(self) -> None:
-        """Run the broker in this thread until ``close()`` or SIGTERM/SIGINT."""
+    def serve_forever(self, stop_on: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Run the broker in this thread until ``close()`` or a signal of ``stop_on``
+        (the others of SIGTERM/SIGINT are ignored)."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.loop.stop())
+                signal.signal(sig, (lambda *_: self.loop.stop()) if sig in stop_on else signal.SIG_IGN)
         self.loop._thread = threading.current_thread()
         try:
             self.loop._run()

@@ -35,7 +35,9 @@ def _helpers_running() -> None:
 
 @pytest.fixture
 def manager() -> Any:
-    m = mpmesh.Manager()
+    """A manager whose broker runs on a thread here, so tests can read its tables; the
+    rules under test are the broker core's, wherever it runs."""
+    m = mpmesh.Manager(broker="thread")
     try:
         yield m
     finally:

@@ -1,0 +1,75 @@
+"""When this process may fork, and reaping what it forked with a deadline.
+
+Forking a process that runs threads can deadlock the child (Python 3.12+ warns), so
+mpmesh forks only while the process is single-threaded, and execs a fresh interpreter
+otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import time
+
+__all__ = ["fork_is_safe", "reap", "threads_in_process"]
+
+
+def threads_in_process() -> int:
+    """OS threads in this process (what Python 3.12+ counts before warning on fork)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[17])
+    except (OSError, ValueError, IndexError):
+        return threading.active_count()
+
+
+def fork_is_safe() -> bool:
+    """Whether ``os.fork()`` is safe now: this process runs one thread (callers retire
+    their own idle threads first)."""
+    if threading.active_count() != 1 or not hasattr(os, "fork"):
+        return False
+    # A thread that was just joined can linger in the kernel's count for a moment,
+    # and os.fork() (Python 3.12+) counts kernel threads: wait a little for it.
+    deadline = time.monotonic() + 0.05
+    while threads_in_process() != 1:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def reap(pid: int, timeout: float) -> None:
+    """Wait for process ``pid`` (our child, or one our launcher forked) to exit; SIGKILL it
+    if it has not within ``timeout``."""
+    try:
+        if not _exited(pid, timeout):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass  # not our child (its parent reaps it), or reaped already
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    if hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(pid)  # readable once it has exited
+        except ProcessLookupError:
+            return True
+        try:
+            return bool(select.select([fd], [], [], timeout)[0])
+        finally:
+            os.close(fd)
+    deadline = time.monotonic() + timeout  # pragma: no cover - macOS
+    while time.monotonic() < deadline:  # pragma: no cover
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] != 0:
+                return True
+        except ChildProcessError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+        time.sleep(0.005)
+    return False  # pragma: no cover
