@@ -131,6 +131,12 @@ def worker(args: argparse.Namespace, suites: list[str]) -> int:
     if args.worker == "pinned":
         cfg.cpu = pin(args.cpu)
     rows, errors = run_suites(suites, cfg)
+    # What mpmesh keeps for this process's next mesh or manager goes now, not as a stray.
+    from mpmesh._io._broker_process import discard_launcher
+    from mpmesh._supervisor import discard_spare
+
+    discard_launcher()
+    discard_spare()
     report: dict[str, Any] = {"mode": cfg.mode, "cpu": cfg.cpu, "rows": [r.to_json() for r in rows],
                               "errors": errors, "notes": cfg.notes}
     if args.json_out:

@@ -14,12 +14,16 @@ Scenarios, each side by side with its peer in the same process, alternating:
    acquire+release, pinned and unpinned. Those scenarios have a floor row: four such
    processes doing bare 64-byte round trips with a Python socket echo server
    (``_echo.py``), the most any Python server reaches on that machine.
-3. **start-up / shutdown**: ``Manager()`` returning a started manager, then one
+3. **busy creator**: one client process does ``with lock: d["n"] = d.get("n", 0) + 1``
+   rounds while the process that created the manager computes in Python, for mpmesh's
+   default broker (a process of its own), the standard library's and mpmesh's
+   ``broker="thread"``. Bar: mpmesh >= 1.0x the standard library's rate.
+4. **start-up / shutdown**: ``Manager()`` returning a started manager, then one
    ``dict()`` created (the first proxy), then ``shutdown()``. Bar: start-up <= 1.0x.
 
 Set-up order: each scenario creates the standard library's manager first (it forks its
-server), then mpmesh's (whose broker is a thread of this process), so no process forks
-while mpmesh's threads run. Client processes are spawned.
+server), then mpmesh's, so no process forks while mpmesh's threads run. Client
+processes are spawned.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ OPS: Final[dict[str, tuple[int, bool]]] = {
     "Lock acquire+release": (2, True),
     "Value += 1 under Lock": (4, False),
     "Queue put+get": (2, False),
+    "lock + get + set": (4, False),
 }
 
 
@@ -87,6 +92,11 @@ def make_op(name: str, objs: dict[str, Any]) -> Callable[[], object]:
             with lock:
                 v.value += 1
         return incr
+    if name == "lock + get + set":
+        def bump() -> None:
+            with lock:
+                d["n"] = d.get("n", 0) + 1
+        return bump
     if name == "Queue put+get":
         def put_get() -> None:
             q.put(1)
@@ -125,14 +135,14 @@ def client_main(conn: multiprocessing.connection.Connection, objs: dict[str, Any
 
 
 class Clients:
-    """``CLIENTS`` spawned processes holding proxies of one manager's objects."""
+    """``count`` spawned processes holding proxies of one manager's objects."""
 
-    def __init__(self, objs: dict[str, Any]) -> None:
+    def __init__(self, objs: dict[str, Any], count: int = CLIENTS) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.barrier = ctx.Barrier(CLIENTS + 1)
+        self.barrier = ctx.Barrier(count + 1)
         self.conns: list[Any] = []
         self.procs: list[Any] = []
-        for i in range(CLIENTS):
+        for i in range(count):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=client_main, args=(theirs, objs, self.barrier),
                                name=f"bench-manager-client-{i}", daemon=True)
@@ -141,18 +151,21 @@ class Clients:
             self.conns.append(mine)
             self.procs.append(proc)
 
-    def run(self, name: str, n: int) -> float:
-        """Seconds per operation, aggregate over every client."""
+    def run(self, name: str, n: int, *, busy: bool = False) -> float:
+        """Seconds per operation, aggregate over every client; with ``busy``, this
+        process computes in Python until they are done (a creator busy with its own work)."""
         for conn in self.conns:
             conn.send((name, n))
         self.barrier.wait(RESULT_TIMEOUT_S)
         start = time.monotonic()
         ends = []
         for conn in self.conns:
+            if busy:
+                _spin_until(conn.poll, start + RESULT_TIMEOUT_S)
             if not conn.poll(RESULT_TIMEOUT_S):
                 raise TimeoutError(f"a client did not finish {name!r} in time")
             ends.append(conn.recv())
-        return (max(ends) - start) / (n * CLIENTS)
+        return (max(ends) - start) / (n * len(self.conns))
 
     def close(self) -> None:
         for conn in self.conns:
@@ -165,6 +178,13 @@ class Clients:
                 proc.join(5)
         for conn in self.conns:
             conn.close()
+
+
+def _spin_until(done: Callable[[], bool], deadline: float) -> None:
+    x = 0
+    while not done() and time.monotonic() < deadline:
+        for i in range(20_000):
+            x += i * i
 
 
 @contextlib.contextmanager
@@ -251,6 +271,35 @@ def four_clients(cfg: Config) -> list[Row]:
     return rows
 
 
+def busy_creator(cfg: Config) -> list[Row]:
+    """One client's lock + get + set rounds while the creator computes in Python."""
+    n, reps = cfg.size(400, 60), cfg.reps(5, 3)
+    label, thread = "busy creator: 1 client, lock + get + set", "mpmesh.Manager(broker='thread')"
+    rows: list[Row] = []
+    with managers() as (std, mesh):
+        old = mpmesh.Manager(broker="thread")
+        objs = {STD: new_objects(std), MESH: new_objects(mesh), thread: new_objects(old)}
+        clients = {impl: Clients(objs[impl], count=1) for impl in objs}
+        try:
+            cfg.log(f"  {label}: {n} ops x {reps} repetitions (thread broker: 10 ops)")
+            # The thread broker waits for this process's GIL on every call: ~0.4 s a round.
+            sizes = {STD: n, MESH: n, thread: 10}
+
+            def batch(impl: str) -> Callable[[], float]:
+                return lambda: clients[impl].run("lock + get + set", sizes[impl], busy=True)
+
+            samples = alternate([(impl, batch(impl)) for impl in (MESH, STD, thread)], reps)
+            rows = [Row(label, impl, samples[impl], sizes[impl], note="4 calls per op")
+                    for impl in (MESH, STD, thread)]
+            relate(rows, STD, kind="rate")
+            bar_check(rows[0], ">=", 1.0)
+        finally:
+            for group in clients.values():
+                group.close()
+            old.shutdown()
+    return rows
+
+
 def startup(cfg: Config) -> list[Row]:
     reps = cfg.reps(9, 3)
     up_label, down_label = "start-up: Manager() + first dict()", "shutdown()"
@@ -288,4 +337,4 @@ def run(cfg: Config) -> list[Row]:
         return guarded(cfg, [one_client])
     # Start-up first, while this process is still single-threaded.
     first = guarded(cfg, [startup])
-    return guarded(cfg, [one_client, four_clients]) + first
+    return guarded(cfg, [one_client, four_clients, busy_creator]) + first
