@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.managers
+import multiprocessing.pool
 
 __all__ = [
     "AuthenticationError",
@@ -83,15 +84,10 @@ class RemoteError(MeshError, multiprocessing.managers.RemoteError):
         return str(self.args[0]) if self.args else ""
 
 
-class RemoteTraceback(Exception):
-    """Carries a remote traceback's text; set as ``__cause__`` of a re-raised exception."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
+# Carries a remote traceback's text (``str()`` and ``.tb``); set as ``__cause__`` of a
+# re-raised exception. The standard Pool's own class, not a subclass: code written for
+# it checks ``type(exc.__cause__) is multiprocessing.pool.RemoteTraceback``.
+RemoteTraceback: type[Exception] = multiprocessing.pool.RemoteTraceback  # type: ignore[attr-defined]
 
 
 class LocalProtocolError(MeshError):

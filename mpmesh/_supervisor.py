@@ -463,6 +463,11 @@ class Supervisor:
 
     # -- control -------------------------------------------------------------------------------
 
+    def record(self, name: str) -> _Proc | None:
+        """Child ``name``'s record, if started and not forgotten: its ``pid``, and its
+        ``exitcode`` once its exit is reported (the record stays valid after ``forget``)."""
+        return self._procs.get(name)
+
     def pid(self, name: str) -> int | None:
         proc = self._procs.get(name)
         return proc.pid if proc is not None else None

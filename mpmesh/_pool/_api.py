@@ -25,7 +25,7 @@ from . import _protocol as P
 from ._engine import Engine, Source, State
 from ._feeder import LazySource, chunked
 from ._io import listen_channel
-from ._processes import WorkerProcesses, standalone_supervisor
+from ._processes import WorkerHandle, WorkerProcesses, standalone_supervisor
 from ._progress import check_mode, make_bar
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 
@@ -133,7 +133,8 @@ class Pool:
         except BaseException:
             self._teardown(terminate=True)
             raise
-        self._finalizer = weakref.finalize(self, _collect, engine, procs, self._pid)
+        self._finalizer = weakref.finalize(self, _collect, engine, procs, self._pid,
+                                           _describe(type(self), State.RUN, processes))
 
     # -- the stdlib API -----------------------------------------------------------------------
 
@@ -210,7 +211,14 @@ class Pool:
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
     def __repr__(self) -> str:
-        return f"<{type(self).__module__}.{type(self).__qualname__} state={self._engine.state.value} pool_size={self._processes}>"
+        return _describe(type(self), self._engine.state, self._processes)
+
+    @property
+    def _pool(self) -> list[WorkerHandle]:
+        """The current workers, as ``multiprocessing.Process``-like handles (``pid``,
+        ``exitcode``, ``is_alive()``, ``name``): code written for the standard Pool reads
+        them from its ``_pool``. A snapshot: a worker that retired is replaced by a new one."""
+        return self._procs.handles()
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -273,31 +281,49 @@ class Pool:
         with self._state_lock:
             if self._finished:
                 return
-            if terminate:
-                names = self._engine.terminate()
-                self._procs.terminate(names)
-            else:
-                self._engine.wait_workers_gone()
-            self._engine.shutdown_threads()
-            self._procs.close()
+            _stop(self._engine, self._procs, terminate=terminate)
             self._finished = True
             finalizer = getattr(self, "_finalizer", None)
             if finalizer is not None:
                 finalizer.detach()
 
 
+def _describe(cls: type, state: State, size: int) -> str:
+    return f"<{cls.__module__}.{cls.__qualname__} state={state.value} pool_size={size}>"
+
+
 def _label(func: object) -> str:
     return str(getattr(func, "__qualname__", None) or type(func).__name__)
 
 
-def _collect(engine: Engine, procs: WorkerProcesses, pid: int) -> None:
-    """A pool was garbage-collected (or the interpreter exits) while running: stop it,
-    unless this is a forked copy of the process that made it."""
-    if os.getpid() != pid:
-        return
-    if engine.state is State.RUN:
-        warnings.warn("unclosed running mpmesh.Pool", ResourceWarning, stacklevel=1)
-    names = engine.terminate()
-    procs.terminate(names)
+def _stop(engine: Engine, procs: WorkerProcesses, *, terminate: bool) -> None:
+    """Stop a pool's workers (now, or wait until they exited after close()), then its threads."""
+    if terminate:
+        procs.terminate(engine.terminate())
+    else:
+        engine.wait_workers_gone()
     engine.shutdown_threads()
     procs.close()
+
+
+def _collect(engine: Engine, procs: WorkerProcesses, pid: int, shown: str) -> None:
+    """A pool (``shown``: its repr while running) was garbage-collected, or the interpreter
+    exits, before terminate() or join(): stop it, unless this is a forked copy of the
+    process that made it; then warn, as the standard Pool does, if it was still running.
+
+    The warning is the stdlib's, word for word, so that filters written for it apply. It
+    comes last: turned into an error, it must not stop the cleanup. The last reference
+    can go on one of the pool's own threads (a result drops its pool when it completes,
+    under the engine's lock): stopping there would wait for that lock, or join the thread
+    itself, so another thread does it.
+    """
+    if os.getpid() != pid:
+        return
+    running = engine.state is State.RUN
+    if engine.on_own_thread() or procs.on_own_thread():
+        threading.Thread(target=_stop, args=(engine, procs), kwargs={"terminate": True},
+                         name="mpmesh-pool-collect", daemon=True).start()
+    else:
+        _stop(engine, procs, terminate=True)
+    if running:
+        warnings.warn(f"unclosed running multiprocessing pool {shown}", ResourceWarning)

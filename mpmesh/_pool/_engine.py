@@ -240,17 +240,19 @@ class Engine(ChannelIO):
         start = self._rr % n
         for k in range(n):
             w = workers[(start + k) % n]
-            if w.state is not WState.READY or w.stopping:
-                continue
-            room = self._room(w, caller)
-            if room <= 0:
-                continue
-            share = -(-self.n_ready // n)
-            chunks = self._take(min(room, share))
-            if not chunks:
-                break
-            self._rr = (start + k + 1) % n
-            self._send_batch(w, chunks)
+            while w.state is WState.READY and not w.stopping:
+                room = self._room(w, caller)
+                if room <= 0:
+                    break
+                chunks = self._take(min(room, -(-self.n_ready // n)))
+                if not chunks:
+                    return
+                self._rr = (start + k + 1) % n
+                if self._send_batch(w, chunks):
+                    break
+                # Every chunk taken failed to pickle (each is settled): nothing went to
+                # ``w``, so no result of it will come to dispatch again. Its room is
+                # still free: fill it now, or the chunks behind would wait forever.
             if not self.n_ready:
                 break
 
@@ -277,18 +279,20 @@ class Engine(ChannelIO):
         self.n_ready -= len(out)
         return out
 
-    def _send_batch(self, w: PoolWorker, chunks: list[Chunk]) -> None:
+    def _send_batch(self, w: PoolWorker, chunks: list[Chunk]) -> bool:
+        """Send ``w`` what of ``chunks`` can be pickled (the rest fail); False: none could."""
         isolated = len(chunks) == 1 and chunks[0].isolate
         body, sent, flags = encode_batch(chunks, isolated, self._known_by_value,
                                          lambda c, exc: self._resolve(c, False, exc), self._fn_blobs.dump)
         if not sent:
-            return
+            return False
         idle = not w.inflight
         w.inflight.extend(sent)
         if idle:
             self._head_started(w)
         w.assigned += len(sent)
         self._write(w, P.frame(P.BATCH, bytes([flags]) + P.pack_ids([c.cid for c in sent]) + body))
+        return True
 
     def _known_by_value(self, fn: object) -> bool:
         try:
@@ -441,14 +445,14 @@ class Engine(ChannelIO):
 
     @staticmethod
     def _run_callbacks(q: queue.SimpleQueue[Callable[[], object] | None]) -> None:
-        while True:
-            fn = q.get()
-            if fn is None:
-                return
+        while (fn := q.get()) is not None:
             try:
                 fn()
             except Exception:
                 log.exception("a pool callback raised")
+            # Held while waiting for the next one, the last callback would keep its result
+            # alive (its value, an exception's traceback, and through it the pool).
+            del fn
 
     # -- failures (lock held) -------------------------------------------------------------------
 
@@ -656,6 +660,10 @@ class Engine(ChannelIO):
                 w.stopping = True
             self.ready.clear()
             return list(self.workers)
+
+    def on_own_thread(self) -> bool:
+        """Whether the caller is one of the engine's threads (I/O, feeder, callbacks)."""
+        return threading.current_thread() in (self._thread, self.feeder._thread, self._callback_thread)
 
     def shutdown_threads(self) -> None:
         """Stop the I/O, feeder and callback threads and close every descriptor."""

@@ -41,8 +41,9 @@ from . import _worker
 
 if TYPE_CHECKING:
     from .._master import Master
+    from .._supervisor import _Proc
 
-__all__ = ["WorkerProcesses", "standalone_supervisor"]
+__all__ = ["WorkerHandle", "WorkerProcesses", "standalone_supervisor"]
 
 log = logging.getLogger("mpmesh.pool")
 
@@ -62,6 +63,37 @@ def standalone_supervisor(start_method: str, private_fds: tuple[int, ...] = ()) 
     return sup
 
 
+class WorkerHandle:
+    """A pool worker as a ``multiprocessing.Process`` shows one, for code written for the
+    standard Pool that reads its ``_pool``: ``name``, ``pid``, ``exitcode`` (None until the
+    supervisor has reaped it, ``-N`` for signal N), ``is_alive()``."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: _Proc) -> None:
+        self._record = record
+
+    @property
+    def name(self) -> str:
+        return self._record.name
+
+    @property
+    def pid(self) -> int:
+        return self._record.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._record.exitcode
+
+    def is_alive(self) -> bool:
+        return self._record.exitcode is None
+
+    def __repr__(self) -> str:
+        code = self.exitcode
+        state = "started" if code is None else f"exitcode={code}"
+        return f"<{type(self).__name__} name={self.name!r} pid={self.pid} {state}>"
+
+
 class WorkerProcesses:
     """Starts and stops the pool's workers; reports exits and failed starts."""
 
@@ -79,7 +111,7 @@ class WorkerProcesses:
         self._on_spawn_failed: Callable[[str, BaseException], None] = lambda name, exc: None
         self._launched: list[tuple[str, concurrent.futures.Future[int]]] = []
         self._counter = itertools.count()
-        self._watched: set[str] = set()     # started, exit not reported yet
+        self._watched: dict[str, None] = {}  # started, exit not reported yet (in start order)
         self._dead: list[str] = []           # exited; their records may go
         self._spawns: collections.deque[str] = collections.deque()
         self._stopping = False
@@ -98,6 +130,12 @@ class WorkerProcesses:
     def next_name(self) -> str:
         return f"{self.group}-{next(self._counter)}"
 
+    def handles(self) -> list[WorkerHandle]:
+        """The workers started and not yet reported exited, oldest first (``Pool._pool``)."""
+        with self._sup.exited:
+            records = [self._sup.record(name) for name in self._watched]
+        return [WorkerHandle(r) for r in records if r is not None]
+
     def launch(self, names: list[str]) -> None:
         """Ask a standalone pool's zygote for the first workers now, without waiting: it
         forks them while the pool builds its engine. (Otherwise they start in ``start``:
@@ -113,7 +151,7 @@ class WorkerProcesses:
         assert names == [f"{self.group}-{i}" for i in range(len(names))]
         self._on_exit, self._on_spawn_failed = on_exit, on_spawn_failed
         with self._sup.exited:
-            self._watched.update(names)
+            self._watched.update(dict.fromkeys(names))
         self._thread = threading.Thread(target=self._run, name="mpmesh-pool-lifecycle", daemon=True)
         self._thread.start()
         if self.master is not None:
@@ -147,6 +185,10 @@ class WorkerProcesses:
             if self._sup.wait_exited(live, grace):
                 break
 
+    def on_own_thread(self) -> bool:
+        """Whether the caller is the lifecycle thread."""
+        return threading.current_thread() is self._thread
+
     def close(self) -> None:
         """After the pool is done: stop the lifecycle thread; stop a standalone pool's
         zygote, or drop the records of the pool's dead workers from a shared Master."""
@@ -178,7 +220,7 @@ class WorkerProcesses:
                         break
                     sup.exited.wait()
                 for name, _, _ in exits:
-                    self._watched.discard(name)
+                    self._watched.pop(name, None)
                     self._dead.append(name)
             for name, pid, code in exits:
                 self._on_exit(name, pid, code)
@@ -190,7 +232,7 @@ class WorkerProcesses:
         with self._sup.exited:
             if self._stopping:
                 return
-            self._watched.add(name)
+            self._watched[name] = None
         try:
             if self.master is None:
                 self._sup.start(self._spec(name))
@@ -199,7 +241,7 @@ class WorkerProcesses:
                                         auto_restart=False)
         except Exception as exc:
             with self._sup.exited:
-                self._watched.discard(name)
+                self._watched.pop(name, None)
             self._on_spawn_failed(name, exc)
 
     def _forget_dead(self) -> None:

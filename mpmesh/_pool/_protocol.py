@@ -19,7 +19,9 @@ batch can still say which chunks it did not run.
 
 from __future__ import annotations
 
+import io
 import struct
+import threading
 from typing import Final
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "FNS_BY_VALUE",
     "HELLO",
     "INIT_FAILED",
+    "LOCAL_TYPES",
     "MAP",
     "MAP1",
     "NACK",
@@ -49,8 +52,10 @@ __all__ = [
     "error_payload",
     "frame",
     "pack_ids",
+    "pack_pair",
     "result_frame",
     "split_error_payload",
+    "split_pair",
     "unpack_ids",
 ]
 
@@ -86,11 +91,17 @@ MAP: Final = 2       # data = [items]              -> [fn(x) for x in items]
 STAR1: Final = 3     # data = args                 -> fn(*args)
 STARMAP: Final = 4   # data = [args]               -> [fn(*a) for a in items]
 
+# What task data and results never travel as: objects that only mean something in the
+# process holding them. Pickle refuses them, as the standard Pool does; dill would send a
+# look-alike (a new, unrelated lock; the file opened again by name), so it must not.
+LOCAL_TYPES: Final = (type(threading.Lock()), type(threading.RLock()), io.FileIO, io.BufferedReader,
+                      io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
+
 # Result statuses.
 OK: Final = 0          # payload: the pickled result
 ERROR: Final = 1       # payload: u32 n, n bytes of pickled (exception, traceback text), the text
 ERROR_TEXT: Final = 2  # payload: the traceback text (the exception could not be pickled)
-UNSENDABLE: Final = 3  # payload: why the result could not be pickled (UTF-8)
+UNSENDABLE: Final = 3  # payload: a pair (pack_pair): repr of why the result could not be pickled, repr of the result (UTF-8)
 UNREADABLE: Final = 4  # payload: why the task could not be unpickled (UTF-8)
 
 
@@ -129,17 +140,27 @@ def result_frame(cid: int, status: int, elapsed: float, payload: bytes) -> bytes
     return HEADER.pack(RESULT_HEAD.size + len(payload), RESULT) + RESULT_HEAD.pack(cid, status, elapsed) + payload
 
 
+def pack_pair(head: bytes, tail: bytes) -> bytes:
+    """Two byte strings in one payload: u32 n, the n bytes of ``head``, then ``tail``."""
+    return _COUNT.pack(len(head)) + head + tail
+
+
+def split_pair(payload: bytes) -> tuple[bytes, bytes]:
+    (n,) = _COUNT.unpack_from(payload)
+    return payload[4:4 + n], payload[4 + n:]
+
+
 def error_payload(packed: bytes | None, text: str) -> tuple[int, bytes]:
     """``(status, payload)`` for an exception packed by ``_codec.pack_exception``."""
     raw = text.encode("utf-8", "replace")
     if packed is None:
         return ERROR_TEXT, raw
-    return ERROR, _COUNT.pack(len(packed)) + packed + raw
+    return ERROR, pack_pair(packed, raw)
 
 
 def split_error_payload(payload: bytes) -> tuple[bytes, str]:
-    (n,) = _COUNT.unpack_from(payload)
-    return payload[4:4 + n], payload[4 + n:].decode("utf-8", "replace")
+    packed, raw = split_pair(payload)
+    return packed, raw.decode("utf-8", "replace")
 
 
 class FrameReader:

@@ -35,17 +35,16 @@ log = logging.getLogger("mpmesh.pool")
 
 
 class UnpicklableResult(SerializationError, MaybeEncodingError):  # type: ignore[misc]
-    """A task's return value could not be pickled back (the stdlib's ``MaybeEncodingError``)."""
+    """A task's return value could not be pickled back: the stdlib's ``MaybeEncodingError``,
+    with its ``exc`` and ``value`` (the reprs of what pickling raised and of the value) and
+    its message."""
 
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-        self.exc = self.value = message
+    def __init__(self, exc: str, value: str) -> None:
+        Exception.__init__(self, exc, value)
+        self.exc, self.value = exc, value
 
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__}: {self}>"
+    __str__ = MaybeEncodingError.__str__
+    __repr__ = MaybeEncodingError.__repr__
 
 
 class UnpicklableException(RemoteError, MaybeEncodingError):  # type: ignore[misc]

@@ -154,7 +154,10 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
     (``NACK_FN``: ``known_by_value``) or pickle refuses it (lambdas, closures): then by
     value, with dill. ``isolated`` (a lone chunk after ``NACK_DATA``) sends everything by
     value. The whole batch is pickled at once; only if that fails is each task's data
-    pickled on its own, so that one bad item fails its own chunk and nothing else.
+    pickled on its own, so that one bad item fails its own chunk and nothing else, with
+    the exception pickling raised (as the stdlib's Pool fails it; see ``_refused``).
+    Task data refuses ``P.LOCAL_TYPES`` (a lock, an open file), as pickle does, rather
+    than travel as dill's look-alike.
     """
     fns: list[object] = []
     blobs: dict[int, int] = {}
@@ -173,16 +176,16 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
                 fns.append(P.Blob(dump_fn(src.fn, by_value)))
                 fi = blobs[key] = len(fns) - 1
             except SerializationError as exc:
-                bad_fns[key] = exc
+                bad_fns[key] = _refused(exc, f"the function of {c.describe()}")
         if fi is None:
-            fail(c, SerializationError(f"cannot send {c.describe()} to a worker: {bad_fns[key]}"))
+            fail(c, bad_fns[key])
             continue
         data = c.data
         if isolated:
             try:
-                data = P.Blob(_codec.dumps_by_value(data))
+                data = P.Blob(_codec.dumps_by_value(data, refuse=P.LOCAL_TYPES))
             except SerializationError as exc:
-                fail(c, SerializationError(f"cannot send {c.describe()} to a worker: {exc}"))
+                fail(c, _refused(exc, c.describe()))
                 continue
         tasks.append((c.cid, src.kind, fi, data))
         sent.append(c)
@@ -197,14 +200,24 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
     kept: list[Chunk] = []
     for c, (cid, kind, fi, data) in zip(sent, tasks):
         try:
-            slow.append((cid, kind, fi, P.Blob(_codec.dumps(data))))
+            slow.append((cid, kind, fi, P.Blob(_codec.dumps(data, refuse=P.LOCAL_TYPES))))
         except SerializationError as exc:
-            fail(c, SerializationError(f"cannot send {c.describe()} to a worker: {exc}"))
+            fail(c, _refused(exc, c.describe()))
             continue
         kept.append(c)
     if not kept:
         return b"", [], 0
     return pickle.dumps((fns, slow), 5), kept, flags
+
+
+def _refused(exc: SerializationError, what: str) -> BaseException:
+    """The exception pickling ``what`` raised, to fail its chunk with: the standard Pool
+    raises that very exception (a ``__reduce__`` that raises, pickle's ``TypeError``), so
+    code written for it catches it; on 3.11+ a note says which task it was."""
+    error = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    if hasattr(error, "add_note"):
+        error.add_note(f"mpmesh: cannot send {what} to a worker")
+    return error
 
 
 class FnBlobs:
@@ -248,11 +261,12 @@ def decode_result(status: int, payload: memoryview) -> tuple[bool, Any]:
     if status == P.ERROR:
         data, text = P.split_error_payload(bytes(payload))
         return False, _codec.unpack_exception(data, text)
+    if status == P.UNSENDABLE:
+        reason, value = P.split_pair(bytes(payload))
+        return False, UnpicklableResult(reason.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
     text = bytes(payload).decode("utf-8", "replace")
     if status == P.ERROR_TEXT:
         return False, UnpicklableException(text)
-    if status == P.UNSENDABLE:
-        return False, UnpicklableResult(text)
     if status == P.UNREADABLE:
         return False, SerializationError(text)
     return False, RemoteError(f"unknown result status {status}: {text}")

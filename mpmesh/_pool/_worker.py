@@ -191,7 +191,7 @@ def _run_batch(sock: socket.socket, body: bytes) -> int:
             status, payload = P.error_payload(*_codec.pack_exception(exc))
         else:
             try:
-                status, payload = P.OK, dumps(value)
+                status, payload = P.OK, dumps(value, refuse=P.LOCAL_TYPES)
             except SerializationError as exc:
                 status, payload = P.UNSENDABLE, _unsendable(value, exc)
         frame = P.result_frame(cid, status, perf() - start, payload)
@@ -206,11 +206,19 @@ def _why(what: str, exc: BaseException) -> bytes:
     return f"{what} could not be unpickled in the worker: {type(exc).__name__}: {exc}".encode()
 
 
-def _unsendable(value: object, exc: BaseException) -> bytes:
+def _unsendable(value: object, exc: SerializationError) -> bytes:
+    """An UNSENDABLE payload: what pickling the result raised, and the result (reprs, as
+    the stdlib's ``MaybeEncodingError`` holds them)."""
+    reason = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    return P.pack_pair(_short_repr(reason).encode("utf-8", "replace"),
+                       _short_repr(value).encode("utf-8", "replace"))
+
+
+def _short_repr(obj: object) -> str:
     try:
-        shown = repr(value)
+        shown = repr(obj)
     except Exception:
-        shown = f"<{type(value).__qualname__} object>"
+        shown = f"<{type(obj).__qualname__} object>"
     if len(shown) > 200:
         shown = shown[:197] + "..."
-    return f"Error sending result: {shown}. Reason: {exc}".encode()
+    return shown

@@ -7,6 +7,7 @@ helpers in ``dill``), so the reader never needs to know which one wrote the byte
 
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 import traceback
@@ -21,14 +22,40 @@ PROTOCOL: Final = 5
 _DILL_TYPES: set[type] = set()
 
 
-def _dill_dumps(obj: object) -> bytes:
+def _dill_dumps(obj: object, refuse: tuple[type, ...] = ()) -> bytes:
     import dill  # imported lazily: ~30 ms, and most payloads never need it
 
-    return dill.dumps(obj, protocol=PROTOCOL, recurse=True)  # type: ignore[no-any-return]
+    if not refuse:
+        return dill.dumps(obj, protocol=PROTOCOL, recurse=True)  # type: ignore[no-any-return]
+    sink = _Sink()
+    _refusing_dill_pickler(refuse)(sink, PROTOCOL, recurse=True).dump(obj)
+    return b"".join(sink)
 
 
-def dumps(obj: object) -> bytes:
-    """Serialize ``obj``; raise SerializationError naming its type if nothing can."""
+@functools.cache
+def _refusing_dill_pickler(refuse: tuple[type, ...]) -> type[Any]:
+    """dill's Pickler, except that instances of ``refuse`` are reduced the way plain pickle
+    reduces them (which, for a lock or an open file, raises pickle's own error) instead of
+    being rebuilt by dill as a look-alike (a new, unrelated lock; the file opened again by
+    name on the other side)."""
+    import dill
+
+    class RefusingPickler(dill.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: object) -> Any:  # a reduce value, or NotImplemented
+            if isinstance(obj, refuse):
+                return obj.__reduce_ex__(self.proto)
+            return NotImplemented
+
+    return RefusingPickler
+
+
+def dumps(obj: object, *, refuse: tuple[type, ...] = ()) -> bytes:
+    """Serialize ``obj``; raise SerializationError naming its type if nothing can.
+
+    ``refuse``: types dill must not rebuild (see ``_refusing_dill_pickler``): pickle's
+    refusal of them stands. The SerializationError's ``__cause__`` is what the last
+    serializer tried raised.
+    """
     cls = type(obj)
     if cls not in _DILL_TYPES:
         try:
@@ -40,7 +67,7 @@ def dumps(obj: object) -> bytes:
     else:
         first = TypeError("pickle refused this type before")
     try:
-        data = _dill_dumps(obj)
+        data = _dill_dumps(obj, refuse)
     except Exception as exc:
         raise SerializationError(
             f"cannot serialize object of type {cls.__module__}.{cls.__qualname__}: "
@@ -71,12 +98,12 @@ class _ByReferencePickler(pickle.Pickler):
         return NotImplemented
 
 
-def dumps_by_value(obj: object) -> bytes:
+def dumps_by_value(obj: object, *, refuse: tuple[type, ...] = ()) -> bytes:
     """Serialize a spawn target so a fresh process can rebuild it.
 
     Importable functions and classes go by reference with plain pickle (the child then
     needs no dill); anything from ``__main__``, lambdas and closures go by value with
-    dill, since a child's ``__main__`` is not the parent's.
+    dill, since a child's ``__main__`` is not the parent's. ``refuse``: as for ``dumps``.
     """
     sink = _Sink()
     try:
@@ -85,7 +112,7 @@ def dumps_by_value(obj: object) -> bytes:
     except Exception:
         pass
     try:
-        return _dill_dumps(obj)
+        return _dill_dumps(obj, refuse)
     except Exception as exc:
         cls = type(obj)
         raise SerializationError(

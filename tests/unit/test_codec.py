@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing.managers
 import pickle
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -24,9 +25,9 @@ def dill_calls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     calls: list[object] = []
     real = _codec._dill_dumps
 
-    def spy(obj: object) -> bytes:
+    def spy(obj: object, *args: Any) -> bytes:
         calls.append(obj)
-        return real(obj)
+        return real(obj, *args)
 
     monkeypatch.setattr(_codec, "_dill_dumps", spy)
     return calls
