@@ -170,6 +170,7 @@ class BrokerLoop(Readers):
         self._inbox: collections.deque[Message] = collections.deque()
         self._sleep_until = 0.0
         self._stopping = False
+        self._closed = False  # descriptors closed (``_close_all`` ran)
         self._thread: threading.Thread | None = None
         self._loop_ident: int | None = None  # the thread running ``_run``
         listener.setblocking(False)
@@ -185,8 +186,11 @@ class BrokerLoop(Readers):
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop and close every connection (idempotent)."""
         self._stopping = True
+        if self._thread is None:  # never ran: no ``_run`` will close the listener
+            self._close_all()
+            return
         self._wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -634,6 +638,9 @@ class BrokerLoop(Readers):
 
     def _close_all(self) -> None:
         with self.lock:
+            if self._closed:
+                return
+            self._closed = True
             for conn in list(self._conns.values()):
                 self._drop(conn)
             leases, self._leases = self._leases or [], None

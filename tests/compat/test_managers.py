@@ -8,10 +8,13 @@ import multiprocessing
 import multiprocessing.managers
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
 import pytest
+
+import mpmesh.managers
 
 from tests.conftest import wait_for
 
@@ -185,3 +188,11 @@ def test_more_blocked_calls_than_server_threads_all_return(counters: Any) -> Non
     for consumer in consumers:
         consumer.join(LONG)
     assert sorted(got) == list(range(n))  # type: ignore[type-var]
+
+
+def test_a_server_closed_before_serving_frees_its_address() -> None:
+    server = mpmesh.managers.SyncManager(address=("127.0.0.1", 0), authkey=b"k").get_server()
+    host, port = server.address
+    server.close()
+    with socket.socket() as again:  # EADDRINUSE while the unserved listener stayed open
+        again.bind((host, port))
