@@ -79,9 +79,14 @@ def _own_client(address: str) -> ClientBase:
 
 
 def _close_own() -> None:
+    """At exit: close this process's own connections, with a Goodbye if it ends cleanly."""
+    from ._client import exit_is_clean, process_ends
+
     pid = os.getpid()
     with _lock:
         mine = [client for owner, client in _own.values() if owner == pid]
         _own.clear()
+    if mine:
+        process_ends(exit_is_clean())
     for client in mine:
         client.close()

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, Final, TypeVar, cast
 
 from . import _deadline
-from ._client import SocketClient, make_hello
+from ._client import SocketClient, make_hello, process_ends
 from ._futures import MeshFuture
 from ._errors import MeshClosed, MeshError
 from ._shared import SharedState
@@ -409,6 +409,7 @@ def run_target(config: dict[str, Any]) -> int:
         code = 1
     finally:
         master_gone = isinstance(child, Child) and child._master_gone
+        process_ends(code == 0)  # a failure is a crash to the brokers it used (Goodbye or not)
         if isinstance(child, Child):
             child.close()
     if master_gone and code == 0:

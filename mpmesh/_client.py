@@ -10,6 +10,9 @@ receive pushes while nobody waits (subscribers).
 ``LocalClient`` is a Master's own client: the broker runs in the same process, so a
 request is handed to the core directly and replies arrive from the broker's thread.
 What callers wait on (futures, blocking-call records) lives in ``_futures.py``.
+
+A connection says Goodbye before it closes only if its process is not ending abnormally
+(see "How a process ends" below): that is how the broker tells a clean exit from a crash.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import multiprocessing
+import multiprocessing.util
 import os
 import select
 import socket
 import socket as _socket
+import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -42,7 +49,7 @@ from ._wire._messages import (
 if TYPE_CHECKING:
     from ._io._loop import BrokerLoop
 
-__all__ = ["ClientBase", "LocalClient", "SocketClient", "make_hello"]
+__all__ = ["ClientBase", "LocalClient", "SocketClient", "exit_is_clean", "make_hello", "process_ends"]
 
 log = logging.getLogger("mpmesh.client")
 
@@ -296,6 +303,8 @@ class SocketClient(ClientBase):
         sock.settimeout(None)
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
+        self._said_goodbye = False
+        _watch_exit(self)
 
     def _handshake(self, hello: Hello, deadline: float) -> None:
         try:
@@ -468,11 +477,26 @@ class SocketClient(ClientBase):
                 log.exception("handling the broker's departure failed")
         self._wake_followers()
 
-    def close(self) -> None:
-        """Say goodbye and close; pending requests fail with MeshClosed."""
+    def say_goodbye(self) -> None:
+        """Tell the broker this process is leaving cleanly (once), and stay connected:
+        it may still have threads to finish."""
+        if self._said_goodbye or self._closed is not None or self._pid != os.getpid():
+            return
+        self._said_goodbye = True
+        try:
+            self._send(Goodbye())
+        except (MeshError, OSError):
+            pass
+
+    def close(self, *, goodbye: bool | None = None) -> None:
+        """Close; pending requests fail with MeshClosed. Say Goodbye first if ``goodbye``
+        (by default: unless this process is known to be ending abnormally)."""
         if self._closed is None:
             self._closed = MeshClosed("this connection to the mesh was closed")
-            if self._pid == os.getpid():
+            if goodbye is None:
+                goodbye = _verdict[1] if _verdict is not None and _verdict[0] == os.getpid() else True
+            if goodbye and not self._said_goodbye and self._pid == os.getpid():
+                self._said_goodbye = True
                 try:
                     with self._send_lock:
                         self._sock.sendall(encode(Goodbye()))
@@ -488,6 +512,65 @@ class SocketClient(ClientBase):
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+
+# -- How a process ends --------------------------------------------------------------------
+#
+# The broker cannot see a process's exit status (it goes to the process's parent); it only
+# sees the connection close. So a process tells it: a connection that closes after a
+# Goodbye was a clean exit, one that closes without is a crash, and the Manager locks and
+# semaphore units a crashed process held are released (``_broker/_objects``), where a
+# clean exit leaves them held, as the standard library does. A process ends cleanly when
+# its ``multiprocessing`` ``run()`` returns or raises SystemExit(0 or None), when a script
+# ends without an uncaught exception, or when it closes its connection itself. Killed by a
+# signal, os._exit(), any other exception or exit status out of ``run()``: no Goodbye.
+# The Goodbye goes from ``multiprocessing.util``'s exit handler (``_exit_function``), which
+# a ``multiprocessing`` child runs after ``run()`` with its exception still in
+# ``sys.exc_info()`` (atexit handlers do not run in a forked child), and which runs from
+# ``atexit`` elsewhere; a Master's child says it from ``run_target``, which knows its exit
+# code (``process_ends``). Every connection of the process says it, whichever broker it
+# goes to. Not seen: a script's sys.exit(n) (atexit cannot tell), a kill after the Goodbye.
+
+_open_clients: weakref.WeakSet[SocketClient] = weakref.WeakSet()
+_verdict: tuple[int, bool] | None = None  # (pid, clean) once this process's end is judged
+_watching_pid = 0
+
+
+def _watch_exit(client: SocketClient) -> None:
+    """Say Goodbye on ``client`` when this process ends cleanly."""
+    global _watching_pid
+    _open_clients.add(client)
+    if _watching_pid != client._pid:
+        _watching_pid = client._pid
+        multiprocessing.util.Finalize(None, _at_exit, exitpriority=-100)
+
+
+def exit_is_clean() -> bool:
+    """Called as this process ends: whether it ends cleanly (judged once per process)."""
+    pid = os.getpid()
+    if _verdict is not None and _verdict[0] == pid:
+        return _verdict[1]
+    exc = sys.exc_info()[1]
+    if exc is None and multiprocessing.parent_process() is None:
+        # A script that an uncaught exception ended (a child may have inherited these).
+        exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0))
+
+
+def process_ends(clean: bool) -> None:
+    """This process is about to end: if ``clean``, each of its connections says Goodbye
+    now; if not, none will (not even as it closes)."""
+    global _verdict
+    pid = os.getpid()
+    _verdict = (pid, clean)
+    if clean:
+        for client in list(_open_clients):
+            if client._pid == pid:
+                client.say_goodbye()
+
+
+def _at_exit() -> None:
+    process_ends(exit_is_clean())
 
 
 def _request_msg(rid: int, action: str, target: str | int, payload: bytes, timeout: float | None,

@@ -43,7 +43,9 @@ from ._errors import MeshClosed
 from ._futures import dispatcher
 from ._io import _broker_process, _paths
 from ._io._host import BrokerHost
-from ._proxies import AutoProxy, _wait, create_proxy, flush_releases, register_client, unregister_client
+from ._proxies import (
+    AutoProxy, _wait, create_proxy, flush_releases, pack, register_client, unregister_client,
+)
 from ._proxy_types import (
     AcquirerProxy, ArrayProxy, BarrierProxy, ConditionProxy, DictProxy, EventProxy, IteratorProxy,
     ListProxy, NamespaceProxy, PoolProxy, QueueProxy, ValueProxy,
@@ -389,7 +391,8 @@ class BaseManager:
         """Create a shared object; return ``(token, exposed)``. The reference it counts
         for this process is the caller's to drop (standard-library helper)."""
         client = self._client_here()
-        oid, exposed = _wait(client, client.op(COMPONENT, "create", (typeid, args, kwds)), _FOREVER)
+        fut = client.op(COMPONENT, "create", payload=pack((typeid, args, kwds)))
+        oid, exposed = _wait(client, fut, _FOREVER)
         return Token(typeid, self._address, oid), tuple(exposed)
 
     def _new_object(self, typeid: str, args: tuple[Any, ...], kwargs: builtins.dict[str, Any]) -> Any:

@@ -39,13 +39,13 @@ from ._broker._objects import COMPONENT
 from ._broker._refs import Token, install_proxy_builder, rebuild_ref
 from ._client import GUARD_SLACK_S, ClientBase, SocketClient, make_hello
 from ._futures import Call
-from ._errors import BrokerUnavailable, MeshError
+from ._errors import BrokerUnavailable, MeshError, SerializationError
 from ._wire import _codec
 from ._wire._messages import Op, Role
 
 __all__ = [
     "AutoProxy", "BaseProxy", "MakeProxyType", "Token", "client_for", "create_proxy",
-    "flush_releases", "register_client", "unregister_client",
+    "flush_releases", "pack", "register_client", "unregister_client",
 ]
 
 _getpid = os.getpid
@@ -116,6 +116,15 @@ def client_for(address: object, authkey: bytes | None = None) -> ClientBase:
         client = SocketClient(address, key_bytes, make_hello(Role.CLIENT))  # type: ignore[arg-type]
         _clients[key] = client
         return client
+
+
+def pack(call: object) -> bytes:
+    """The payload of a call or create: what pickling raised propagates as itself, as from
+    the standard library's proxies (they pickle as they send), not as SerializationError."""
+    try:
+        return _dumps(call)
+    except SerializationError as exc:
+        raise (exc.__cause__ or exc) from None
 
 
 def _post(client: ClientBase, op: str, args: object, timeout: float = -1.0) -> None:
@@ -228,7 +237,7 @@ class BaseProxy:
         client = self._client if self._pid == _getpid() else self._rebind()
         if _releases:
             flush_releases()
-        fut = client.op(COMPONENT, "call", payload=_dumps(
+        fut = client.op(COMPONENT, "call", payload=pack(
             (self._id, methodname, args, kwds or {}, _get_ident())))
         return _wait(client, fut, FOREVER)
 
@@ -240,7 +249,7 @@ class BaseProxy:
         client = self._client if self._pid == _getpid() else self._rebind()
         if _releases:
             flush_releases()
-        fut = client.op(COMPONENT, "call", timeout=max(0.0, timeout), payload=_dumps(
+        fut = client.op(COMPONENT, "call", timeout=max(0.0, timeout), payload=pack(
             (self._id, methodname, args, kwds or {}, _get_ident())))
         return _wait(client, fut, time.monotonic() + max(0.0, timeout) + GUARD_SLACK_S)
 
@@ -250,7 +259,7 @@ class BaseProxy:
         client = self._client if self._pid == _getpid() else self._rebind()
         if _releases:
             flush_releases()
-        fut = client.op(COMPONENT, "call", timeout=0.0, payload=_dumps(
+        fut = client.op(COMPONENT, "call", timeout=0.0, payload=pack(
             (self._id, methodname, args, {}, _get_ident())))
         return _wait(client, fut, FOREVER)
 
@@ -302,7 +311,7 @@ def create_proxy(client: ClientBase, address: object, authkey: bytes, typeid: st
     """Create a shared object of ``typeid`` (one round trip) and return its proxy."""
     if _releases:
         flush_releases()
-    fut = client.op(COMPONENT, "create", (typeid, args, kwargs))
+    fut = client.op(COMPONENT, "create", payload=pack((typeid, args, kwargs)))
     oid, exposed = _wait(client, fut, FOREVER)
     proxy = proxytype(Token(typeid, address, oid), "pickle", manager=manager, authkey=authkey,
                       exposed=exposed, incref=False)
@@ -322,6 +331,10 @@ def _forwarder(name: str) -> Callable[..., Any]:
     return method
 
 
+def _iter_self(self: BaseProxy) -> BaseProxy:
+    return self
+
+
 def MakeProxyType(name: str, exposed: tuple[str, ...] | list[str]) -> type[BaseProxy]:  # noqa: N802
     """A proxy type whose methods forward ``exposed`` (closures, not ``exec``)."""
     exposed = tuple(exposed)
@@ -329,6 +342,8 @@ def MakeProxyType(name: str, exposed: tuple[str, ...] | list[str]) -> type[BaseP
     if cached is not None:
         return cached
     namespace: dict[str, Any] = {meth: _forwarder(meth) for meth in exposed}
+    if "__next__" in exposed and "__iter__" not in exposed:
+        namespace["__iter__"] = _iter_self  # a proxy of an iterator is one (a Master's dict iterators)
     namespace["_exposed_"] = exposed
     proxy_type = type(name, (BaseProxy,), namespace)
     _proxy_types[(name, exposed)] = proxy_type

@@ -2,10 +2,12 @@
 thin call of ``BaseProxy._callmethod`` (no ``exec``-generated methods, unlike the
 standard library's ``MakeProxyType``).
 
-Differences from the standard library, all deliberate and compatible: iterating a dict,
-list or array proxy reads a snapshot in one round trip (the standard library makes one
-per item); ``Queue``/``JoinableQueue`` get ``QueueProxy`` instead of an
-``AutoProxy[Queue]``; ``BarrierProxy.wait`` raises ``threading.BrokenBarrierError``.
+Iterating a dict, list or array proxy is live, as in the standard library: one call per
+item, each reading the shared object as it is then (a dict's iterator lives in the
+broker, so changing the dict meanwhile raises RuntimeError there, as iterating a dict
+does). Differences from the standard library, all deliberate and compatible:
+``Queue``/``JoinableQueue`` get ``QueueProxy`` instead of an ``AutoProxy[Queue]``;
+``BarrierProxy.wait`` raises ``threading.BrokenBarrierError``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ __all__ = [
 K = TypeVar("K")
 V = TypeVar("V")
 T = TypeVar("T")
+
+
+def _by_index(proxy: BaseProxy) -> Iterator[Any]:
+    """Iterate a sequence proxy as Python iterates a sequence without ``__iter__`` (the
+    standard library's list and array proxies have none): item 0, 1, ..., each read when
+    it is asked for, until IndexError. No batching: a batch read ahead would miss changes
+    made between two ``next`` calls."""
+    i = 0
+    callmethod = proxy._callmethod
+    while True:
+        try:
+            item = callmethod("__getitem__", (i,))
+        except IndexError:
+            return
+        yield item
+        i += 1
 
 
 class IteratorProxy(BaseProxy):
@@ -183,8 +201,7 @@ class ValueProxy(BaseProxy, Generic[T]):
 
 
 class ListProxy(BaseProxy, Generic[T]):
-    """A shared list. Iteration reads a snapshot in one round trip (the standard
-    library's proxy makes one per item)."""
+    """A shared list. Iteration is live: one call per item (``_by_index``)."""
 
     _exposed_ = ("__add__", "__contains__", "__delitem__", "__getitem__", "__len__", "__mul__",
                  "__reversed__", "__rmul__", "__setitem__", "append", "count", "extend",
@@ -218,7 +235,7 @@ class ListProxy(BaseProxy, Generic[T]):
         self._callmethod("__setitem__", (index, value))
 
     def __iter__(self) -> Iterator[T]:
-        return iter(self._callmethod("__getitem__", (slice(None),)))
+        return _by_index(self)
 
     def __iadd__(self, value: Any) -> ListProxy[T]:
         self._callmethod("extend", (value,))
@@ -259,7 +276,9 @@ class ListProxy(BaseProxy, Generic[T]):
 
 
 class DictProxy(BaseProxy, Generic[K, V]):
-    """A shared dict. Iteration reads a snapshot of the keys in one round trip."""
+    """A shared dict. Iterating it is live: ``iter()`` makes an iterator over the real
+    dict in the broker, and each ``next`` is a call. ``keys()``, ``values()`` and
+    ``items()`` return lists, as the standard library's do."""
 
     _exposed_ = ("__contains__", "__delitem__", "__getitem__", "__iter__", "__len__",
                  "__setitem__", "clear", "copy", "get", "items", "keys", "pop", "popitem",
@@ -275,7 +294,7 @@ class DictProxy(BaseProxy, Generic[K, V]):
         return self._callmethod("__getitem__", (key,))  # type: ignore[no-any-return]
 
     def __iter__(self) -> Iterator[K]:
-        return iter(self._callmethod("keys"))
+        return self._callmethod("__iter__")  # type: ignore[no-any-return]
 
     def __len__(self) -> int:
         return self._callmethod("__len__")  # type: ignore[no-any-return]
@@ -329,7 +348,7 @@ class ArrayProxy(BaseProxy):
         self._callmethod("__setitem__", (index, value))
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._callmethod("__getitem__", (slice(None),)))
+        return _by_index(self)
 
 
 class QueueProxy(BaseProxy):

@@ -9,7 +9,11 @@ from typing import Union
 from .._wire._messages import Message
 from .._wire._record import record
 
-__all__ = ["Action", "Close", "Notify", "Offload", "Send"]
+__all__ = ["WARNING", "Action", "Close", "Notify", "Offload", "Send"]
+
+# The event of a ``Notify`` the host logs as a warning (``info["message"]``) instead of
+# passing it on: something a process did that its user should hear about.
+WARNING = "warning"
 
 
 @record

@@ -28,19 +28,28 @@ __all__ = ["default_components"]
 def default_components(core: BrokerCore | None = None) -> dict[str, Component]:
     """Fresh instances of every built-in component, for a new broker.
 
-    Components that read the peer table (``admin``, and ``rpc`` to name a lost
-    registrant) get ``core``; without it, ``admin`` is left out.
+    Components that read the peer table (``admin``, ``rpc`` to name a lost registrant,
+    ``objects`` to name a lost peer and learn whether it said Goodbye) get ``core``;
+    without it, ``admin`` is left out.
     """
     components: dict[str, Component] = {}
     locks = LockTable()
     components["locks"] = locks
     components["cache"] = CacheStore(fence=locks.valid)
     components["pubsub"] = PubSub()
-    components["objects"] = ObjectTable()
+    components["objects"] = ObjectTable() if core is None else ObjectTable(
+        left_cleanly=_goodbye_said(core), describe=_describer(core))
     components["rpc"] = RpcPools(describe=None if core is None else _describer(core))
     if core is not None:
         components["admin"] = Admin(core)
     return components
+
+
+def _goodbye_said(core: BrokerCore) -> Callable[[int], bool]:
+    def left_cleanly(peer_id: int) -> bool:
+        peer = core.peers.get(peer_id)
+        return peer is not None and peer.leaving
+    return left_cleanly
 
 
 def _describer(core: BrokerCore) -> Callable[[int], str]:

@@ -49,7 +49,7 @@ class Peer:
     hostname: str = ""
     worker: Worker | None = None
     last_seen: float = 0.0
-    leaving: bool = False
+    leaving: bool = False   # it said Goodbye: a clean exit, not a crash
     hello: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -110,7 +110,7 @@ class BrokerCore:
         return [Send(peer.id, Ready(peer.instance_id, name))]
 
     def on_peer_lost(self, peer_id: int, now: float) -> list[Action]:
-        peer = self.peers.pop(peer_id, None)
+        peer = self.peers.get(peer_id)
         if peer is None:
             return []
         self.by_instance.pop(peer.instance_id, None)
@@ -118,8 +118,11 @@ class BrokerCore:
         worker = peer.worker
         if worker is not None and worker.peer == peer_id:
             actions += self.router.on_worker_lost(worker, now)
+        # Components may still look the peer up (who it was, whether it said Goodbye)
+        # while they let go of what it held.
         for component in self.components.values():
             actions += component.on_peer_lost(peer_id, now)
+        del self.peers[peer_id]
         return actions
 
     # -- messages ---------------------------------------------------------------------------

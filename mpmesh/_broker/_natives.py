@@ -5,18 +5,21 @@
 ``NATIVE`` maps each typeid to its constructor, its kind and the methods its proxy may
 call (the standard library's exposed lists). Data types are plain Python objects whose
 methods are called directly; parking types get the caller's identity (``Native.call``).
+A method listed in ``makes`` returns a new shared object instead of a copy: a dict's
+``__iter__`` an ``Iterator`` over the real dict, so iterating its proxy is live, as in
+the standard library (each ``next`` a call; changing the dict meanwhile raises there).
 """
 
 from __future__ import annotations
 
 import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from . import _queues, _sync
 
-__all__ = ["DATA", "NATIVE", "SYNC", "Array", "Namespace", "NativeType", "Value"]
+__all__ = ["DATA", "ITERATOR", "NATIVE", "SYNC", "Array", "Namespace", "NativeType", "Value"]
 
 DATA: Final = 1   # called directly: obj.method(*args, **kwargs)
 SYNC: Final = 2   # a Native: obj.call(method, waiter, ...) may park
@@ -62,6 +65,12 @@ class NativeType:
     make: Callable[..., object]
     kind: int
     exposed: tuple[str, ...]
+    # method -> (typeid, exposed) of the shared object its result becomes
+    makes: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+
+
+# What an ``Iterator`` made by a native method exposes (the standard library's IteratorProxy).
+ITERATOR: Final = ("__next__", "send", "throw", "close")
 
 
 _ACQUIRER: Final = ("acquire", "release")
@@ -72,7 +81,7 @@ NATIVE: Final[dict[str, NativeType]] = {
     "dict": NativeType(dict, DATA, (
         "__contains__", "__delitem__", "__getitem__", "__iter__", "__len__", "__setitem__",
         "clear", "copy", "get", "items", "keys", "pop", "popitem", "setdefault", "update",
-        "values")),
+        "values"), {"__iter__": ("Iterator", ITERATOR)}),
     "list": NativeType(list, DATA, (
         "__add__", "__contains__", "__delitem__", "__getitem__", "__len__", "__mul__",
         "__reversed__", "__rmul__", "__setitem__", "append", "count", "extend", "index",

@@ -8,7 +8,9 @@ Its *references* are counted by holder, and it is freed when the total reaches z
 - **peers**: each proxy object in a process is one reference of that process's peer.
   ``create`` counts the creator's; ``incref``/``decref`` (posted by proxies as they are
   rebuilt and collected) count the others. A peer that disconnects loses all of them at
-  once (``on_peer_lost``): nothing leaks when a process dies (cf. cpython#103136).
+  once (``on_peer_lost``): nothing leaks when a process dies (cf. cpython#103136). The
+  locks and semaphore units it holds are released only if it died abnormally (see
+  ``on_peer_lost``).
 - **graces**: a proxy pickled by one process for another is in transit, counted by
   nobody. Its sender posts ``grace(oid, gid)`` before the bytes leave, on the same
   connection as any later ``decref``; the receiver's ``incref(oid, gid)`` takes the
@@ -24,6 +26,10 @@ three paths by the object's kind:
     SYNC    locks, Event, Barrier, Queue (_sync)   obj.call(...) here; may PARK the caller
     CUSTOM  types a user registered                user code: ``Offload`` to a worker thread
 
+User code (a registered type's factory and methods, a Barrier's action) runs on a worker
+thread. What it is handed is read here, where proxies are ``ProxyRef``s; if the payload
+carried any, it gets a ``WorkerSide`` copy instead, rebuilt there with real proxies.
+
 Posted ops (request id 0: ``incref``, ``decref``, ``grace``, ``cancel``) get no answer.
 Nothing here does I/O.
 """
@@ -34,18 +40,20 @@ import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from .._errors import SerializationError
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Op, Reply
-from ._actions import Action, Offload, Send
+from ._actions import WARNING, Action, Notify, Offload, Send
 from ._natives import DATA, NATIVE, SYNC
-from ._refs import ProxyRef, Token, TypeSpec, NewRef, loading, public_methods, same_address
-from ._sync import Condition, Lock
+from ._refs import NewRef, ProxyRef, Token, TypeSpec, WorkerSide, loading, public_methods, same_address
+from ._sync import Barrier, Condition, Lock
 from ._waiters import PARKED, Effects, ParkingLot, Waiter
 
 __all__ = ["COMPONENT", "CUSTOM", "GRACE_S", "ObjectTable"]
+
+T = TypeVar("T")
 
 COMPONENT: Final = "objects"
 CUSTOM: Final = 3
@@ -72,12 +80,21 @@ class Entry:
     exposed: frozenset[str]
     spec: TypeSpec | None
     total: int = 0   # references of every kind
+    makes: dict[str, tuple[str, tuple[str, ...]]] | None = None  # a native's (``NativeType.makes``)
 
 
 class ObjectTable:
-    """The ``objects`` component (``Component`` protocol of ``_core``)."""
+    """The ``objects`` component (``Component`` protocol of ``_core``).
 
-    def __init__(self) -> None:
+    ``left_cleanly(peer)``: whether a lost peer said Goodbye first (the core's record of
+    it; without one, every loss counts as a crash); ``describe(peer)`` names it in the
+    warning about what a crashed peer held.
+    """
+
+    def __init__(self, *, left_cleanly: Callable[[int], bool] | None = None,
+                 describe: Callable[[int], str] | None = None) -> None:
+        self._left_cleanly = left_cleanly
+        self._describe = describe or (lambda peer: f"peer {peer}")
         self.address: object = None          # set by the host's owner: to know our own tokens
         self.registry: dict[str, TypeSpec] = {}
         self.objects: dict[int, Entry] = {}
@@ -122,6 +139,10 @@ class ObjectTable:
         return actions
 
     def on_peer_lost(self, peer: int, now: float) -> list[Action]:
+        """Drop what ``peer`` held. Its locks and semaphore units are released only if it
+        died abnormally (its connection closed without a Goodbye: killed, or ended by an
+        error), with a warning; one that exited cleanly leaves them held, as the standard
+        library does, for another process to release."""
         self.now = now
         self._alive.discard(peer)
         fx = Effects()
@@ -129,13 +150,20 @@ class ObjectTable:
             if w.owner is not None:
                 w.owner.discard(w, fx)
             self.lot.unpark(w)
-        for entry in list(self._sync.values()):
-            entry.obj.drop_peer(peer, fx)  # type: ignore[attr-defined]
+        notes: list[Action] = []
+        if self._left_cleanly is None or not self._left_cleanly(peer):
+            sync: list[Any] = list(self._sync.values())
+            released = [e for e in sync if e.obj.drop_peer(peer, fx)]
+            if released:
+                held = ", ".join(f"{e.typeid} {e.oid}" for e in released)
+                notes.append(Notify(WARNING, {"message": (
+                    f"{self._describe(peer)} ended abnormally (killed, or exited with an error) "
+                    f"while holding Manager {held}: released")}))
         refs = self.refs.pop(peer, None)
         if refs:
             for oid, n in refs.items():
                 self._release(oid, n, fx)
-        return self._effects(fx) + self._drain()
+        return self._effects(fx) + notes + self._drain()
 
     def on_tick(self, now: float) -> list[Action]:
         self.now = now
@@ -249,6 +277,13 @@ class ObjectTable:
                 result = getattr(entry.obj, method)(*a, **kw)
             except Exception as exc:
                 return [Send(peer, self._failure(rid, exc))]
+            made = entry.makes.get(method) if entry.makes else None
+            if made is not None:  # a dict's iterator: a shared object of its own
+                typeid, exposed = made
+                spec = self.registry.get(typeid)
+                if spec is not None and spec.exposed:
+                    exposed = spec.exposed
+                result = self._new_ref(typeid, spec, result, DATA, exposed, peer)
             return [Send(peer, self._reply(rid, result))]
         w = Waiter(peer, rid, tid)
         fx = Effects()
@@ -278,14 +313,11 @@ class ObjectTable:
         spec = entry.spec
         target = spec.method_to_typeid.get(method) if spec and spec.method_to_typeid else None
         target_spec = self.registry.get(target) if target else None
-        # User code gets real proxies, as in the standard library: ProxyRefs are pickled
-        # here, under the core lock (issuing graces), and rebuilt on the worker thread.
-        blob = _codec.dumps((a, kw)) if self._with_refs else None
+        call = self._for_worker((a, kw))
 
         def job() -> object:
             try:
-                call: Any = _codec.loads(blob) if blob is not None else (a, kw)
-                args, kwargs = call
+                args, kwargs = call()
                 if method == "#GETVALUE":
                     result = obj
                 elif method == "__repr__":
@@ -310,9 +342,7 @@ class ObjectTable:
             _, result, exposed = outcome
             if peer not in self._alive:
                 return []
-            new = self._add(str(target), result, CUSTOM, exposed, target_spec, peer)
-            proxytype = target_spec.proxytype if target_spec is not None else None
-            ref = NewRef(proxytype, Token(new.typeid, self.address, new.oid), tuple(exposed))
+            ref = self._new_ref(str(target), target_spec, result, CUSTOM, exposed, peer)
             return [Send(peer, self._reply(rid, ref))]
 
         fx = Effects()
@@ -330,7 +360,7 @@ class ObjectTable:
             except Exception as exc:
                 return [Send(peer, _create_failed(rid, exc))]
             exposed = spec.exposed if spec is not None and spec.exposed else ntype.exposed
-            entry = self._add(typeid, obj, ntype.kind, exposed, spec, peer)
+            entry = self._add(typeid, obj, ntype.kind, exposed, spec, peer, ntype.makes or None)
             return [Send(peer, self._reply(rid, (entry.oid, tuple(exposed))))]
         if spec is None:
             return [Send(peer, Failure(rid, ErrorCode.NOT_FOUND,
@@ -339,13 +369,12 @@ class ObjectTable:
             if kw or len(a) != 1:
                 return [Send(peer, _create_failed(rid, ValueError(
                     "Without callable, must have one non-keyword argument")))]
-        blob = _codec.dumps((a, kw)) if self._with_refs else None
+        call = self._for_worker((a, kw))
         factory = spec.callable
 
         def job() -> object:
             try:
-                call: Any = _codec.loads(blob) if blob is not None else (a, kw)
-                args, kwargs = call
+                args, kwargs = call()
                 obj = args[0] if factory is None else factory(*args, **kwargs)
                 return ("object", obj, _exposed_of(spec, obj))
             except BaseException as exc:  # noqa: BLE001
@@ -366,7 +395,10 @@ class ObjectTable:
 
     def _make_native(self, native: str, a: tuple[object, ...], kw: dict[str, object]) -> object:
         if native != "Condition":
-            return NATIVE[native].make(*a, **kw)
+            obj = NATIVE[native].make(*a, **kw)
+            if isinstance(obj, Barrier) and obj.action is not None and self._with_refs:
+                obj.action = WorkerSide(obj.action)  # user code: real proxies on its worker thread
+            return obj
         lock = a[0] if a else kw.pop("lock", None)
         if len(a) > 1 or kw:
             raise TypeError("Condition() takes at most one argument (lock)")
@@ -378,9 +410,10 @@ class ObjectTable:
         return Condition(entry.obj, keep=lock)
 
     def _add(self, typeid: str, obj: object, kind: int, exposed: tuple[str, ...] | frozenset[str],
-             spec: TypeSpec | None, peer: int) -> Entry:
+             spec: TypeSpec | None, peer: int,
+             makes: dict[str, tuple[str, tuple[str, ...]]] | None = None) -> Entry:
         oid = next(self._ids)
-        entry = Entry(oid, typeid, obj, kind, frozenset(exposed), spec, 1)
+        entry = Entry(oid, typeid, obj, kind, frozenset(exposed), spec, 1, makes)
         self.objects[oid] = entry
         if kind == SYNC:
             self._sync[oid] = entry
@@ -389,6 +422,19 @@ class ObjectTable:
             refs = self.refs[peer] = {}
         refs[oid] = refs.get(oid, 0) + 1
         return entry
+
+    def _new_ref(self, typeid: str, spec: TypeSpec | None, obj: object, kind: int,
+                 exposed: tuple[str, ...], peer: int) -> NewRef:
+        """Share ``obj``, made by a method ``peer`` called, as ``typeid``; the reference is
+        ``peer``'s. Without a registered proxy type the receiver builds an AutoProxy."""
+        new = self._add(typeid, obj, kind, exposed, spec, peer)
+        return NewRef(spec.proxytype if spec is not None else None, Token(typeid, self.address, new.oid),
+                      tuple(exposed))
+
+    def _for_worker(self, value: T) -> Callable[[], T]:
+        """How user code on a worker thread gets ``value``, read from the payload being
+        handled: as it is, or rebuilt there if the payload carried proxies."""
+        return WorkerSide(value).get if self._with_refs else (lambda: value)
 
     def _incref(self, peer: int, rid: int, args: Any) -> list[Action]:
         oid, gid = args

@@ -4,8 +4,11 @@ stored inside another shared object).
 
 The core may not import the proxies (they live in the runtime layer, above it), so the
 runtime hands in how a real proxy is built (``install_proxy_builder``), and the broker
-reads pickled proxies as ``ProxyRef``s while ``_LOADING`` names its table. Nothing here
-does I/O.
+reads pickled proxies as ``ProxyRef``s while ``_LOADING`` names its table. User code that
+runs in the broker's process (on a worker thread, never the loop) gets real proxies, as
+the standard library's ``RebuildProxy`` gives code in its manager's process: what it is
+handed is pickled again under the core lock and rebuilt on the worker (``WorkerSide``).
+Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -13,15 +16,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .._wire import _codec
 
 if TYPE_CHECKING:
     from ._objects import ObjectTable
 
 __all__ = [
-    "NewRef", "ProxyRef", "Token", "TypeSpec", "install_proxy_builder", "loading", "public_methods",
-    "rebuild_ref", "same_address",
+    "AttributeRef", "NewRef", "ProxyRef", "Token", "TypeSpec", "WorkerSide", "install_proxy_builder",
+    "loading", "public_methods", "rebuild_ref", "same_address",
 ]
+
+T = TypeVar("T")
 
 
 class Token:
@@ -101,8 +108,71 @@ class ProxyRef:
         if self.counted:
             self.table.dead.append(self.token.id)  # list.append: safe from any GC point
 
+    def __getattr__(self, name: str) -> AttributeRef:
+        # A bound method of a proxy (``lst.append`` as a Pool callback) pickles as
+        # getattr(proxy, name); read here, it stays a reference to the proxy's attribute.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return AttributeRef(self, name)
+
     def __repr__(self) -> str:
         return f"<ProxyRef {self.token!r}>"
+
+
+class AttributeRef:
+    """``getattr(proxy, name)`` read in the broker: pickles back into the real proxy's
+    attribute (a bound method, usually) wherever it is rebuilt."""
+
+    __slots__ = ("ref", "name")
+
+    def __init__(self, ref: ProxyRef, name: str) -> None:
+        self.ref, self.name = ref, name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (getattr, (self.ref, self.name))
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        raise TypeError(f"{self.name!r} of a proxy cannot be called inside the broker (a shared "
+                        f"object's method got a proxy's method to call)")
+
+    def __repr__(self) -> str:
+        return f"<AttributeRef {self.name!r} of {self.ref!r}>"
+
+
+_UNBUILT: Any = object()
+
+
+class WorkerSide(Generic[T]):
+    """``value``, read in the broker (its proxies ``ProxyRef``s), as user code on a worker
+    thread must see it: with real proxies.
+
+    It is pickled here, under the core lock (a ``ProxyRef`` issues a grace as it is
+    pickled), and rebuilt on a worker thread at first use (``get``), where every
+    proxy is a real one of this process. ``value`` is kept: its ``ProxyRef``s keep the
+    objects alive however late that first use comes. Called, it calls the rebuilt value
+    (a Barrier's action).
+
+    Raises:
+        SerializationError: ``value`` cannot be pickled again.
+    """
+
+    __slots__ = ("_keep", "_blob", "_built")
+
+    def __init__(self, value: T) -> None:
+        self._keep = value
+        self._blob = _codec.dumps(value)
+        self._built: T = _UNBUILT
+
+    def get(self) -> T:
+        """The rebuilt value (worker threads only: rebuilding a proxy posts to the broker).
+        Two threads may rebuild it at once; each copy's proxies count on their own."""
+        built = self._built
+        if built is _UNBUILT:
+            built = self._built = _codec.loads(self._blob)  # type: ignore[assignment]
+        return built
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self.get()(*args, **kwargs)  # type: ignore[operator]
 
 
 class NewRef:

@@ -4,9 +4,12 @@ BoundedSemaphore, Condition, Event, Barrier.
 They keep the standard library's semantics and error messages (``threading``), with
 two differences that only the broker can offer:
 
-- **Owners are (peer, thread) pairs.** A process that dies releases every lock it holds
-  (``drop_peer``), and the next waiter is granted it; the standard library's manager
-  keeps such a lock held forever (cpython#88304).
+- **Owners are (peer, thread) pairs.** A process that dies abnormally (killed, or ended
+  by an error: its connection closed without a Goodbye) releases every lock and
+  semaphore unit it holds (``drop_peer``), and the next waiter is granted it; the
+  standard library's manager keeps such a lock held forever (cpython#88304). One that
+  exits cleanly keeps them held, as in the standard library: another process may
+  release a plain Lock or a semaphore it left behind (a hand-off).
 - **Waiting never blocks anything.** A call that must wait returns ``PARKED`` and is
   answered later through ``Effects``, when the state allows or its deadline passes.
 
@@ -61,8 +64,10 @@ class Native:
     def discard(self, w: Waiter, fx: Effects) -> None:
         raise NotImplementedError
 
-    def drop_peer(self, peer: int, fx: Effects) -> None:
-        """``peer`` is gone: give back whatever it held (its waiters are discarded apart)."""
+    def drop_peer(self, peer: int, fx: Effects) -> bool:
+        """``peer`` died: give back whatever it held (its waiters are discarded apart);
+        whether it held anything."""
+        return False
 
     def close(self, fx: Effects) -> None:
         """The object is freed: fail whoever still waits on it."""
@@ -162,11 +167,13 @@ class Lock(Native):
     def discard(self, w: Waiter, fx: Effects) -> None:
         _remove(self.waiters, w)
 
-    def drop_peer(self, peer: int, fx: Effects) -> None:
+    def drop_peer(self, peer: int, fx: Effects) -> bool:
         if self.count and self.owner is not None and self.owner[0] == peer:
             # The holder died: the standard library would keep this lock held forever.
             self.count, self.owner = 0, None
             self.grant_next(fx)
+            return True
+        return False
 
     def close(self, fx: Effects) -> None:
         while self.waiters:
@@ -200,6 +207,10 @@ class RLock(Lock):
 # -- semaphores --------------------------------------------------------------------------
 
 class Semaphore(Native):
+    """``threading.Semaphore``. It has no owner, but ``held`` counts the units each peer
+    acquired and has not given back, so a peer that dies returns its own. A release by a
+    peer that holds none (a hand-off) is counted against the earliest holder's units."""
+
     KIND = "Semaphore"
 
     def __init__(self, value: int = 1) -> None:
@@ -207,6 +218,7 @@ class Semaphore(Native):
             raise ValueError("semaphore initial value must be >= 0")
         self.value = value
         self.waiters: deque[Waiter] = deque()
+        self.held: dict[int, int] = {}  # peer -> units it acquired and did not release
 
     def __repr__(self) -> str:
         return f"<threading.{type(self).__name__} at {id(self):#x}: value={self.value}>"
@@ -217,6 +229,7 @@ class Semaphore(Native):
             raise ValueError("can't specify timeout for non-blocking acquire")
         if self.value > 0 and not self.waiters:
             self.value -= 1
+            self._take(w.peer)
             return True
         if not blocking or (timeout is not None and timeout <= 0):
             return False
@@ -228,11 +241,37 @@ class Semaphore(Native):
         if n < 1:
             raise ValueError("n must be one or more")
         self._check_release(n)
+        for _ in range(n):
+            self._give_back(w.peer)
+        self._add(n, fx)
+        return None
+
+    def _add(self, n: int, fx: Effects) -> None:
+        """``n`` units come back: grant waiters in order."""
         self.value += n
         while self.value > 0 and self.waiters:
             self.value -= 1
-            fx.wake(self.waiters.popleft(), True)
-        return None
+            granted = self.waiters.popleft()
+            self._take(granted.peer)
+            fx.wake(granted, True)
+
+    def _take(self, peer: int) -> None:
+        self.held[peer] = self.held.get(peer, 0) + 1
+
+    def _give_back(self, peer: int) -> None:
+        holder = peer if peer in self.held else next(iter(self.held), None)
+        if holder is None:
+            return  # released beyond what anyone acquired: allowed for a plain Semaphore
+        if self.held[holder] == 1:
+            del self.held[holder]
+        else:
+            self.held[holder] -= 1
+
+    def drop_peer(self, peer: int, fx: Effects) -> bool:
+        n = self.held.pop(peer, 0)
+        if n:
+            self._add(n, fx)
+        return n > 0
 
     def _check_release(self, n: int) -> None:
         pass
@@ -322,9 +361,8 @@ class Condition(Native):
     def discard(self, w: Waiter, fx: Effects) -> None:
         _remove(self.waiters, w)
 
-    def drop_peer(self, peer: int, fx: Effects) -> None:
-        if self.own_lock:
-            self.lock.drop_peer(peer, fx)
+    def drop_peer(self, peer: int, fx: Effects) -> bool:
+        return self.own_lock and self.lock.drop_peer(peer, fx)
 
     def close(self, fx: Effects) -> None:
         while self.waiters:

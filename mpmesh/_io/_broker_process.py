@@ -266,6 +266,7 @@ def _dumps(config: Config) -> bytes:
 def serve(config: Config, sock: socket.socket, life_r: int, status_w: int) -> int:
     """Run the broker in this (new) process until the life pipe closes; exit status."""
     from .._broker._objects import COMPONENT, ObjectTable
+    from .._proxies import register_client
     from ._host import BrokerHost
 
     try:
@@ -282,6 +283,9 @@ def serve(config: Config, sock: socket.socket, life_r: int, status_w: int) -> in
         table.address = host.address
         if config.registry is not None:
             table.registry = dict(config.registry)
+    # Proxies that user code gets here (a Pool's callbacks, a Barrier's action, a registered
+    # type's arguments) call this broker in-process, not through its socket and key.
+    register_client(host.address, host.client)
     host.loop.adopt(sock)
     threading.Thread(target=_watch_life, args=(life_r, host), name="mpmesh-life", daemon=True).start()
     _write(status_w, "ok " + json.dumps(host.address))

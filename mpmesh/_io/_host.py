@@ -9,6 +9,7 @@ cost no socket hop at all) or in the current thread (``python -m mpmesh serve``)
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from .._broker._actions import Notify, Offload
+from .._broker._actions import WARNING, Notify, Offload
 from .._broker._components import default_components
 from .._broker._core import BrokerCore, Component
 from .._client import LocalClient
@@ -27,6 +28,8 @@ from . import _paths
 from ._loop import BrokerLoop
 
 __all__ = ["BrokerHost", "listen", "write_key"]
+
+log = logging.getLogger("mpmesh.broker")
 
 # Pooled threads for offloaded user code (methods of registered Manager types, Barrier
 # actions). Such a method may block (a user's queue.Queue.get) until another call runs,
@@ -95,11 +98,14 @@ class BrokerHost:
             self._remove_files()
 
     def _notes(self, notes: Sequence[Notify | Offload]) -> None:
-        """Events go to the owner; ``Offload`` jobs run on worker threads, never the loop's."""
+        """Events go to the owner, warnings to the log; ``Offload`` jobs run on worker
+        threads, never the loop's."""
         events: list[Notify] = []
         for note in notes:
             if isinstance(note, Offload):
                 self._offload(note)
+            elif note.event == WARNING:
+                log.warning("%s", note.info["message"])
             else:
                 events.append(note)
         if events:

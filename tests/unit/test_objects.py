@@ -1,5 +1,6 @@
 """The ``objects`` component, driven with Op messages and a fake clock: calls, errors,
-references per peer, graces, parking and expiry, a lost holder, offloaded user code."""
+references per peer, graces, parking and expiry, a lost holder (crashed or gone cleanly),
+offloaded user code, proxies user code gets, a dict's iterator."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from mpmesh._broker._actions import Offload, Send
+from mpmesh._broker._actions import WARNING, Notify, Offload, Send
 from mpmesh._broker._objects import GRACE_S, ObjectTable
-from mpmesh._broker._refs import Token, TypeSpec, rebuild_ref
+from mpmesh._broker._refs import AttributeRef, ProxyRef, Token, TypeSpec, WorkerSide, rebuild_ref
 from mpmesh._broker._sync import BrokenBarrier
 from mpmesh._futures import error_for
 from mpmesh._wire import _codec
@@ -21,9 +22,13 @@ ADDRESS = "/tmp/test.sock"
 NOTHING = object()
 
 
+CLEAN = 9  # the peer that says Goodbye in these tests
+
+
 class Harness:
     def __init__(self) -> None:
-        self.table = ObjectTable()
+        self.table = ObjectTable(left_cleanly=lambda peer: peer == CLEAN,
+                                 describe=lambda peer: f"process {peer}")
         self.table.address = ADDRESS
         self.rids = iter(range(1, 10**6))
         self.now = 100.0
@@ -151,7 +156,7 @@ class _Pickled:
 
 class _Rebuilt:
     def __init__(self, factory: Any, token: Token, exposed: Any, gid: int, authkey: Any) -> None:
-        self.token, self.gid = token, gid
+        self.token, self.gid, self.exposed = token, gid, exposed
 
 
 @pytest.fixture(autouse=True)
@@ -261,3 +266,95 @@ def test_count_and_debug(h: Harness) -> None:
     assert answer(actions, 1, rid) == 1
     rid, actions = h.op(1, "debug", None)
     assert "refcount=1" in answer(actions, 1, rid)
+
+
+def warnings_in(actions: list[Any]) -> list[str]:
+    return [str(a.info["message"]) for a in actions if isinstance(a, Notify) and a.event == WARNING]
+
+
+def test_a_clean_exit_leaves_its_lock_held_for_a_hand_off(h: Harness) -> None:
+    lock = h.create(1, "Lock")
+    h.op(CLEAN, "incref", (lock, 0), rid=0)
+    assert h.value(CLEAN, lock, "acquire") is True
+    assert warnings_in(h.table.on_peer_lost(CLEAN, h.now)) == []
+    assert h.value(1, lock, "acquire", False) is False    # still held, as in the stdlib
+    assert h.value(1, lock, "release") is None            # anyone may release a Lock
+    assert h.value(1, lock, "acquire", False) is True
+
+
+def test_a_crashed_holder_is_named_in_a_warning(h: Harness) -> None:
+    lock, rlock, sem = h.create(1, "Lock"), h.create(1, "RLock"), h.create(1, "Semaphore")
+    for oid in (lock, rlock, sem):
+        h.op(2, "incref", (oid, 0), rid=0)
+        assert h.value(2, oid, "acquire") is True
+    (text,) = warnings_in(h.table.on_peer_lost(2, h.now))
+    assert text.startswith("process 2 ended abnormally")
+    assert f"Lock {lock}" in text and f"RLock {rlock}" in text and f"Semaphore {sem}" in text
+    for oid in (lock, rlock, sem):
+        assert h.value(1, oid, "acquire", False) is True
+    assert warnings_in(h.table.on_peer_lost(3, h.now)) == []  # held nothing: no warning
+
+
+def test_a_dead_peers_semaphore_units_come_back(h: Harness) -> None:
+    sem = h.create(1, "BoundedSemaphore", 2)
+    for peer in (2, 3, 4):
+        h.op(peer, "incref", (sem, 0), rid=0)
+    assert h.value(2, sem, "acquire") is True and h.value(3, sem, "acquire") is True
+    rid, actions = h.call(4, sem, "acquire")
+    assert answer(actions, 4, rid) is NOTHING             # parked
+    assert answer(h.table.on_peer_lost(2, h.now), 4, rid) is True  # 2's unit goes to 4
+    assert h.value(1, sem, "release") is None              # a hand-off: counted against 3's
+    h.table.on_peer_lost(3, h.now)                         # so 3's death returns nothing more
+    assert h.value(1, sem, "acquire", False) is True
+    assert h.value(1, sem, "acquire", False) is False      # 4 holds the other one
+    h.table.on_peer_lost(4, h.now)
+    assert h.value(1, sem, "acquire", False) is True
+    assert isinstance(h.value(1, sem, "release", 3), ValueError)  # never past its bound
+
+
+def test_a_dicts_iterator_lives_in_the_broker(h: Harness) -> None:
+    d = h.create(1, "dict", {"a": 1, "b": 2})
+    it = h.value(1, d, "__iter__")
+    assert isinstance(it, _Rebuilt) and it.token.typeid == "Iterator" and it.gid == -1
+    assert it.exposed == ("__next__", "send", "throw", "close")
+    assert h.value(1, it.token.id, "__next__") == "a"
+    h.value(1, d, "clear")
+    assert isinstance(h.value(1, it.token.id, "__next__"), RuntimeError)
+    it = h.value(1, d, "__iter__")
+    assert isinstance(h.value(1, it.token.id, "__next__"), StopIteration)
+    assert h.count() == 3
+    h.op(1, "decref", [it.token.id], rid=0)
+    assert h.count() == 2
+
+
+def test_a_bound_method_of_a_proxy_stays_a_reference(h: Harness) -> None:
+    outer, inner = h.create(1, "list"), h.create(1, "list")
+    ref_args = (None, Token("list", ADDRESS, inner), None, 0, None)
+    method = _Method(_Pickled(ref_args), "append")           # pickles as lst.append does
+    payload = _codec.dumps((outer, "append", (method,), {}, 0))
+    h.table.on_op(1, Op(9, -1.0, "objects", "call", payload), h.now)
+    stored = h.table.objects[outer].obj[0]  # type: ignore[index]
+    assert isinstance(stored, AttributeRef) and stored.name == "append"
+    assert isinstance(stored.ref, ProxyRef) and stored.ref.token.id == inner
+    with pytest.raises(AttributeError):
+        stored.ref._private  # noqa: B018 - only public names are references
+
+
+def test_user_code_gets_a_value_rebuilt_on_its_worker(h: Harness) -> None:
+    inner = h.create(1, "dict")
+    h.table._with_refs = True
+    ref = ProxyRef(h.table, None, Token("dict", ADDRESS, inner), None, True)
+    h.table.objects[inner].total += 1                      # what ref_from_pickle counts
+    side = WorkerSide([ref])
+    assert inner in h.table.graces.values()                # pickled here: a grace
+    rebuilt = side.get()
+    assert isinstance(rebuilt[0], _Rebuilt) and rebuilt[0].gid in h.table.graces
+    assert side.get() is rebuilt                           # rebuilt once
+
+
+class _Method:
+    def __init__(self, obj: Any, name: str) -> None:
+        self.obj, self.name = obj, name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (getattr, (self.obj, self.name))
