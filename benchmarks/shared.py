@@ -5,7 +5,8 @@ Scenarios, each side by side with its peer in the same process, alternating:
 1. **cache get / set, one client**: this process joins a standalone broker with
    ``mpmesh.connect()`` (a process hop, as a Manager proxy has) and runs ``cache.get`` /
    ``cache.set`` on one key; vs ``Manager().dict()`` ``d[k]`` / ``d[k] = v`` on the same
-   key. A third row is a Master's own cache (broker in-process, no hop), for information.
+   key. A third row is a Master's own cache (its state broker is a process of its own:
+   one hop too), for information.
    Bar: mpmesh >= 1.5x Manager's ops/s pinned, >= 1.0x unpinned.
 2. **cache get/set, 4 clients**: four processes alternate get and set on their own key,
    started together by a barrier; aggregate ops/s = all operations / the slowest
@@ -20,6 +21,9 @@ floor's rate is out of reach of any Python broker on that machine.
 5. **pub/sub to 1 and 4 subscribers**: messages/s from one publisher until every
    subscriber process has received all of them, vs a ``Manager().Queue()`` per
    subscriber that the publisher puts each message into. No bar.
+6. **busy master**: one ``connect()``ed process alternates cache get and set while the
+   process that made the Master computes in Python; vs a ``Manager().dict()`` under the
+   same load, and a ``Master(broker="thread")`` for comparison. Bar: >= 1.0x.
 
 A ``redis-py`` column against a local ``redis-server`` is left out: neither is installed
 on the benchmark machines (noted under the table when missing).
@@ -30,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.managers
-import os
 import shutil
 import time
 import uuid
@@ -53,6 +56,7 @@ S1G, S1S, S2, S3G, S3S, S4, S5A, S5B = (
     "3 mset 100 keys", "4 lock acquire+release", "5 pub/sub, 1 subscriber", "5 pub/sub, 4 subscribers")
 MESH, MGR, LOCAL = "mpmesh connect() client", "Manager().dict()", "mpmesh Master's own cache"
 FLOOR: Final = "bare socket echo (floor)"
+S6, MASTER = "6 busy master: cache get/set, 1 client", "mpmesh Master() client"
 
 
 def budget(cfg: Config) -> float:
@@ -145,13 +149,19 @@ def _echo_worker(address: str, key: str, n: int, barrier: Any, out: Any) -> None
         out.put(_echo.round_trips(sock, n))
 
 
-def _fan_out(target: Any, args_for: Any, clients: int) -> float:
+def _fan_out(target: Any, args_for: Any, clients: int, *, busy: bool = False) -> float:
+    """The slowest client's time; with ``busy`` this process computes in Python meanwhile."""
     ctx = multiprocessing.get_context()
     barrier, out = ctx.Barrier(clients), ctx.SimpleQueue()
     procs = [ctx.Process(target=target, args=(*args_for(i), barrier, out)) for i in range(clients)]
     for p in procs:
         p.start()
     try:
+        if busy:
+            x, deadline = 0, time.monotonic() + RESULT_TIMEOUT_S
+            while out.empty() and time.monotonic() < deadline:
+                for i in range(20_000):
+                    x += i * i
         elapsed = [out.get() for _ in procs]
     finally:
         for p in procs:
@@ -307,10 +317,37 @@ def pubsub(cfg: Config) -> list[Row]:
     return rows
 
 
+# -- 6: a busy master ---------------------------------------------------------------------------
+
+def busy_master(cfg: Config) -> list[Row]:
+    """One client's cache get/set while the process that made the mesh computes in Python."""
+    n, reps = cfg.size(2000, 300), cfg.reps(5, 3)
+    thread = "mpmesh Master(broker='thread') client"
+    cfg.log(f"  {S6}: {n} ops x {reps} repetitions (thread broker: {n // 10})")
+    with multiprocessing.Manager() as manager, mpmesh.Master() as m, mpmesh.Master(broker="thread") as old:
+        d = manager.dict()
+
+        def mesh() -> float:
+            return _fan_out(_mesh_client, lambda i: (m.name, "k", n), 1, busy=True) / n
+
+        def on_thread() -> float:
+            return _fan_out(_mesh_client, lambda i: (old.name, "k", n // 10), 1, busy=True) / (n // 10)
+
+        def stdlib() -> float:
+            return _fan_out(_manager_client, lambda i: (d, "k", n), 1, busy=True) / n
+
+        samples = alternate([(MASTER, mesh), (MGR, stdlib), (thread, on_thread)], reps, log=cfg.log, label=S6)
+    rows = [Row(S6, MASTER, samples[MASTER], n), Row(S6, MGR, samples[MGR], n),
+            Row(S6, thread, samples[thread], n // 10)]
+    relate(rows, MGR, kind="rate")
+    bar_check(rows[0], ">=", 1.0)
+    return rows
+
+
 def run(cfg: Config) -> list[Row]:
     if not shutil.which("redis-server"):
         cfg.notes.append("redis-py column skipped: no redis-server on this machine")
-    return guarded(cfg, [one_client, four_clients, batches_and_locks, pubsub])
+    return guarded(cfg, [one_client, four_clients, batches_and_locks, pubsub, busy_master])
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look without the harness

@@ -153,17 +153,21 @@ class SharedObjects(ObjectFactories):
     address: str
     authkey: bytes
 
+    def _objects_home(self) -> tuple[ClientBase, str]:
+        """The connection and address of the broker that holds the objects."""
+        return self._client, self.address
+
     def _new_object(self, typeid: str, args: tuple[Any, ...], kwargs: builtins.dict[str, Any]) -> Any:
+        client, address = self._objects_home()
         if not getattr(self, "_objects_bound", False):
             host = getattr(self, "_host", None)
-            if host is not None:
+            if host is not None and address == self.address:  # its own broker holds them
                 table = host.core.components.get(COMPONENT)
                 if isinstance(table, ObjectTable):
                     table.address = self.address
-            register_client(self.address, self._client)
+            register_client(address, client)
             self._objects_bound = True
-        return create_proxy(self._client, self.address, self.authkey, typeid,
-                            _DEFAULT_PROXIES[typeid], args, kwargs)
+        return create_proxy(client, address, self.authkey, typeid, _DEFAULT_PROXIES[typeid], args, kwargs)
 
 
 # -- hosting ------------------------------------------------------------------------------

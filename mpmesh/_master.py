@@ -20,19 +20,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from . import _deadline
+from . import _binding, _deadline
 from ._broker._actions import Notify
 from ._broker._routing import STRATEGIES, Worker, WorkerState
 from ._child import check_mode
 from ._futures import MeshFuture, dispatcher
 from ._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
 from ._handlers import AsyncRunner, HandlerRegistry, invoke
-from ._io import _paths
+from ._client import ClientBase, SocketClient, make_hello
+from ._io import _broker_process, _paths
 from ._io._host import BrokerHost
 from ._manager import SharedObjects
-from ._shared import SharedState
+from ._shared import SharedState, state_address
 from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
-from ._wire._messages import ErrorCode, Message, Request
+from ._wire._messages import ErrorCode, Message, Request, Role
 
 __all__ = ["EVENTS", "GroupStats", "Master", "ProcessStats"]
 
@@ -109,7 +110,8 @@ class Master(SharedState, SharedObjects):
                  heartbeat_interval: float = 1.0, heartbeat_miss_threshold: int = 3,
                  start_method: str | None = None, logger: logging.Logger | None = None,
                  restart_limit: int = 10, restart_window: float = 60.0,
-                 restart_backoff: float = 0.1, restart_backoff_max: float = 10.0) -> None:
+                 restart_backoff: float = 0.1, restart_backoff_max: float = 10.0,
+                 broker: str = "process") -> None:
         _deadline.check_timeout(timeout)
         _deadline.check_timeout(retry_delay, "retry_delay")
         if retries < 0:
@@ -121,6 +123,8 @@ class Master(SharedState, SharedObjects):
             raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, not {method!r}")
         if authkey is not None and not isinstance(authkey, (bytes, bytearray)):
             raise TypeError("authkey must be bytes")
+        if broker not in ("process", "thread"):
+            raise ValueError(f"broker must be 'process' or 'thread', not {broker!r}")
         self.name = name or _paths.new_mesh_name()
         self.authkey = bytes(authkey) if authkey else os.urandom(32)
         self.timeout = timeout
@@ -141,6 +145,11 @@ class Master(SharedState, SharedObjects):
         self._async: AsyncRunner | None = None  # an event loop thread, made on first use
         self._async_lock = threading.Lock()  # by whichever thread delivers that request
         self.address = _paths.socket_path(self.name)
+        # Shared state lives in a broker process of its own (see docs/architecture.md):
+        # started first, while this process may still fork it directly.
+        self._state_proc: _broker_process.BrokerProcess | None = None
+        if broker == "process":
+            self._start_state_broker()
         self._supervisor = Supervisor(
             {"address": self.address, "authkey": self.authkey, "timeout": timeout,
              "heartbeat_interval": heartbeat_interval},
@@ -154,6 +163,7 @@ class Master(SharedState, SharedObjects):
             self._host = BrokerHost(self.name, self.authkey, on_notify=self._on_notify)
         except BaseException:
             self._supervisor.close()
+            self._stop_state_broker()
             raise
         self._core = self._host.core
         self._loop = self._host.loop
@@ -165,6 +175,33 @@ class Master(SharedState, SharedObjects):
         self._host.start_thread()
         self._atexit = _make_atexit(weakref.ref(self))
         atexit.register(self._atexit)
+
+    def _start_state_broker(self) -> None:
+        dispatcher.retire()  # our idle callback thread would cost the fork
+        address = state_address(self.address)
+        proc = _broker_process.start(_broker_process.Config(
+            os.path.basename(address)[: -len(".sock")], self.authkey, host_name="master-state",
+            address=address))
+        try:
+            client = SocketClient(proc.address, self.authkey, make_hello(Role.CLIENT), sock=proc.sock)
+        except BaseException:
+            proc.stop()
+            raise
+        self._state_proc = proc
+        self.__dict__["_state_client"] = client
+        _binding.bind(address, client)
+
+    def _objects_home(self) -> tuple[ClientBase, str]:
+        if self._state_proc is None:
+            return super()._objects_home()
+        return self._state_conn, state_address(self.address)
+
+    def _stop_state_broker(self) -> None:
+        client = self.__dict__.pop("_state_client", None)
+        if client is not None:
+            client.close()
+        if self._state_proc is not None:
+            self._state_proc.stop()
 
     # -- context manager ----------------------------------------------------------------------
 
@@ -535,10 +572,11 @@ class Master(SharedState, SharedObjects):
                 "connections": len(self._core.peers) - 1, "unhealthy": self._unhealthy(),
             }
         snapshot["groups"] = {g: self.group_stats(g) for g in groups}
-        extra = getattr(super(), "stats", None)
-        if extra is not None:
-            snapshot.update(extra())
-        return snapshot
+        # The shared-state counters (and the memory and CPU of the broker that keeps them);
+        # the mesh's own figures above win where names meet (its connections).
+        shared: dict[str, Any] = super().stats()
+        shared.update(snapshot)
+        return shared
 
     def _worker(self, name: str) -> Worker:
         worker = self._core.router.workers.get(name)
@@ -613,6 +651,7 @@ class Master(SharedState, SharedObjects):
         finally:
             self._host.close()
             self._supervisor.close()
+            self._stop_state_broker()
             self._pool.shutdown(wait=False, cancel_futures=True)
             if self._async is not None:
                 self._async.close()

@@ -12,6 +12,7 @@ elsewhere (see ``_binding``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast, final
@@ -108,6 +109,13 @@ def _rebuild_grant(address: str, name: str, token: int, ttl: float | None) -> Lo
     return LockGrant(address, name, token, ttl, None)
 
 
+def state_address(mesh_address: str) -> str:
+    """The socket of the state broker of the mesh at ``mesh_address``: beside it, named
+    after it (``<name>.state.sock``), so any process that finds the mesh finds it."""
+    base = mesh_address[: -len(".sock")] if mesh_address.endswith(".sock") else mesh_address
+    return base + ".state.sock"
+
+
 def _check_name(what: str, name: object) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what} must be a non-empty str, not {name!r}")
@@ -134,9 +142,31 @@ class SharedState:
     def _mesh_address(self) -> str:
         return getattr(self._client, "address", None) or self.address  # type: ignore[attr-defined,no-any-return]
 
+    @property
+    def _state_conn(self) -> ClientBase:
+        """The connection to the broker that holds shared state: a Master's state broker
+        (a process of its own), opened on first use; else the mesh's own broker."""
+        client: ClientBase | None = self.__dict__.get("_state_client")
+        if client is None:
+            address = self._state_broker_address()
+            client = self._client if address is None else _binding.client_for(address)
+            self.__dict__["_state_client"] = client
+        return client
+
+    def _state_broker_address(self) -> str | None:
+        """Where this mesh's state broker listens, if it has one (see ``state_address``)."""
+        mesh = self._mesh_address()
+        if not isinstance(mesh, str):
+            return None  # a TCP mesh: its broker holds its state
+        path = state_address(mesh)
+        return path if os.path.exists(path) else None
+
+    def _state_address(self) -> str:
+        return getattr(self._state_conn, "address", None) or self._mesh_address()
+
     def _run(self, component: str, op: str, payload: bytes, *, timeout: float | None = None,
              deadline: float = _deadline.FOREVER) -> Any:
-        client = self._client
+        client = self._client if component == "admin" else self._state_conn
         return client.wait(client.op(component, op, payload=payload, timeout=timeout), deadline)
 
     def _shared_timeout(self) -> float | None:
@@ -156,7 +186,7 @@ class SharedState:
             ValueError: it exists with different options, or an option is invalid.
         """
         _check_name("a cache name", name)
-        return open_cache(self._client, self._mesh_address(), name, maxsize, ttl, maxbytes)
+        return open_cache(self._state_conn, self._state_address(), name, maxsize, ttl, maxbytes)
 
     # -- locks ----------------------------------------------------------------------------------
 
@@ -184,7 +214,7 @@ class SharedState:
         return self._acquire(name, ttl, 0.0)
 
     def _acquire(self, name: str, ttl: float | None, wait: float | None) -> LockGrant | None:
-        client = self._client
+        client = self._state_conn
         payload = pack((name, ttl, wait))
         fut = client.op("locks", "acquire", payload=payload)
         guard = _deadline.FOREVER if wait is None else _deadline.after(wait + GUARD_SLACK_S)
@@ -205,7 +235,7 @@ class SharedState:
         if result is None:
             return None
         token, granted_ttl = cast("tuple[int, float | None]", result)
-        return LockGrant(self._mesh_address(), name, token, granted_ttl, client)
+        return LockGrant(self._state_address(), name, token, granted_ttl, client)
 
     # -- pub/sub ------------------------------------------------------------------------------
 
@@ -218,7 +248,7 @@ class SharedState:
         _check_name("a pattern", pattern)
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        return session_for(self._client).subscribe(pattern, callback)
+        return session_for(self._state_conn).subscribe(pattern, callback)
 
     def publish(self, channel: str, payload: object = None) -> int:
         """Send ``payload`` to every subscriber of ``channel``; return how many it reached.
@@ -241,7 +271,7 @@ class SharedState:
         _check_name("an RPC name", name)
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        session = session_for(self._client)
+        session = session_for(self._state_conn)
         session.fns[name] = fn
         try:
             self._run("rpc", "register", pack(name))
@@ -253,7 +283,7 @@ class SharedState:
         """Stop serving ``name`` from this process; whether it was registered here."""
         _check_name("an RPC name", name)
         found = bool(self._run("rpc", "unregister", pack(name)))
-        session_for(self._client).fns.pop(name, None)
+        session_for(self._state_conn).fns.pop(name, None)
         return found
 
     def call(self, name: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
@@ -283,7 +313,9 @@ class SharedState:
         """The broker's shared-state counters, connections, memory and CPU."""
         from ._io._usage import process_usage
 
-        snapshot: dict[str, Any] = self._run("admin", "stats", pack(()))
+        client = self._state_conn  # its counters are the state broker's, where there is one
+        snapshot = cast("dict[str, Any]", client.wait(client.op("admin", "stats", payload=pack(())),
+                                                     _deadline.FOREVER))
         pid = snapshot.get("broker_pid")
         if pid:
             snapshot.update(process_usage(int(pid)))

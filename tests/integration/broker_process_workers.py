@@ -23,3 +23,23 @@ def park_on(event: Any, ready: Any) -> None:
     """Say we are connected, then wait on a manager Event (parked in the broker)."""
     ready.put("parked")
     event.wait()
+
+
+def shared_state_rounds(child: Any) -> None:
+    """A mesh child: ``rounds`` runs ``n`` rounds of cache, lock and publish operations
+    and answers the slowest round (s)."""
+
+    @child.handler("rounds")
+    def rounds(n: int) -> float:
+        cache, times = child.cache("busy"), []
+        for i in range(n):
+            t0 = time.perf_counter()
+            cache[f"k{i % 8}"] = i
+            cache.incr("count")
+            with child.lock("busy-lock", ttl=10):
+                pass
+            child.publish("busy.tick", i)
+            times.append(time.perf_counter() - t0)
+        return max(times)
+
+    child.run()
