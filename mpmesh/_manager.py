@@ -310,6 +310,7 @@ class BaseManager:
         self._address = proc.address
         self._client = client
         self._broker_proc = proc
+        self._process = proc  # what code written for the standard library reads (pid, exitcode)
         self._pid = os.getpid()
         register_client(proc.address, client)
         self._state.value = State.STARTED

@@ -38,7 +38,7 @@ from typing import Any, Final
 from .. import _deadline
 from .._errors import BrokerUnavailable
 from . import _paths
-from ._forking import fork_is_safe, reap
+from ._forking import exited, fork_is_safe, reap
 
 __all__ = ["BrokerProcess", "Config", "discard_launcher", "launcher", "read_line", "start"]
 
@@ -91,7 +91,20 @@ class BrokerProcess:
     sock: socket.socket
     life_w: int
     paths: tuple[str, ...] = ()  # its socket and key files, removed here if it could not
+    exitcode: int | None = None  # once stopped, as ``multiprocessing.Process`` reports it
     _stopped: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"mpmesh-broker-{self.pid}"
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None and not exited(self.pid, 0)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait (up to ``timeout``) for the broker process to exit; it does once stopped."""
+        if self.exitcode is None:
+            exited(self.pid, STOP_TIMEOUT_S * 1000 if timeout is None else timeout)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Close the life pipe (the broker stops and removes its files), reap it, and kill it
@@ -104,7 +117,7 @@ class BrokerProcess:
         if not owned:
             return  # a forked copy of the starter: not ours to stop
         os.close(self.life_w)
-        reap(self.pid, timeout)
+        self.exitcode = reap(self.pid, timeout)
         for path in self.paths:  # a broker that was killed left them
             try:
                 os.unlink(path)

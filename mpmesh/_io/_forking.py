@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-__all__ = ["fork_is_safe", "reap", "threads_in_process"]
+__all__ = ["exited", "fork_is_safe", "reap", "threads_in_process"]
 
 
 def threads_in_process() -> int:
@@ -40,18 +40,22 @@ def fork_is_safe() -> bool:
     return True
 
 
-def reap(pid: int, timeout: float) -> None:
+def reap(pid: int, timeout: float) -> int:
     """Wait for process ``pid`` (our child, or one our launcher forked) to exit; SIGKILL it
-    if it has not within ``timeout``."""
+    if it has not within ``timeout``. Its exit code, as ``Process.exitcode`` gives it; for
+    a process that is not our child (its parent reaps it), 0 if it exited by itself."""
+    killed = False
     try:
-        if not _exited(pid, timeout):
+        if not exited(pid, timeout):
             os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+            killed = True
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     except (ChildProcessError, ProcessLookupError):
-        pass  # not our child (its parent reaps it), or reaped already
+        return -signal.SIGKILL if killed else 0
 
 
-def _exited(pid: int, timeout: float) -> bool:
+def exited(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` has exited (it may not be reaped yet), waiting up to ``timeout``."""
     if hasattr(os, "pidfd_open"):
         try:
             fd = os.pidfd_open(pid)  # readable once it has exited

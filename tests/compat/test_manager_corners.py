@@ -330,3 +330,38 @@ def test_a_masters_dict_iterates_live() -> None:
         with pytest.raises(RuntimeError, match="changed size during iteration"):
             next(it)
         assert list(d) == ["a", "b", "c"]
+
+
+# Every other entry point that sends a user's value to the manager: the factories and the
+# proxy methods that take one.
+OBJECT_CALLS: list[tuple[str, Callable[[Any, Any], object]]] = [
+    ("dict()", lambda m, u: m.dict({"k": u})),
+    ("list()", lambda m, u: m.list([u])),
+    ("Namespace()", lambda m, u: m.Namespace(a=u)),
+    ("Barrier(action=)", lambda m, u: m.Barrier(2, action=u)),
+    ("Condition(lock=)", lambda m, u: m.Condition(u)),
+    ("d[k] = v", lambda m, u: m.dict().__setitem__("k", u)),
+    ("d.update", lambda m, u: m.dict().update({"k": u})),
+    ("d.setdefault", lambda m, u: m.dict().setdefault("k", u)),
+    ("d.get(default)", lambda m, u: m.dict().get("k", u)),
+    ("lst.append", lambda m, u: m.list().append(u)),
+    ("lst.extend", lambda m, u: m.list().extend([u])),
+    ("lst.insert", lambda m, u: m.list().insert(0, u)),
+    ("lst[i] = v", lambda m, u: m.list([0]).__setitem__(0, u)),
+    ("lst.count", lambda m, u: m.list().count(u)),
+    ("ns.attr = v", lambda m, u: setattr(m.Namespace(), "a", u)),
+    ("Queue.put", lambda m, u: m.Queue().put(u)),
+    ("Queue.put_nowait", lambda m, u: m.Queue().put_nowait(u)),
+]
+
+
+def test_object_argument_that_cannot_be_pickled(manager: Any) -> None:
+    """Each raises what pickling raised, at the call, quickly; the manager carries on."""
+    for name, call in OBJECT_CALLS:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError) as info:
+            call(manager, W.Unpicklable())
+        assert time.monotonic() - start < QUICK, name
+        assert type(info.value) is RuntimeError and str(info.value) == W.REFUSAL, name
+        d = manager.dict(ok=1)
+        assert d["ok"] == 1, name

@@ -196,3 +196,15 @@ def test_a_server_closed_before_serving_frees_its_address() -> None:
     server.close()
     with socket.socket() as again:  # EADDRINUSE while the unserved listener stayed open
         again.bind((host, port))
+
+
+def test_the_server_process_handle(impl: Impl) -> None:
+    """``manager._process``: code written for the standard library reads its pid, and its
+    exit code after shutdown()."""
+    m = impl.Manager()
+    proc = m._process
+    assert proc.pid > 0 and proc.pid != os.getpid() and proc.is_alive()
+    m.dict()["k"] = 1
+    m.shutdown()
+    assert not proc.is_alive()
+    assert proc.exitcode in (0, -signal.SIGTERM)
