@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import concurrent.futures
 import logging
 import os
@@ -29,7 +30,7 @@ from ._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
 from ._handlers import AsyncRunner, HandlerRegistry, invoke
 from ._client import ClientBase, SocketClient, make_hello
 from ._io import _broker_process, _paths
-from ._io._host import BrokerHost
+from ._io._host import BrokerHost, listen, write_key
 from ._manager import SharedObjects
 from ._shared import SharedState, state_address
 from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
@@ -177,19 +178,44 @@ class Master(SharedState, SharedObjects):
         atexit.register(self._atexit)
 
     def _start_state_broker(self) -> None:
+        """Fork the state broker without waiting for it: its socket and key file are made
+        here first, so a child or ``connect()``ed process that comes early waits in the
+        socket's backlog, and this Master's own connection is made on first use."""
         dispatcher.retire()  # our idle callback thread would cost the fork
         address = state_address(self.address)
-        proc = _broker_process.start(_broker_process.Config(
-            os.path.basename(address)[: -len(".sock")], self.authkey, host_name="master-state",
-            address=address))
+        name = os.path.basename(address)[: -len(".sock")]
+        listener = listen(address)
         try:
-            client = SocketClient(proc.address, self.authkey, make_hello(Role.CLIENT), sock=proc.sock)
+            write_key(_paths.key_path(name), self.authkey)
+            self._state_proc = _broker_process.start(
+                _broker_process.Config(name, self.authkey, host_name="master-state", address=address),
+                listener=listener, wait=False)
         except BaseException:
-            proc.stop()
+            for path in (address, _paths.key_path(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             raise
-        self._state_proc = proc
-        self.__dict__["_state_client"] = client
-        _binding.bind(address, client)
+        finally:
+            listener.close()  # the broker's now: we must not keep connections waiting on it
+        self._state_lock = threading.Lock()
+
+    @property
+    def _state_conn(self) -> ClientBase:
+        client: ClientBase | None = self.__dict__.get("_state_client")
+        if client is not None:
+            return client
+        proc = self._state_proc
+        if proc is None:
+            return SharedState._state_conn.fget(self)  # type: ignore[attr-defined,no-any-return]
+        with self._state_lock:
+            client = self.__dict__.get("_state_client")
+            if client is None:
+                self._check_open()
+                proc.ready()
+                client = SocketClient(proc.address, self.authkey, make_hello(Role.CLIENT), sock=proc.sock)
+                self.__dict__["_state_client"] = client
+                _binding.bind(state_address(self.address), client)
+        return client
 
     def _objects_home(self) -> tuple[ClientBase, str]:
         if self._state_proc is None:

@@ -93,6 +93,7 @@ class BrokerProcess:
     paths: tuple[str, ...] = ()  # its socket and key files, removed here if it could not
     exitcode: int | None = None  # once stopped, as ``multiprocessing.Process`` reports it
     _stopped: bool = False
+    _status: tuple[int, str, float] | None = None  # (status pipe, name, timeout) until ready()
 
     @property
     def name(self) -> str:
@@ -106,12 +107,42 @@ class BrokerProcess:
         if self.exitcode is None:
             exited(self.pid, STOP_TIMEOUT_S * 1000 if timeout is None else timeout)
 
+    def ready(self) -> None:
+        """Wait until the broker listens (once); raise what kept it from starting.
+
+        Raises:
+            BrokerUnavailable: it could not start (its error says why).
+            OSError: its address was taken, or another error binding it.
+        """
+        if self._status is None:
+            return
+        status_r, name, timeout = self._status
+        self._status = None
+        try:
+            line = read_line(status_r, _deadline.after(timeout))
+        finally:
+            os.close(status_r)
+        if not line.startswith("ok "):
+            self.stop(0)
+            self.sock.close()
+            reason = line.removeprefix("error ").strip() or "it exited before it listened"
+            if reason.startswith("OSError "):
+                raise OSError(reason.removeprefix("OSError "))
+            raise BrokerUnavailable(f"the broker process for {name!r} did not start: {reason}")
+        address = json.loads(line[3:])
+        self.address = tuple(address) if isinstance(address, list) else address
+        self.paths = (_paths.key_path(name), *((address,) if isinstance(address, str) else ()))
+
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Close the life pipe (the broker stops and removes its files), reap it, and kill it
         if it has not exited within ``timeout``. Idempotent; a forked copy does nothing."""
         if self._stopped:
             return
         self._stopped = True
+        if self._status is not None:
+            os.close(self._status[0])
+            self._status = None
+        self.sock.close()  # if no client took it over (a Master that never shared state)
         with _life_lock:
             owned = _life_fds.pop(self.life_w, None) == os.getpid()
         if not owned:
@@ -132,8 +163,14 @@ class BrokerProcess:
             pass
 
 
-def start(config: Config, *, timeout: float = START_TIMEOUT_S) -> BrokerProcess:
-    """Start a broker process for ``config``; return once it listens.
+def start(config: Config, *, timeout: float = START_TIMEOUT_S, listener: socket.socket | None = None,
+          wait: bool = True) -> BrokerProcess:
+    """Start a broker process for ``config``; with ``wait``, return once it listens.
+
+    ``listener``: a socket the caller already bound at ``config.address`` (and whose key
+    file it wrote): the broker serves it, and connections made before it runs wait in its
+    backlog, so the caller need not wait (``wait=False``; ``ready()`` then tells whether
+    it started).
 
     Raises:
         BrokerUnavailable: it could not start (its error says why).
@@ -142,11 +179,12 @@ def start(config: Config, *, timeout: float = START_TIMEOUT_S) -> BrokerProcess:
     ours, theirs = socket.socketpair()
     life_r, life_w = os.pipe()
     status_r, status_w = os.pipe()
+    fds = (theirs.fileno(), life_r, status_w, *(() if listener is None else (listener.fileno(),)))
     try:
         if fork_is_safe():
-            pid = _fork(config, theirs, life_r, status_w, (ours.fileno(), life_w, status_r))
+            pid = _fork(config, fds, (ours.fileno(), life_w, status_r))
         else:
-            pid = _exec(config, theirs, life_r, status_w)
+            pid = _exec(config, fds)
     except BaseException:
         for fd in (life_r, life_w, status_r, status_w):
             os.close(fd)
@@ -158,25 +196,16 @@ def start(config: Config, *, timeout: float = START_TIMEOUT_S) -> BrokerProcess:
     os.close(status_w)
     with _life_lock:
         _life_fds[life_w] = os.getpid()
-    proc = BrokerProcess(pid, "", ours, life_w)
-    try:
-        line = read_line(status_r, _deadline.after(timeout))
-    finally:
-        os.close(status_r)
-    if not line.startswith("ok "):
-        proc.stop(0)
-        ours.close()
-        reason = line.removeprefix("error ").strip() or "it exited before it listened"
-        if reason.startswith("OSError "):
-            raise OSError(reason.removeprefix("OSError "))
-        raise BrokerUnavailable(f"the broker process for {config.name!r} did not start: {reason}")
-    address = json.loads(line[3:])
-    proc.address = tuple(address) if isinstance(address, list) else address
-    proc.paths = (_paths.key_path(config.name), *((address,) if isinstance(address, str) else ()))
+    proc = BrokerProcess(pid, config.address if listener is not None else "", ours, life_w)  # type: ignore[arg-type]
+    proc._status = (status_r, config.name, timeout)
+    if listener is not None and isinstance(config.address, str):
+        proc.paths = (_paths.key_path(config.name), config.address)
+    if wait or listener is None:
+        proc.ready()
     return proc
 
 
-def _fork(config: Config, sock: socket.socket, life_r: int, status_w: int, close: tuple[int, ...]) -> int:
+def _fork(config: Config, fds: tuple[int, ...], close: tuple[int, ...]) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -184,7 +213,7 @@ def _fork(config: Config, sock: socket.socket, life_r: int, status_w: int, close
     try:  # the broker process: never returns into the caller's code
         for fd in close:
             os.close(fd)
-        status = serve(config, sock, life_r, status_w)
+        status = serve(config, *fds)
     except BaseException:  # noqa: BLE001 - nothing may escape into the starter's stack
         pass
     finally:
@@ -212,7 +241,7 @@ class _Launcher:
         self.owner = os.getpid()
         self.lock = threading.Lock()
 
-    def fork(self, config: Config, fds: tuple[int, int, int]) -> int:
+    def fork(self, config: Config, fds: tuple[int, ...]) -> int:
         """Have the launcher fork a broker serving ``config`` on ``fds``; its pid."""
         blob = _dumps(config)
         with self.lock:
@@ -230,14 +259,14 @@ class _Launcher:
 _launcher: _Launcher | None = None
 
 
-def _exec(config: Config, sock: socket.socket, life_r: int, status_w: int) -> int:
+def _exec(config: Config, fds: tuple[int, ...]) -> int:
     global _launcher
     with _life_lock:
         if _launcher is None or _launcher.owner != os.getpid():
             _launcher = _Launcher()
         launcher_ = _launcher
     try:
-        return launcher_.fork(config, (sock.fileno(), life_r, status_w))
+        return launcher_.fork(config, fds)
     except (OSError, ConnectionError) as exc:
         with _life_lock:
             if _launcher is launcher_:
@@ -276,15 +305,16 @@ def _dumps(config: Config) -> bytes:
         return dill.dumps(config, recurse=True)  # type: ignore[no-any-return]
 
 
-def serve(config: Config, sock: socket.socket, life_r: int, status_w: int) -> int:
+def serve(config: Config, sock_fd: int, life_r: int, status_w: int, listener_fd: int = -1) -> int:
     """Run the broker in this (new) process until the life pipe closes; exit status."""
     from .._broker._objects import COMPONENT, ObjectTable
     from .._proxies import register_client
     from ._host import BrokerHost
 
     try:
+        listener = None if listener_fd < 0 else socket.socket(fileno=listener_fd)
         host = BrokerHost(config.name, config.authkey, host_name=config.host_name,
-                          address=config.address)  # type: ignore[arg-type]
+                          address=config.address, listener=listener)  # type: ignore[arg-type]
     except OSError as exc:
         _write(status_w, f"error OSError {exc}")
         return 1
@@ -299,7 +329,7 @@ def serve(config: Config, sock: socket.socket, life_r: int, status_w: int) -> in
     # Proxies that user code gets here (a Pool's callbacks, a Barrier's action, a registered
     # type's arguments) call this broker in-process, not through its socket and key.
     register_client(host.address, host.client)
-    host.loop.adopt(sock)
+    host.loop.adopt(socket.socket(fileno=sock_fd))
     threading.Thread(target=_watch_life, args=(life_r, host), name="mpmesh-life", daemon=True).start()
     _write(status_w, "ok " + json.dumps(host.address))
     os.close(status_w)
@@ -352,8 +382,8 @@ def launcher(fd: int) -> None:
     ctl = socket.socket(fileno=fd)
     while True:
         try:
-            head, fds, _, _ = socket.recv_fds(ctl, 8, 3)
-            if len(head) < 8 or len(fds) != 3:
+            head, fds, _, _ = socket.recv_fds(ctl, 8, 4)
+            if len(head) < 8 or len(fds) not in (3, 4):
                 break
             raw = _recv_exact(ctl, int.from_bytes(head, "big"))
         except OSError:
@@ -373,7 +403,7 @@ def launcher(fd: int) -> None:
     sys.exit(0)
 
 
-def _serve_exec(raw: bytes, sock_fd: int, life_r: int, status_w: int) -> int:
+def _serve_exec(raw: bytes, *fds: int) -> int:
     """A broker forked by the launcher: the starter's import path and directory, then serve."""
     try:
         config: Config = pickle.loads(raw)
@@ -387,4 +417,4 @@ def _serve_exec(raw: bytes, sock_fd: int, life_r: int, status_w: int) -> int:
             os.chdir(config.cwd)
         except OSError:
             pass
-    return serve(config, socket.socket(fileno=sock_fd), life_r, status_w)
+    return serve(config, *fds)

@@ -44,7 +44,10 @@ class BrokerHost:
     def __init__(self, name: str, authkey: bytes, *, host_name: str = "master",
                  on_notify: Callable[[list[Notify]], None] | None = None,
                  components: dict[str, Component] | None = None,
-                 address: str | tuple[str, int] | None = None) -> None:
+                 address: str | tuple[str, int] | None = None,
+                 listener: socket.socket | None = None) -> None:
+        """``listener``: a socket already bound at ``address``, whose key file the caller
+        wrote (a broker process started by a Master that must not wait for it)."""
         self.name = name
         self.authkey = authkey
         # ``address``: another Unix socket path, or (host, port) to serve over TCP (a
@@ -53,16 +56,17 @@ class BrokerHost:
             address = (str(address[0]), int(address[1]))
         self.address: str | tuple[str, int] = _paths.socket_path(name) if address is None else address
         self.key_path = _paths.key_path(name)
-        listener = listen(self.address)
-        if isinstance(self.address, tuple):
-            self.address = listener.getsockname()[:2]  # port 0: the port the system chose
-        try:
-            write_key(self.key_path, authkey)
-        except BaseException:
-            listener.close()
-            if isinstance(self.address, str):
-                os.unlink(self.address)
-            raise
+        if listener is None:
+            listener = listen(self.address)
+            if isinstance(self.address, tuple):
+                self.address = listener.getsockname()[:2]  # port 0: the port the system chose
+            try:
+                write_key(self.key_path, authkey)
+            except BaseException:
+                listener.close()
+                if isinstance(self.address, str):
+                    os.unlink(self.address)
+                raise
         self.core = BrokerCore(rng=random.Random())
         self.core.components.update(default_components(self.core) if components is None else components)
         self.client = LocalClient(None)  # type: ignore[arg-type]
