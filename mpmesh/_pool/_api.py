@@ -220,6 +220,10 @@ class Pool:
         them from its ``_pool``. A snapshot: a worker that retired is replaced by a new one."""
         return self._procs.handles()
 
+    def _repopulate_pool(self) -> None:
+        """The standard Pool's refill, which code sometimes calls after workers retire:
+        nothing to do here, since a retiring or lost worker is replaced at once."""
+
     # -- helpers ----------------------------------------------------------------------------------
 
     def _check_running(self) -> None:

@@ -244,6 +244,8 @@ def test_underscore_pool_lists_the_current_workers(make_pool: Callable[..., Any]
     assert {p.pid for p in first} <= set(ran) and len(set(ran)) == 6
     assert wait_for(lambda: replaced(pool, first), WITHIN), pool._pool
     assert wait_for(lambda: all(not p.is_alive() and p.exitcode == 0 for p in first), WITHIN)
+    pool._repopulate_pool()  # what such code calls to refill; replacements are already there
+    assert wait_for(lambda: len(pool._pool) == 2 and all(p.is_alive() for p in pool._pool), WITHIN)
 
 
 # -- a result that cannot be pickled ------------------------------------------------------------------
