@@ -43,3 +43,16 @@ def shared_state_rounds(child: Any) -> None:
         return max(times)
 
     child.run()
+
+
+def gil_hog(child: Any) -> None:
+    """A mesh child whose ``hog`` handler sits in GIL-holding C calls for ``seconds``."""
+    import re
+
+    @child.handler("hog")
+    def hog(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            re.match(r"(a+)+b", "a" * 22)
+
+    child.run()

@@ -75,3 +75,15 @@ def test_broker_thread_keeps_state_in_the_master() -> None:
     with pytest.raises(ValueError, match="broker"):
         mpmesh.Master(broker="elsewhere")
 
+
+
+def test_a_child_holding_the_gil_does_not_slow_the_others() -> None:
+    """A guard: a child's GIL is its own, wherever the broker runs."""
+    with mpmesh.Master() as m:
+        m.spawn_child("hog", workers.gil_hog)
+        m.spawn_child("w", workers.shared_state_rounds)
+        hogging = m.request("hog", "hog", 3.0, timeout=LONG)
+        worst = m.send_request("rounds", "w", ROUNDS, timeout=LONG)
+        assert not hogging.done(), "the hog finished before the rounds: nothing was measured"
+        assert worst < WORST_ROUND_S, f"a round took {worst * 1e3:.0f} ms while a child held its GIL"
+        hogging.result(LONG)
