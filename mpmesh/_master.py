@@ -554,7 +554,10 @@ class Master(SharedState, SharedObjects):
 
     def is_alive(self, name: str) -> bool:
         """Whether child ``name``'s process is running."""
-        self._worker(name)
+        if self._worker(name).state is WorkerState.DOWN:
+            # The router knows it ended (a request it held has failed) a moment before the
+            # supervisor's record says so.
+            return False
         return self._supervisor.alive(name)
 
     def unhealthy(self) -> list[str]:

@@ -472,3 +472,23 @@ def test_master_killed_with_sigkill_leaves_no_process_and_no_file(method: str) -
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 stream.close()
+
+
+def test_is_alive_is_false_as_soon_as_a_request_failed_with_the_exit() -> None:
+    # The router learns of the exit (and fails what the child held) a moment before the
+    # supervisor's record is updated; is_alive() must not say True in between.
+    with mesh() as m:
+        m.spawn_child("victim", workers.basic, auto_restart=False)
+        seen: list[bool] = []
+        report = m._supervisor._on_exit
+
+        def on_exit(name: str, pid: int, code: int) -> None:
+            report(name, pid, code)
+            seen.append(m.is_alive(name))  # the supervisor's record still says running
+
+        m._supervisor._on_exit = on_exit
+        with pytest.raises(mpmesh.WorkerLost):
+            m.send_request("exit", "victim", 3, timeout=30)
+        assert wait_for(lambda: bool(seen), 30)
+        assert seen == [False]
+        assert not m.is_alive("victim")
