@@ -30,6 +30,7 @@ import socket
 import socket as _socket
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -543,6 +544,12 @@ def _watch_exit(client: SocketClient) -> None:
     if _watching_pid != client._pid:
         _watching_pid = client._pid
         multiprocessing.util.Finalize(None, _at_exit, exitpriority=-100)
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            try:
+                register(_at_thread_shutdown)
+            except RuntimeError:  # the process is already shutting down
+                pass
 
 
 def exit_is_clean() -> bool:
@@ -571,6 +578,20 @@ def process_ends(clean: bool) -> None:
 
 def _at_exit() -> None:
     process_ends(exit_is_clean())
+
+
+def _at_thread_shutdown() -> None:
+    """Judge a ``multiprocessing`` child's end by its exit code. From Python 3.13 its
+    ``_bootstrap`` runs the exit handlers only after it returned (with the exception
+    already handled); the code is still a local of ``_bootstrap`` while that shuts the
+    threading module down, which is when this runs."""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_bootstrap" and "exitcode" in frame.f_locals:
+            if _verdict is None or _verdict[0] != os.getpid():
+                process_ends(frame.f_locals["exitcode"] == 0)
+            return
+        frame = frame.f_back
 
 
 def _request_msg(rid: int, action: str, target: str | int, payload: bytes, timeout: float | None,
