@@ -104,17 +104,22 @@ POOL_CALLS: list[tuple[str, Callable[[Any, Any], object]]] = [
 ]
 
 
+def assert_refused_at_once(name: str, call: Callable[[], object]) -> None:
+    """``call`` raises what pickling ``W.Unpicklable`` raised, as itself, within ``QUICK``."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert time.monotonic() - start < QUICK, name
+    assert type(info.value) is RuntimeError and str(info.value) == W.REFUSAL, name
+
+
 def test_pool_argument_that_cannot_be_pickled(manager: Any) -> None:
     """The standard library's proxy pickles the call as it sends it: every method raises
     what pickling raised, as itself, at the call, and the pool carries on."""
     pool = manager.Pool(2)
     try:
         for name, call in POOL_CALLS:
-            start = time.monotonic()
-            with pytest.raises(RuntimeError) as info:
-                call(pool, W.Unpicklable())
-            assert time.monotonic() - start < QUICK, name
-            assert type(info.value) is RuntimeError and str(info.value) == W.REFUSAL, name
+            assert_refused_at_once(name, lambda: call(pool, W.Unpicklable()))
             assert pool.map(W.square, range(4)) == [0, 1, 4, 9], name
     finally:
         pool.terminate()
@@ -358,10 +363,6 @@ OBJECT_CALLS: list[tuple[str, Callable[[Any, Any], object]]] = [
 def test_object_argument_that_cannot_be_pickled(manager: Any) -> None:
     """Each raises what pickling raised, at the call, quickly; the manager carries on."""
     for name, call in OBJECT_CALLS:
-        start = time.monotonic()
-        with pytest.raises(RuntimeError) as info:
-            call(manager, W.Unpicklable())
-        assert time.monotonic() - start < QUICK, name
-        assert type(info.value) is RuntimeError and str(info.value) == W.REFUSAL, name
+        assert_refused_at_once(name, lambda: call(manager, W.Unpicklable()))
         d = manager.dict(ok=1)
         assert d["ok"] == 1, name
