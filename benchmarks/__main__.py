@@ -3,7 +3,7 @@
 The command you type is the *conductor*: it starts one worker subprocess per mode
 (``--worker pinned|unpinned``, an internal flag), each of which runs the suites and
 writes its rows as JSON; the conductor merges them, prints the table with PASS/FAIL
-against the issue's bars, and with ``--write`` updates ``benchmarks/RESULTS.md``.
+against each scenario's bar, and with ``--write`` updates ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations

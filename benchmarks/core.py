@@ -1,4 +1,4 @@
-"""core: the issue-2 benchmark. Requests both ways, throughput and start-up, against the stdlib.
+"""core: Requests both ways, throughput and start-up, against the stdlib.
 
 Scenarios, each side by side with its peer in the same process, alternating:
 
@@ -40,7 +40,7 @@ from ._harness import Config, Row, alternate, bar_check, guarded, loop_time, rel
 
 __all__ = ["TITLE", "budget", "run", "echo_worker", "c2m_worker", "pipe_echo"]
 
-TITLE: Final = "requests both ways, throughput, start-up (issue 2)"
+TITLE: Final = "requests both ways, throughput, start-up"
 # A small message, the same for every contender: a few fields, pickled in ~1 us.
 PAYLOAD: Final = {"id": 12345, "op": "echo", "args": (1, 2.5, "x")}
 RESULT_TIMEOUT_S: Final = 60.0     # bound on any single wait for a result

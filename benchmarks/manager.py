@@ -1,4 +1,4 @@
-"""manager: the issue-5 benchmark. ``mpmesh.Manager()`` against ``multiprocessing.Manager()``.
+"""manager: ``mpmesh.Manager()`` against ``multiprocessing.Manager()``.
 
 Scenarios, each side by side with its peer in the same process, alternating:
 
@@ -43,7 +43,7 @@ from ._harness import Config, Row, alternate, bar_check, guarded, loop_time, rel
 
 __all__ = ["TITLE", "budget", "run", "client_main"]
 
-TITLE: Final = "Manager drop-in: shared objects from 1 and 4 clients, start-up (issue 5)"
+TITLE: Final = "Manager drop-in: shared objects from 1 and 4 clients, start-up"
 MESH, STD = "mpmesh.Manager()", "multiprocessing.Manager()"
 FLOOR: Final = "bare socket echo (floor)"
 CLIENTS: Final = 4

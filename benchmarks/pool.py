@@ -1,4 +1,4 @@
-"""pool: the issue-6 benchmark. ``mpmesh.Pool(2)`` against ``multiprocessing.Pool(2)`` and
+"""pool: ``mpmesh.Pool(2)`` against ``multiprocessing.Pool(2)`` and
 ``concurrent.futures.ProcessPoolExecutor(2)``, side by side in one process, alternating.
 
 Scenarios (bars are against ``multiprocessing.Pool``; the executor is shown for reference):
@@ -44,7 +44,7 @@ from ._harness import (
 
 __all__ = ["TITLE", "budget", "run"]
 
-TITLE: Final = "Pool drop-in: map, apply_async, imap_unordered, apply, start-up, CPU-bound map (issue 6)"
+TITLE: Final = "Pool drop-in: map, apply_async, imap_unordered, apply, start-up, CPU-bound map"
 PAYLOAD: Final = {"id": 12345, "op": "echo", "args": (1, 2.5, "x")}
 RESULT_TIMEOUT_S: Final = 120.0
 CPU_TASK_S: Final = 0.005

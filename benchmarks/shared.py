@@ -1,4 +1,4 @@
-"""shared: the issue-4 benchmark. Shared state against ``multiprocessing.Manager``.
+"""shared: Shared state against ``multiprocessing.Manager``.
 
 Scenarios, each side by side with its peer in the same process, alternating:
 
@@ -47,7 +47,7 @@ from ._harness import Config, Row, alternate, bar_check, guarded, loop_time, rel
 
 __all__ = ["TITLE", "budget", "run"]
 
-TITLE: Final = "shared state: cache, counters, locks, pub/sub (issue 4)"
+TITLE: Final = "shared state: cache, counters, locks, pub/sub"
 VALUE: Final = {"id": 12345, "name": "Ada", "tags": ("x", "y")}  # small, pickled in ~1 us
 RESULT_TIMEOUT_S: Final = 60.0
 

@@ -1,4 +1,4 @@
-"""supervision: the issue-3 benchmark. Restart latency, and what a group cap costs.
+"""supervision: Restart latency, and what a group cap costs.
 
 Scenarios:
 
@@ -20,7 +20,7 @@ Scenarios:
    max_concurrency=C)`` set vs unset (two groups of the same Master, alternating). With C
    equal to the group's capacity (2 x 16) the cap never binds, so the difference is what
    the group queue and its bookkeeping cost; bar: >= 0.90x the tasks/s of the uncapped
-   group (the issue: "the queue must not cost more than 10% of throughput"). A binding
+   group (the goal: the queue must not cost more than 10% of throughput). A binding
    cap (C = 8) is shown too, without a bar: fewer requests in flight is its purpose. Its
    control is an uncapped group whose children take 4 each (8 in flight, no group queue
    in the way): the gap between the two is the cost of queueing in the broker rather
@@ -43,7 +43,7 @@ from .core import closing_all, echo_worker
 
 __all__ = ["TITLE", "budget", "run", "pid_worker"]
 
-TITLE: Final = "restart latency after SIGKILL, group cap overhead (issue 3)"
+TITLE: Final = "restart latency after SIGKILL, group cap overhead"
 RESULT_TIMEOUT_S: Final = 60.0
 CHILD_CONCURRENCY: Final = 16          # each concurrent child's own cap (the default)
 BINDING_CAP: Final = 8

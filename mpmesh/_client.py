@@ -118,7 +118,7 @@ class ClientBase:
                 timeout: float | None = None, priority: int = 0, retries: int = 0,
                 retry_delay: float = 0.0) -> MeshFuture:
         """Send a request; the future resolves to the handler's return value."""
-        payload = _codec.dumps(data)  # before taking any resource (STYLE rule 5)
+        payload = _codec.dumps(data)  # fails here, in the caller's frame, before anything is held
         rid, fut = self._new_future()
         self._send_or_forget(self._send, _request_msg(rid, action, target, payload, timeout, priority, retries,
                                                       retry_delay))

@@ -1,4 +1,5 @@
-"""Timeouts become absolute monotonic deadlines once, at the public edge (STYLE rule 6).
+"""Timeouts become absolute monotonic deadlines once, at the public edge, so nested
+waits never add up to more than the caller asked for.
 
 Below the API every blocking call takes a deadline and waits ``remaining(deadline)``;
 no layer can stretch a timeout.

@@ -1,4 +1,4 @@
-"""The exception tree of API.md §4, plus internal protocol errors.
+"""mpmesh's public exception tree (importable from ``mpmesh``), plus internal protocol errors.
 
 Every public class derives from `MeshError`. Where mpmesh raises in place of a stdlib
 class, it also derives from that class, so drop-in code keeps its ``except`` clauses

@@ -1,4 +1,5 @@
-"""Shared-state API (API.md §2) offered alike by Master, Child and ``mpmesh.connect()``.
+"""The shared-state API (cache, locks, pub/sub, RPC pools, ``nodes()``) offered alike by
+Master, Child and ``mpmesh.connect()``.
 
 Every method reaches the broker through ``self._client`` (a ``ClientBase``): a Master
 talks to its in-process broker directly, other processes over their socket. Each

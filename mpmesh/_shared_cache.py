@@ -1,7 +1,7 @@
 """``Cache``: a picklable ``MutableMapping`` over a named cache held by the broker.
 
 Every method is one round trip and atomic on the broker. Values are pickled here, at the
-call site (``SerializationError`` is raised in the caller's frame, STYLE rule 5), and
+call site (``SerializationError`` is raised in the caller's frame, before anything is sent), and
 come back as the very bytes that were stored; keys must be built-in values (str, int,
 float, bytes, tuples of them...), because the broker reads them.
 

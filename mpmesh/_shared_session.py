@@ -1,7 +1,7 @@
 """The receiving side of pub/sub and RPC pools in one process, per client connection.
 
 Pushes from the broker arrive on an I/O thread (a client's reader, or the broker's own
-thread in a Master); nothing user-written runs there (STYLE rule 7). ``Session.on_push``
+thread in a Master); nothing user-written runs there (a slow callback would stall every delivery). ``Session.on_push``
 only sorts them:
 
 - a pub/sub delivery goes to one ordered *lane* (a single worker thread), so callbacks

@@ -6,7 +6,7 @@ The head carries what the broker must compute on (cache name, key, TTL, blob len
 the blobs are user values pickled by the caller, which the broker stores or forwards
 untouched. Heads are read with ``safe_loads``: only built-in types (no ``find_class``
 beyond a short allowlist), so nothing a peer sends can run user code, or import a user
-module, on the broker's loop (STYLE rule 7).
+module, on the broker's loop (which serves everyone).
 
 Nothing here does I/O.
 """

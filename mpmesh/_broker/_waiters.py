@@ -9,7 +9,8 @@ id) (so a cancel or a lost peer finds its own). Nothing here blocks, sleeps or r
 clock: time arrives as ``now``.
 
 Answers are collected in an ``Effects`` value while an object changes state; the
-``objects`` component turns them into messages afterwards (STYLE rule 3).
+``objects`` component turns them into messages afterwards (state changes stay pure; I/O
+is the loop's).
 """
 
 from __future__ import annotations

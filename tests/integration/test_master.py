@@ -1,4 +1,4 @@
-"""Master and Child over real processes and sockets: API.md §1, §4 and §5.
+"""Master and Child over real processes and sockets: requests, errors and the semantics behind their names.
 
 Every test builds its own mesh in a ``with`` block; the autouse leak guard in
 ``tests/conftest.py`` then fails the test if a process, socket or fd outlives it.

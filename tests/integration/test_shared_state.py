@@ -1,4 +1,4 @@
-"""Shared state across real processes (API.md §2): cache, locks, pub/sub, RPC pools, nodes.
+"""Shared state across real processes: cache, locks, pub/sub, RPC pools, nodes.
 
 Children are mesh workers from ``shared_workers``; tests wait on futures, events and
 what children publish, never on sleeps (a TTL is waited out with a bounded poll, since

@@ -1,9 +1,9 @@
 """Supervision over real processes: heartbeats, auto-restart, retries, queues, caps, shutdown.
 
-Issue 3's "Tests that must exist", against API.md §1 and §5. Workers are in
-``supervision_workers.py``: each ``task`` checks in with the master (``Checkin`` below),
-which tells it what to do, so a test decides per attempt whether the handler returns,
-hangs, spins or ignores SIGTERM, and knows the pid that is inside before killing it.
+Workers are in ``supervision_workers.py``: each ``task`` checks in with the master
+(``Checkin`` below), which tells it what to do, so a test decides per attempt whether
+the handler returns, hangs, spins or ignores SIGTERM, and knows the pid that is inside
+before killing it.
 
 Coordination is through master handlers, Events and Conditions; ``wait_for`` (a poll) is
 used only for facts only the OS or the broker's tables can tell (a pid is gone, N

@@ -1,4 +1,4 @@
-"""STYLE §2.1: ``_wire`` and ``_broker`` are sans-IO. Their imports are checked with ``ast``."""
+"""``_wire`` and ``_broker`` are sans-IO (no sockets, threads, clocks or OS calls). Their imports are checked with ``ast``."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_the_pure_packages_exist() -> None:
 def test_pure_core_imports_no_io(path: Path) -> None:
     module = module_name(path)
     bad = violations(path.read_text(), module, path.name == "__init__.py")
-    assert not bad, f"{module} imports {bad}: _wire/_broker must stay sans-IO (STYLE §2.1)"
+    assert not bad, f"{module} imports {bad}: _wire/_broker must stay sans-IO"
 
 
 # -- the checker itself must be able to fail ------------------------------------------------

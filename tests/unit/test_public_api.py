@@ -1,4 +1,4 @@
-"""The public surface: what ``mpmesh.__all__`` exports, and the error tree of API.md §4."""
+"""The public surface: what ``mpmesh.__all__`` exports, and the public error tree."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import mpmesh
 
 PUBLIC = sorted(mpmesh.__all__)
 
-# API.md §4: every error, with the classes it must also be (besides MeshError).
+# Every public error, with the classes it must also be (besides MeshError).
 ERRORS: dict[str, tuple[type, ...]] = {
     "MeshError": (Exception,),
     "RequestTimeout": (TimeoutError, multiprocessing.TimeoutError),
