@@ -199,21 +199,18 @@ class Master(SharedState, SharedObjects):
             listener.close()  # the broker's now: we must not keep connections waiting on it
         self._state_lock = threading.Lock()
 
-    @property
-    def _state_conn(self) -> ClientBase:
-        client: ClientBase | None = self.__dict__.get("_state_client")
-        if client is not None:
-            return client
+    def _open_state_conn(self) -> ClientBase:
+        """Our end of the socketpair made with the state broker, once it listens."""
         proc = self._state_proc
         if proc is None:
-            return SharedState._state_conn.fget(self)  # type: ignore[attr-defined,no-any-return]
+            return self._client  # broker="thread": the state is in our own broker
         with self._state_lock:
-            client = self.__dict__.get("_state_client")
+            client: ClientBase | None = self.__dict__.get("_state_client")  # another thread's
             if client is None:
                 self._check_open()
                 proc.ready()
                 client = SocketClient(proc.address, self.authkey, make_hello(Role.CLIENT), sock=proc.sock)
-                self.__dict__["_state_client"] = client
+                self.__dict__["_state_client"] = client  # before a second caller takes the lock
                 _binding.bind(state_address(self.address), client)
         return client
 

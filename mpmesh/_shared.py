@@ -1,8 +1,9 @@
 """The shared-state API (cache, locks, pub/sub, RPC pools, ``nodes()``) offered alike by
 Master, Child and ``mpmesh.connect()``.
 
-Every method reaches the broker through ``self._client`` (a ``ClientBase``): a Master
-talks to its in-process broker directly, other processes over their socket. Each
+Every method reaches the broker that holds shared state through ``self._state_conn``:
+a Master's state broker (a process of its own, found beside the mesh's socket), or the
+mesh's own broker where there is none (a standalone ``python -m mpmesh serve``). Each
 operation is one ``Op`` to a broker component (``_broker/_cache.py``, ``_locks.py``,
 ``_pubsub.py``, ``_rpc.py``, ``_admin.py``), pickled here, at the call site.
 
@@ -145,14 +146,17 @@ class SharedState:
 
     @property
     def _state_conn(self) -> ClientBase:
-        """The connection to the broker that holds shared state: a Master's state broker
-        (a process of its own), opened on first use; else the mesh's own broker."""
+        """The connection to the broker that holds shared state, opened on first use."""
         client: ClientBase | None = self.__dict__.get("_state_client")
         if client is None:
-            address = self._state_broker_address()
-            client = self._client if address is None else _binding.client_for(address)
-            self.__dict__["_state_client"] = client
+            client = self.__dict__["_state_client"] = self._open_state_conn()
         return client
+
+    def _open_state_conn(self) -> ClientBase:
+        """A Master's state broker (a process of its own) where the mesh has one; else the
+        mesh's own broker."""
+        address = self._state_broker_address()
+        return self._client if address is None else _binding.client_for(address)
 
     def _state_broker_address(self) -> str | None:
         """Where this mesh's state broker listens, if it has one (see ``state_address``)."""
