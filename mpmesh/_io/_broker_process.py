@@ -104,8 +104,13 @@ class BrokerProcess:
 
     def join(self, timeout: float | None = None) -> None:
         """Wait (up to ``timeout``) for the broker process to exit; it does once stopped."""
-        if self.exitcode is None:
-            exited(self.pid, STOP_TIMEOUT_S * 1000 if timeout is None else timeout)
+        if self.exitcode is not None:
+            return
+        if timeout is not None:
+            exited(self.pid, timeout)
+            return
+        while not exited(self.pid, STOP_TIMEOUT_S):
+            pass  # no deadline asked for: as Process.join(), wait as long as it runs
 
     def ready(self) -> None:
         """Wait until the broker listens (once); raise what kept it from starting.
