@@ -41,6 +41,8 @@ from ._errors import (
     RequestTimeout, SerializationError,
 )
 from ._futures import Call, MeshFuture, error_for
+from ._io import _segment
+from ._near import NearCache
 from ._wire import _codec
 from ._wire._connection import Connection, Phase, Side
 from ._wire._messages import (
@@ -77,6 +79,9 @@ class ClientBase:
         self.on_push: Callable[[Push], None] = self._drop_incoming
         self.instance_id = -1
         self.name = ""
+        # Copies of shared state kept by this process, when the broker shares its
+        # version table with us (``_near``); None: every read is a round trip.
+        self.near: NearCache | None = None
 
     # transport hooks
     def _send(self, msg: Message) -> None:
@@ -311,7 +316,7 @@ class SocketClient(ClientBase):
         try:
             while self._conn.phase is Phase.HANDSHAKE:
                 self._sock.settimeout(_deadline.remaining(deadline))
-                data = self._sock.recv(4096)
+                data = self._recv_handshake()
                 if not data:
                     raise BrokerUnavailable(f"the broker at {self.address} closed the connection during the handshake")
                 out = self._conn.receive_data(data)
@@ -328,7 +333,7 @@ class SocketClient(ClientBase):
                         return
                     raise RemoteProtocolError(f"expected Ready, got {type(msg).__name__}")
                 self._sock.settimeout(_deadline.remaining(deadline))
-                data = self._sock.recv(4096)
+                data = self._recv_handshake()
                 if not data:
                     raise BrokerUnavailable(f"the broker at {self.address} refused us after the handshake")
                 self._conn.receive_data(data)
@@ -340,6 +345,23 @@ class SocketClient(ClientBase):
             raise BrokerUnavailable(f"the broker at {self.address} did not answer in time") from None
         except OSError as exc:
             raise BrokerUnavailable(f"cannot talk to the broker at {self.address}: {exc}") from None
+
+    def _drop_near(self) -> None:
+        near, self.near = self.near, None
+        if near is not None and self._pid == os.getpid():
+            near.close()
+
+    def _recv_handshake(self) -> bytes:
+        """A read before ``Ready``: with it may come the broker's version table."""
+        if self._sock.family != _socket.AF_UNIX:
+            return self._sock.recv(4096)
+        data, ancdata, _, _ = self._sock.recvmsg(4096, _segment.ANCILLARY_BYTES)
+        fd = _segment.received_fd(ancdata)
+        if fd >= 0:
+            mm = _segment.map_received(fd)
+            if mm is not None and self.near is None:
+                self.near = NearCache(mm)
+        return data
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -470,6 +492,7 @@ class SocketClient(ClientBase):
     def _broken(self, why: str) -> None:
         if self._closed is None:
             self._closed = BrokerUnavailable(why)
+            self._drop_near()
             log.debug("connection lost: %s", why)
             self._fail_pending(self._closed_error)
             try:
@@ -494,6 +517,7 @@ class SocketClient(ClientBase):
         (by default: unless this process is known to be ending abnormally)."""
         if self._closed is None:
             self._closed = MeshClosed("this connection to the mesh was closed")
+            self._drop_near()
             if goodbye is None:
                 goodbye = _verdict[1] if _verdict is not None and _verdict[0] == os.getpid() else True
             if goodbye and not self._said_goodbye and self._pid == os.getpid():

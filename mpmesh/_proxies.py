@@ -37,11 +37,12 @@ from typing import Any, ClassVar, Final
 from . import _binding, _deadline
 from ._broker._objects import COMPONENT
 from ._broker._refs import Token, install_proxy_builder, rebuild_ref
+from ._broker._versions import bulk_slot, key_slot, stable_hash, whole_slot
 from ._client import GUARD_SLACK_S, ClientBase, SocketClient, make_hello
 from ._futures import Call
 from ._errors import BrokerUnavailable, MeshError, SerializationError
 from ._wire import _codec
-from ._wire._messages import Op, Role
+from ._wire._messages import Op, Reply, Role
 
 __all__ = [
     "AutoProxy", "BaseProxy", "MakeProxyType", "Token", "client_for", "create_proxy",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 _getpid = os.getpid
+_WHOLE: Final[Any] = object()  # a read that covers the whole object, not one key
 _get_ident = threading.get_ident
 _dumps = _codec.dumps
 FOREVER: Final = _deadline.FOREVER
@@ -262,6 +264,54 @@ class BaseProxy:
         fut = client.op(COMPONENT, "call", timeout=0.0, payload=pack(
             (self._id, methodname, args, {}, _get_ident())))
         return _wait(client, fut, FOREVER)
+
+    # -- reads served from this process's copy (``_near``) --------------------------------
+
+    _wslot = -1  # the object's whole and bulk slots in the version table, once computed
+    _bslot = -1
+
+    def _near_read(self, methodname: str, args: tuple[Any, ...] = (), key: Any = _WHOLE) -> Any:
+        """``_callmethod`` for a method that only reads: served from this process's copy
+        while the object (or, given ``key``, that key of it) is unchanged."""
+        client = self._client if self._pid == _getpid() else self._rebind()
+        near = client.near
+        if near is None:
+            return self._callmethod(methodname, args)
+        oid = self._id
+        if self._wslot < 0:
+            self._wslot, self._bslot = whole_slot(oid), bulk_slot(oid)
+        if key is _WHOLE:
+            s1 = s2 = self._wslot
+        else:
+            khash = stable_hash(key)
+            s1 = self._wslot if khash is None else key_slot(oid, khash)
+            s2 = self._bslot
+        copy_key = (oid, methodname, args)
+        try:
+            entry = near.lookup(copy_key, s1, s2)
+        except TypeError:  # an unhashable argument: nothing to look up or keep
+            return self._callmethod(methodname, args)
+        if entry is not None:
+            return near.serve(entry)
+        return near.fill(copy_key, s1, s2, lambda: self._fetch(client, methodname, args))
+
+    def _fetch(self, client: ClientBase, methodname: str, args: tuple[Any, ...]) -> tuple[Any, bytes | None]:
+        """Call a reading method; its result and the pickle it came as."""
+        if _releases:
+            flush_releases()
+        fut = client.op(COMPONENT, "call", payload=pack((self._id, methodname, args, {}, _get_ident())))
+        value = _wait(client, fut, FOREVER)
+        msg = fut._msg
+        return value, (msg.payload if type(msg) is Reply else None)
+
+    def _whole_version(self) -> int | None:
+        """The object's whole version in this process's table (None: no table)."""
+        near = self._client.near if self._pid == _getpid() else self._rebind().near
+        if near is None:
+            return None
+        if self._wslot < 0:
+            self._wslot, self._bslot = whole_slot(self._id), bulk_slot(self._id)
+        return near.version(self._wslot)
 
     def _getvalue(self) -> Any:
         """A copy of the referent."""

@@ -38,10 +38,10 @@ def _by_index(proxy: BaseProxy) -> Iterator[Any]:
     it is asked for, until IndexError. No batching: a batch read ahead would miss changes
     made between two ``next`` calls."""
     i = 0
-    callmethod = proxy._callmethod
+    read = proxy._near_read
     while True:
         try:
-            item = callmethod("__getitem__", (i,))
+            item = read("__getitem__", (i,))
         except IndexError:
             return
         yield item
@@ -168,8 +168,8 @@ class NamespaceProxy(BaseProxy):
     def __getattr__(self, key: str) -> Any:
         if key[0] == "_":
             return object.__getattribute__(self, key)
-        callmethod = object.__getattribute__(self, "_callmethod")
-        return callmethod("__getattribute__", (key,))
+        read = object.__getattribute__(self, "_near_read")
+        return read("__getattribute__", (key,), key)
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key[0] == "_":
@@ -190,7 +190,7 @@ class ValueProxy(BaseProxy, Generic[T]):
     _exposed_ = ("get", "set")
 
     def get(self) -> T:
-        return self._callmethod("get")  # type: ignore[no-any-return]
+        return self._near_read("get")  # type: ignore[no-any-return]
 
     def set(self, value: T) -> None:
         self._callmethod("set", (value,))
@@ -211,16 +211,16 @@ class ListProxy(BaseProxy, Generic[T]):
         return self._callmethod("__add__", (other,))  # type: ignore[no-any-return]
 
     def __contains__(self, value: object) -> bool:
-        return self._callmethod("__contains__", (value,))  # type: ignore[no-any-return]
+        return self._near_read("__contains__", (value,))  # type: ignore[no-any-return]
 
     def __delitem__(self, index: Any) -> None:
         self._callmethod("__delitem__", (index,))
 
     def __getitem__(self, index: Any) -> Any:
-        return self._callmethod("__getitem__", (index,))
+        return self._near_read("__getitem__", (index,))
 
     def __len__(self) -> int:
-        return self._callmethod("__len__")  # type: ignore[no-any-return]
+        return self._near_read("__len__")  # type: ignore[no-any-return]
 
     def __mul__(self, n: int) -> list[T]:
         return self._callmethod("__mul__", (n,))  # type: ignore[no-any-return]
@@ -249,13 +249,13 @@ class ListProxy(BaseProxy, Generic[T]):
         self._callmethod("append", (value,))
 
     def count(self, value: T) -> int:
-        return self._callmethod("count", (value,))  # type: ignore[no-any-return]
+        return self._near_read("count", (value,))  # type: ignore[no-any-return]
 
     def extend(self, values: Any) -> None:
         self._callmethod("extend", (values,))
 
     def index(self, *args: Any) -> int:
-        return self._callmethod("index", args)  # type: ignore[no-any-return]
+        return self._near_read("index", args)  # type: ignore[no-any-return]
 
     def insert(self, index: int, value: T) -> None:
         self._callmethod("insert", (index, value))
@@ -285,19 +285,37 @@ class DictProxy(BaseProxy, Generic[K, V]):
                  "setdefault", "update", "values")
 
     def __contains__(self, key: object) -> bool:
-        return self._callmethod("__contains__", (key,))  # type: ignore[no-any-return]
+        return self._near_read("__contains__", (key,), key)  # type: ignore[no-any-return]
 
     def __delitem__(self, key: K) -> None:
         self._callmethod("__delitem__", (key,))
 
     def __getitem__(self, key: K) -> V:
-        return self._callmethod("__getitem__", (key,))  # type: ignore[no-any-return]
+        return self._near_read("__getitem__", (key,), key)  # type: ignore[no-any-return]
 
     def __iter__(self) -> Iterator[K]:
-        return self._callmethod("__iter__")  # type: ignore[no-any-return]
+        version = self._whole_version()
+        if version is None:
+            return self._callmethod("__iter__")  # type: ignore[no-any-return]
+        return self._iter_copy(version, self.keys())
+
+    def _iter_copy(self, version: int, keys: list[K]) -> Iterator[K]:
+        """Iterate the keys as they were when iteration began (read from this process's
+        copy while the dict is unchanged); a change of the keys meanwhile raises
+        RuntimeError at the next step, as iterating a dict does."""
+        for key in keys:
+            now = self._whole_version()
+            if now is not None and now != version:
+                version = now
+                current = self.keys()
+                if len(current) != len(keys):
+                    raise RuntimeError("dictionary changed size during iteration")
+                if current != keys:
+                    raise RuntimeError("dictionary keys changed during iteration")
+            yield key
 
     def __len__(self) -> int:
-        return self._callmethod("__len__")  # type: ignore[no-any-return]
+        return self._near_read("__len__")  # type: ignore[no-any-return]
 
     def __setitem__(self, key: K, value: V) -> None:
         self._callmethod("__setitem__", (key, value))
@@ -306,16 +324,18 @@ class DictProxy(BaseProxy, Generic[K, V]):
         self._callmethod("clear")
 
     def copy(self) -> dict[K, V]:
-        return self._callmethod("copy")  # type: ignore[no-any-return]
+        return self._near_read("copy")  # type: ignore[no-any-return]
 
     def get(self, *args: Any) -> V | None:
-        return self._callmethod("get", args)  # type: ignore[no-any-return]
+        if len(args) not in (1, 2):
+            return self._callmethod("get", args)  # type: ignore[no-any-return]
+        return self._near_read("get", args, args[0])  # type: ignore[no-any-return]
 
     def items(self) -> list[tuple[K, V]]:
-        return self._callmethod("items")  # type: ignore[no-any-return]
+        return self._near_read("items")  # type: ignore[no-any-return]
 
     def keys(self) -> list[K]:
-        return self._callmethod("keys")  # type: ignore[no-any-return]
+        return self._near_read("keys")  # type: ignore[no-any-return]
 
     def pop(self, *args: Any) -> V:
         return self._callmethod("pop", args)  # type: ignore[no-any-return]
@@ -330,7 +350,7 @@ class DictProxy(BaseProxy, Generic[K, V]):
         self._callmethod("update", args, kwargs)
 
     def values(self) -> list[V]:
-        return self._callmethod("values")  # type: ignore[no-any-return]
+        return self._near_read("values")  # type: ignore[no-any-return]
 
     __class_getitem__ = classmethod(types.GenericAlias)  # type: ignore[var-annotated]
 
@@ -339,10 +359,10 @@ class ArrayProxy(BaseProxy):
     _exposed_ = ("__len__", "__getitem__", "__setitem__")
 
     def __len__(self) -> int:
-        return self._callmethod("__len__")  # type: ignore[no-any-return]
+        return self._near_read("__len__")  # type: ignore[no-any-return]
 
     def __getitem__(self, index: Any) -> Any:
-        return self._callmethod("__getitem__", (index,))
+        return self._near_read("__getitem__", (index,))
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self._callmethod("__setitem__", (index, value))

@@ -13,14 +13,17 @@ and retries once.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, final
 
 from . import _binding
 from ._broker._payload import MISSING, pack
+from ._broker._versions import bulk_slot, cache_ident, key_slot, stable_hash, whole_slot
 from ._deadline import FOREVER
 from ._errors import NotFound
+from ._near import ETERNAL, NearCache
 from ._wire import _codec
 
 if TYPE_CHECKING:
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["Cache", "open_cache"]
 
 _NOTHING: Any = object()
+_WHOLE: Any = ("#whole",)  # in the copy key of keys() and len(), which no cache key equals
 
 
 def open_cache(client: ClientBase, address: str, name: str, maxsize: int | None,
@@ -48,7 +52,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
     cache's default TTL.
     """
 
-    __slots__ = ("name", "options", "_address", "_client", "_pid")
+    __slots__ = ("name", "options", "_address", "_client", "_pid", "_ident", "_whole", "_bulk")
 
     def __init__(self, address: str, name: str, options: dict[str, Any], client: ClientBase | None = None) -> None:
         self.name = name
@@ -56,6 +60,8 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
         self._address = address
         self._client = client
         self._pid = os.getpid() if client is not None else 0
+        self._ident = ident = cache_ident(name)
+        self._whole, self._bulk = whole_slot(ident), bulk_slot(ident)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self._address, self.name, self.options))
@@ -89,15 +95,66 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             open_cache(client, self._address, self.name, o.get("maxsize"), o.get("ttl"), o.get("maxbytes"))
             return client.wait(client.op("cache", op, payload=payload), FOREVER)
 
+    # -- reads served from this process's copy (``_near``) ----------------------------------
+    # A copy of a key lapses with its entry's TTL, and a read from it counts as a use for
+    # the cache's LRU eviction (the broker sees the time it was last read in the table).
+
+    def _read(self, key: Any) -> Any:
+        """``key``'s value, or MISSING: from this process's copy while it is current."""
+        near = self._bound().near
+        if near is None:
+            return self._op("get", pack((self.name, key)))
+        khash = stable_hash(key)
+        s1 = self._whole if khash is None else key_slot(self._ident, khash)
+        copy_key = (self.name, key)
+        try:
+            entry = near.lookup(copy_key, s1, self._bulk)
+        except TypeError:  # an unhashable key: the broker says what is wrong with it
+            return self._op("get", pack((self.name, key)))
+        if entry is not None:
+            return near.serve(entry)
+        words = near.words
+        v1, v2 = words[s1], words[self._bulk]
+        blob, expires = self._op("nget", pack((self.name, key)))
+        return self._keep(near, copy_key, v1, v2, blob, expires, khash is not None and s1)
+
+    @staticmethod
+    def _keep(near: NearCache, copy_key: Any, v1: int, v2: int, blob: bytes | None,
+              expires: float, access_slot: int | bool) -> Any:
+        if blob is None:
+            near.keep(copy_key, v1, v2, ETERNAL, MISSING, None, shared=True)
+            return MISSING
+        value = _codec.loads(blob)
+        near.keep(copy_key, v1, v2, ETERNAL if expires == math.inf else int(expires * 1e9),
+                  value, blob, access_slot=int(access_slot))
+        return value
+
+    def _near_whole(self, what: str) -> Any:
+        """``keys`` or ``len``, from this process's copy while the cache is unchanged
+        (only for a cache none of whose entries can expire unseen)."""
+        client = self._bound()
+        near = client.near
+        if near is None:
+            return self._op(what, pack((self.name,)))
+        copy_key = (self.name, _WHOLE, what)
+        entry = near.lookup(copy_key, self._whole, self._whole)
+        if entry is not None:
+            return near.serve(entry)
+        v = near.words[self._whole]
+        value, lasting = self._op("n" + what, pack((self.name,)))
+        if lasting:
+            near.keep(copy_key, v, v, ETERNAL, value, None if what == "len" else _codec.dumps(value))
+        return value
+
     # -- single keys --------------------------------------------------------------------------
 
     def get(self, key: Any, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` when it is missing (or expired)."""
-        value = self._op("get", pack((self.name, key)))
+        value = self._read(key)
         return default if value is MISSING else value
 
     def __getitem__(self, key: Any) -> Any:
-        value = self._op("get", pack((self.name, key)))
+        value = self._read(key)
         if value is MISSING:
             raise KeyError(key)
         return value
@@ -115,6 +172,8 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
+        if self._bound().near is not None:
+            return self._read(key) is not MISSING
         return bool(self._op("contains", pack((self.name, key))))
 
     def pop(self, key: Any, default: Any = _NOTHING) -> Any:
@@ -174,8 +233,31 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
 
     def mget(self, keys: Iterable[Any]) -> list[Any]:
         """The values of ``keys``, ``None`` for each one missing."""
-        loads = _codec.loads
-        return [None if b is None else loads(b) for b in self._op("mget", pack((self.name, list(keys))))]
+        keys = list(keys)
+        near = self._bound().near
+        if near is None:
+            loads = _codec.loads
+            return [None if b is None else loads(b) for b in self._op("mget", pack((self.name, keys)))]
+        found: list[Any] = [MISSING] * len(keys)
+        wanted: list[tuple[int, Any, int, int, int]] = []  # index, copy key, slot, v1, v2
+        words, bulk = near.words, self._bulk
+        try:
+            for i, key in enumerate(keys):
+                khash = stable_hash(key)
+                s1 = self._whole if khash is None else key_slot(self._ident, khash)
+                entry = near.lookup((self.name, key), s1, bulk)
+                if entry is not None:
+                    found[i] = near.serve(entry)
+                else:
+                    wanted.append((i, (self.name, key), s1 if khash is not None else 0, words[s1], words[bulk]))
+        except TypeError:  # an unhashable key: the broker says what is wrong with it
+            self._op("mget", pack((self.name, keys)))
+            raise
+        if wanted:
+            answers = self._op("nmget", pack((self.name, [copy_key[1] for _, copy_key, _, _, _ in wanted])))
+            for (i, copy_key, access, v1, v2), (blob, expires) in zip(wanted, answers):
+                found[i] = self._keep(near, copy_key, v1, v2, blob, expires, access)
+        return [None if v is MISSING else v for v in found]
 
     def mset(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> None:
         """Store every item of ``mapping`` at once (one round trip, atomic)."""
@@ -191,8 +273,8 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             self.mset(items)
 
     def keys(self) -> list[Any]:  # type: ignore[override]
-        """A snapshot of the keys (least recently used first)."""
-        return list(self._op("keys", pack((self.name,))))
+        """A snapshot of the keys (least recently used first, as the broker saw them used)."""
+        return list(self._near_whole("keys"))
 
     def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
         """A snapshot of the ``(key, value)`` pairs."""
@@ -206,7 +288,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
         return iter(self.keys())
 
     def __len__(self) -> int:
-        return int(self._op("len", pack((self.name,))))
+        return int(self._near_whole("len"))
 
     def clear(self) -> None:
         """Remove every entry (one round trip)."""

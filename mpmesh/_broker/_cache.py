@@ -31,6 +31,7 @@ from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Op
 from ._actions import Action, Send
 from ._payload import fail, reply, safe_loads, split, value_reply
+from ._versions import VersionTable, cache_ident
 
 __all__ = ["CacheStore", "Entry", "SWEEP_INTERVAL_S"]
 
@@ -49,6 +50,7 @@ Fence = Callable[[str, int, float], bool]
 class Entry:
     data: bytes
     expires: float
+    used: float = 0.0  # when the broker last read it (for LRU that counts local hits)
 
 
 def _ttu(_key: object, entry: Entry, _now: float) -> float:
@@ -60,30 +62,44 @@ def _sizeof(entry: Entry) -> int:
 
 
 class _Store(cachetools.TLRUCache):  # type: ignore[type-arg]
-    """A TLRUCache that counts evictions and also caps its number of entries."""
+    """A TLRUCache that counts evictions, tells of each, and also caps its number of entries."""
 
-    def __init__(self, clock: Callable[[], float], maxsize: float, maxbytes: float) -> None:
+    def __init__(self, clock: Callable[[], float], maxsize: float, maxbytes: float,
+                 on_evict: Callable[[object], None]) -> None:
         super().__init__(maxbytes, _ttu, timer=clock, getsizeof=_sizeof)
         self.max_entries = maxsize
         self.evictions = 0
+        self._on_evict = on_evict
 
     def popitem(self) -> tuple[Any, Any]:
         item = super().popitem()
         self.evictions += 1
+        self._on_evict(item[0])
         return item
 
 
 class _Cache:
-    __slots__ = ("name", "maxsize", "maxbytes", "ttl", "store", "hits", "misses", "timed")
+    """One named cache. Every change of a key bumps its versions (``_versions``), in the
+    same step, for the processes that keep copies."""
+
+    __slots__ = ("name", "maxsize", "maxbytes", "ttl", "store", "hits", "misses", "timed",
+                 "clock", "ident", "versions")
 
     def __init__(self, name: str, clock: Callable[[], float], maxsize: int | None,
-                 maxbytes: int | None, ttl: float | None) -> None:
+                 maxbytes: int | None, ttl: float | None, versions: VersionTable | None = None) -> None:
         self.name = name
         self.maxsize, self.maxbytes, self.ttl = maxsize, maxbytes, ttl
+        self.clock = clock
+        self.ident = cache_ident(name)
+        self.versions = versions
         self.store = _Store(clock, math.inf if maxsize is None else maxsize,
-                            math.inf if maxbytes is None else maxbytes)
+                            math.inf if maxbytes is None else maxbytes, self.wrote)
         self.hits = self.misses = 0
         self.timed = ttl is not None
+
+    def wrote(self, key: object) -> None:
+        if self.versions is not None:
+            self.versions.wrote_key(self.ident, key)
 
     def get(self, key: object) -> Entry | None:
         try:
@@ -92,17 +108,50 @@ class _Cache:
             self.misses += 1
             return None
         self.hits += 1
+        entry.used = self.clock()
         return entry
 
     def put(self, key: object, entry: Entry) -> None:
         store = self.store
         new = key not in store
+        entry.used = self.clock()
         store[key] = entry
+        self.wrote(key)
         if entry.expires != math.inf:
             self.timed = True
         if new and len(store) > store.max_entries:
-            while len(store) > store.max_entries:
-                store.popitem()
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used entries down to ``maxsize``. An entry some process
+        read from its own copy since the broker last saw it used is kept, as just used."""
+        store = self.store
+        versions = self.versions
+        for _ in range(len(store) + 1):
+            if len(store) <= store.max_entries:
+                return
+            key, entry = store.popitem()
+            if versions is not None:
+                seen = versions.read_at(self.ident, key) / 1e9
+                if seen > entry.used:
+                    store.evictions -= 1
+                    entry.used = seen
+                    store[key] = entry
+        while len(store) > store.max_entries:
+            store.popitem()
+
+    def delete(self, key: object) -> bool:
+        store = self.store
+        if key not in store:
+            return False
+        del store[key]
+        self.wrote(key)
+        return True
+
+    def clear(self) -> None:
+        self.store.clear()
+        if self.versions is not None:
+            self.versions.wrote(self.ident)
 
     def expires(self, ttl: float | None, now: float) -> float:
         """The expiry of an entry written now with ``ttl`` (None: the cache's default)."""
@@ -133,8 +182,9 @@ def _check_size(what: str, value: object) -> int | None:
 class CacheStore:
     """Every named cache of one broker: the ``cache`` component."""
 
-    def __init__(self, fence: Fence | None = None) -> None:
+    def __init__(self, fence: Fence | None = None, versions: VersionTable | None = None) -> None:
         self.caches: dict[str, _Cache] = {}
+        self.versions = versions
         self._fence = fence or (lambda _name, _token, _now: False)
         self._now = 0.0
         self._next_sweep: float | None = None
@@ -146,6 +196,7 @@ class CacheStore:
             "pop": self._pop, "setdefault": self._setdefault,
             "fenced_set": self._fenced_set, "fenced_delete": self._fenced_delete,
             "fenced_cas": self._fenced_cas,
+            "nget": self._nget, "nmget": self._nmget, "nkeys": self._nkeys, "nlen": self._nlen,
         }
 
     def _clock(self) -> float:
@@ -206,7 +257,7 @@ class CacheStore:
             raise ValueError("a cache needs a non-empty name")
         cache = self.caches.get(name)
         if cache is None:
-            self.caches[name] = _Cache(name, self._clock, maxsize, maxbytes, ttl)
+            self.caches[name] = _Cache(name, self._clock, maxsize, maxbytes, ttl, self.versions)
         else:
             asked = {"maxsize": maxsize, "maxbytes": maxbytes, "ttl": ttl}
             clash = {k: v for k, v in asked.items() if v is not None and v != cache.options()[k]}
@@ -228,15 +279,12 @@ class CacheStore:
         return reply(rid, None)  # type: ignore[return-value]
 
     def _delete(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
-        found = head[1] in cache.store
-        if found:
-            del cache.store[head[1]]
-        return reply(rid, found)  # type: ignore[return-value]
+        return reply(rid, cache.delete(head[1]))  # type: ignore[return-value]
 
     def _pop(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
         entry = cache.get(head[1])
         if entry is not None:
-            del cache.store[head[1]]
+            cache.delete(head[1])
         return value_reply(rid, None if entry is None else entry.data)  # type: ignore[return-value]
 
     def _setdefault(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
@@ -307,8 +355,29 @@ class CacheStore:
         return reply(rid, len(cache.store))  # type: ignore[return-value]
 
     def _clear(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
-        cache.store.clear()
+        cache.clear()
         return reply(rid, None)  # type: ignore[return-value]
+
+    # -- reads for processes that keep copies (``_near``): each answer says how long ------
+    # -- its copy may be served: until its entry expires, or (keys, len) not at all ------
+    # -- once entries of the cache can expire unseen ------------------------------------
+
+    def _nget(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
+        entry = cache.get(head[1])
+        return reply(rid, (None, math.inf) if entry is None else (entry.data, entry.expires))  # type: ignore[return-value]
+
+    def _nmget(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
+        get = cache.get
+        return reply(rid, [(None, math.inf) if (e := get(k)) is None else (e.data, e.expires)  # type: ignore[return-value]
+                           for k in head[1]])
+
+    def _nkeys(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
+        cache.store.expire(now)
+        return reply(rid, (list(cache.store.keys()), not cache.timed))  # type: ignore[return-value]
+
+    def _nlen(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
+        cache.store.expire(now)
+        return reply(rid, (len(cache.store), not cache.timed))  # type: ignore[return-value]
 
     # -- fenced writes ------------------------------------------------------------------
 
@@ -329,10 +398,7 @@ class CacheStore:
     def _fenced_delete(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
         _, grant, key = head
         self._check_fence(grant, now)
-        found = key in cache.store
-        if found:
-            del cache.store[key]
-        return reply(rid, found)  # type: ignore[return-value]
+        return reply(rid, cache.delete(key))  # type: ignore[return-value]
 
     def _fenced_cas(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
         _, grant, key, n_expected = head

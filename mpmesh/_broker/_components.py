@@ -18,6 +18,7 @@ from ._locks import LockTable
 from ._objects import ObjectTable
 from ._pubsub import PubSub
 from ._rpc import RpcPools
+from ._versions import VersionTable
 
 if TYPE_CHECKING:
     from ._core import BrokerCore
@@ -25,20 +26,22 @@ if TYPE_CHECKING:
 __all__ = ["default_components"]
 
 
-def default_components(core: BrokerCore | None = None) -> dict[str, Component]:
+def default_components(core: BrokerCore | None = None, *,
+                       versions: VersionTable | None = None) -> dict[str, Component]:
     """Fresh instances of every built-in component, for a new broker.
 
     Components that read the peer table (``admin``, ``rpc`` to name a lost registrant,
     ``objects`` to name a lost peer and learn whether it said Goodbye) get ``core``;
-    without it, ``admin`` is left out.
+    without it, ``admin`` is left out. ``versions``: the table that ``cache`` and
+    ``objects`` bump as they apply writes, for processes that keep copies (``_versions``).
     """
     components: dict[str, Component] = {}
     locks = LockTable()
     components["locks"] = locks
-    components["cache"] = CacheStore(fence=locks.valid)
+    components["cache"] = CacheStore(fence=locks.valid, versions=versions)
     components["pubsub"] = PubSub()
-    components["objects"] = ObjectTable() if core is None else ObjectTable(
-        left_cleanly=_goodbye_said(core), describe=_describer(core))
+    components["objects"] = ObjectTable(versions=versions) if core is None else ObjectTable(
+        left_cleanly=_goodbye_said(core), describe=_describer(core), versions=versions)
     components["rpc"] = RpcPools(describe=None if core is None else _describer(core))
     if core is not None:
         components["admin"] = Admin(core)

@@ -19,7 +19,10 @@ from typing import Any, Final
 
 from . import _queues, _sync
 
-__all__ = ["DATA", "ITERATOR", "NATIVE", "SYNC", "Array", "Namespace", "NativeType", "Value"]
+__all__ = [
+    "DATA", "ITERATOR", "KEYED", "KEYED_WRITES", "NATIVE", "READS", "SYNC", "Array", "Namespace",
+    "NativeType", "Value",
+]
 
 DATA: Final = 1   # called directly: obj.method(*args, **kwargs)
 SYNC: Final = 2   # a Native: obj.call(method, waiter, ...) may park
@@ -99,3 +102,19 @@ NATIVE: Final[dict[str, NativeType]] = {
     "Queue": NativeType(_queues.Queue, SYNC, _QUEUE),
     "JoinableQueue": NativeType(_queues.Queue, SYNC, _QUEUE),
 }
+
+# The methods of each data type that only read: a process may keep what they return
+# (``_near``). Every other method is a write, and bumps the object's versions
+# (``_versions``): by one key for KEYED_WRITES of a KEYED type, else the whole object.
+READS: Final[dict[str, frozenset[str]]] = {
+    "dict": frozenset({"__contains__", "__getitem__", "__iter__", "__len__", "copy", "get",
+                       "items", "keys", "values"}),
+    "list": frozenset({"__add__", "__contains__", "__getitem__", "__len__", "__mul__",
+                       "__reversed__", "__rmul__", "count", "index"}),
+    "Namespace": frozenset({"__getattribute__"}),
+    "Value": frozenset({"get"}),
+    "Array": frozenset({"__len__", "__getitem__"}),
+}
+KEYED: Final = frozenset({"dict", "Namespace"})
+KEYED_WRITES: Final = frozenset({"__setitem__", "__delitem__", "pop", "setdefault",
+                                 "__setattr__", "__delattr__"})

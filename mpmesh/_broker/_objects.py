@@ -46,7 +46,8 @@ from .._errors import SerializationError
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Op, Reply
 from ._actions import WARNING, Action, Notify, Offload, Send
-from ._natives import DATA, NATIVE, SYNC
+from ._natives import DATA, KEYED, KEYED_WRITES, NATIVE, READS, SYNC
+from ._versions import VersionTable
 from ._refs import NewRef, ProxyRef, Token, TypeSpec, WorkerSide, loading, public_methods, same_address
 from ._sync import Barrier, Condition, Lock
 from ._waiters import PARKED, Effects, ParkingLot, Waiter
@@ -81,6 +82,8 @@ class Entry:
     spec: TypeSpec | None
     total: int = 0   # references of every kind
     makes: dict[str, tuple[str, tuple[str, ...]]] | None = None  # a native's (``NativeType.makes``)
+    pure: frozenset[str] | None = None  # methods that only read, if writes bump versions
+    keyed: bool = False  # its reads may be covered by one key's slot (a dict, a Namespace)
 
 
 class ObjectTable:
@@ -92,8 +95,10 @@ class ObjectTable:
     """
 
     def __init__(self, *, left_cleanly: Callable[[int], bool] | None = None,
-                 describe: Callable[[int], str] | None = None) -> None:
+                 describe: Callable[[int], str] | None = None,
+                 versions: VersionTable | None = None) -> None:
         self._left_cleanly = left_cleanly
+        self.versions = versions
         self._describe = describe or (lambda peer: f"peer {peer}")
         self.address: object = None          # set by the host's owner: to know our own tokens
         self.registry: dict[str, TypeSpec] = {}
@@ -273,10 +278,15 @@ class ObjectTable:
         if method in _FALLBACKS:
             return [Send(peer, self._fallback(rid, entry, method))]
         if kind == DATA:
+            pure = entry.pure
             try:
                 result = getattr(entry.obj, method)(*a, **kw)
             except Exception as exc:
+                if pure is not None and method not in pure:
+                    self._wrote(entry, method, a)  # it may have changed some before it failed
                 return [Send(peer, self._failure(rid, exc))]
+            if pure is not None and method not in pure:
+                self._wrote(entry, method, a)
             made = entry.makes.get(method) if entry.makes else None
             if made is not None:  # a dict's iterator: a shared object of its own
                 typeid, exposed = made
@@ -297,6 +307,16 @@ class ObjectTable:
         actions = self._effects(fx)
         actions.append(Send(peer, self._reply(rid, result)))
         return actions
+
+    def _wrote(self, entry: Entry, method: str, a: tuple[object, ...]) -> None:
+        """Bump the versions a write of ``method`` touched, before its reply goes out."""
+        versions = self.versions
+        if versions is None:
+            return
+        if entry.keyed and a and method in KEYED_WRITES:
+            versions.wrote_key(entry.oid, a[0])
+        else:
+            versions.wrote(entry.oid)
 
     def _fallback(self, rid: int, entry: Entry, method: str) -> Reply | Failure:
         if method == "__repr__":
@@ -361,6 +381,9 @@ class ObjectTable:
                 return [Send(peer, _create_failed(rid, exc))]
             exposed = spec.exposed if spec is not None and spec.exposed else ntype.exposed
             entry = self._add(typeid, obj, ntype.kind, exposed, spec, peer, ntype.makes or None)
+            if self.versions is not None:
+                entry.pure = READS.get(native)
+                entry.keyed = native in KEYED
             return [Send(peer, self._reply(rid, (entry.oid, tuple(exposed))))]
         if spec is None:
             return [Send(peer, Failure(rid, ErrorCode.NOT_FOUND,

@@ -24,7 +24,7 @@ from .._broker._components import default_components
 from .._broker._core import BrokerCore, Component
 from .._client import LocalClient
 from .._wire._messages import Message
-from . import _paths
+from . import _paths, _segment
 from ._loop import BrokerLoop
 
 __all__ = ["BrokerHost", "listen", "write_key"]
@@ -68,7 +68,11 @@ class BrokerHost:
                     os.unlink(self.address)
                 raise
         self.core = BrokerCore(rng=random.Random())
-        self.core.components.update(default_components(self.core) if components is None else components)
+        # The version table local peers read shared state through (not over TCP).
+        self.segment = _segment.create() if isinstance(self.address, str) else None
+        versions = self.segment.table if self.segment is not None else None
+        self.core.components.update(default_components(self.core, versions=versions)
+                                    if components is None else components)
         self.client = LocalClient(None)  # type: ignore[arg-type]
         self._on_notify = on_notify or (lambda notes: None)
         # Its threads start only when used.
@@ -78,6 +82,7 @@ class BrokerHost:
         self.loop = BrokerLoop(self.core, listener, authkey, on_local=self.client.deliver,
                                on_notify=self._notes)
         self.client._loop = self.loop
+        self.loop.segment = self.segment
         self.core.add_local(host_name, os.getpid(), socket.gethostname(), time.monotonic())
         self._closed = False
 

@@ -36,8 +36,9 @@ from .._broker._actions import Action, Close, Notify, Send
 from .._broker._core import LOCAL_PEER, BrokerCore
 from .._errors import AuthenticationError, RemoteProtocolError
 from .._wire._connection import Connection, Phase, Side
-from .._wire._messages import Message, Op, Request, encode
+from .._wire._messages import Message, Op, Ready, Request, encode
 from ._readers import Reader, Readers, drain_pipe
+from ._segment import Segment, send_with_fd
 
 __all__ = ["BrokerLoop", "Lease"]
 
@@ -51,6 +52,11 @@ MAX_OUTBOUND_BYTES: Final = 256 * 2**20
 DRAIN_READS: Final = 256
 # How long ``drain`` waits for a caller to hand back a socket it reads (it is woken).
 LEND_RETURN_S: Final = 2.0
+# The version table's lease (``_near``): renewed this often, for this long. A reader
+# trusts its copies only inside the lease, so a broker that died stops vouching for
+# them within LEASE_S.
+LEASE_S: Final = 0.25
+RENEW_S: Final = 0.05
 
 
 if hasattr(selectors, "EpollSelector"):
@@ -173,6 +179,9 @@ class BrokerLoop(Readers):
         self._closed = False  # descriptors closed (``_close_all`` ran)
         self._thread: threading.Thread | None = None
         self._loop_ident: int | None = None  # the thread running ``_run``
+        # The version table handed to local peers with their Ready (``_segment``).
+        self.segment: Segment | None = None
+        self._renew_at = 0.0
         listener.setblocking(False)
         self._sel.register(listener, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -217,6 +226,8 @@ class BrokerLoop(Readers):
         if local or notes:
             self._deliver(local, notes)
             self._combine()
+        if self.segment is not None:
+            deadline = self._renew(deadline)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         for key, mask in self._sel.select(timeout):
             obj = key.data
@@ -239,6 +250,14 @@ class BrokerLoop(Readers):
             for deferred_local, deferred_notes in deferred:
                 self._deliver(deferred_local, deferred_notes)
         self._combine()
+
+    def _renew(self, deadline: float | None) -> float:
+        """Renew the version table's lease when due; the next deadline, renewal included."""
+        now = time.monotonic()
+        if now >= self._renew_at:
+            self.segment.table.renew(int((now + LEASE_S) * 1e9))  # type: ignore[union-attr]
+            self._renew_at = now + RENEW_S
+        return self._renew_at if deadline is None else min(deadline, self._renew_at)
 
     # -- cross-thread entry points ----------------------------------------------------------
 
@@ -561,6 +580,10 @@ class BrokerLoop(Readers):
                 conn = conns.get(peer)
                 if conn is None or conn.closing:
                     continue
+                if type(action.msg) is Ready and self.segment is not None:  # type: ignore[union-attr]
+                    self._hand_segment(conn, encode(action.msg))  # type: ignore[union-attr]
+                    touched[peer] = conn
+                    continue
                 conn.out += encode(action.msg)  # type: ignore[union-attr]
                 if len(conn.out) > MAX_OUTBOUND_BYTES:
                     conn.closing = f"{len(conn.out)} bytes unread: the peer is not reading"
@@ -578,6 +601,22 @@ class BrokerLoop(Readers):
         for conn in touched.values():
             self._flush(conn, on_loop)
         return local, notes
+
+    def _hand_segment(self, conn: _Conn, frame: bytes) -> None:
+        """Queue ``frame`` (a Ready) with the version table's descriptor on its first
+        unsent byte, for a peer on a Unix socket (lock held). A peer whose socket will
+        not take it now simply goes without: its reads are round trips."""
+        data = bytes(conn.out) + frame
+        conn.out.clear()
+        sent = 0
+        if conn.sock.family == socket.AF_UNIX and self.segment is not None and self.segment.fd >= 0:
+            try:
+                sent = send_with_fd(conn.sock, data, self.segment.fd)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                pass  # the flush that follows meets the same error and drops the peer
+        conn.out += data[sent:]
 
     def _flush(self, conn: _Conn, on_loop: bool) -> None:
         """Send what the kernel takes now; arrange EVENT_WRITE for the rest (lock held)."""
@@ -641,6 +680,8 @@ class BrokerLoop(Readers):
             if self._closed:
                 return
             self._closed = True
+            if self.segment is not None:
+                self.segment.close()  # before the peers see their connections end
             for conn in list(self._conns.values()):
                 self._drop(conn)
             leases, self._leases = self._leases or [], None

@@ -319,7 +319,9 @@ def test_iterators_are_freed(manager: Any, impl: Impl) -> None:
     for _ in range(3):
         assert list(d) == ["a"]
     it = iter(d)
-    assert manager._number_of_objects() == base + 1
+    # The standard library's iterator is an object in the manager; mpmesh's iterates the
+    # keys this process read (its near copy) and leaves nothing there to free.
+    assert manager._number_of_objects() == base + (0 if impl.is_mpmesh else 1)
     del it
     gc.collect()
     assert wait_for(lambda: manager._number_of_objects() == base, LONG)
