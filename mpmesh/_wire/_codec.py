@@ -8,8 +8,8 @@ helpers in ``dill``), so the reader never needs to know which one wrote the byte
 from __future__ import annotations
 
 import functools
+import io
 import pickle
-import re
 import traceback
 from typing import Any, Final
 
@@ -171,39 +171,11 @@ def unpack_exception(payload: bytes | None, text: str) -> BaseException:
 
 # Built-in callables a pickle of plain data may name (sets, complex numbers...).
 _BUILTIN_NAMES: Final = frozenset({"complex", "set", "frozenset", "bytearray", "slice", "range"})
-# STACK_GLOBAL, EXT1, EXT2, EXT4 (a string containing one of these bytes only costs the
-# slower restricted path).
-_NAMES_A_GLOBAL: Final = re.compile(b"[\\x82\\x83\\x84\\x93]")
-
-
-class _Source:
-    """The file interface ``pickle.Unpickler`` reads from, over bytes (no ``io`` import)."""
-
-    __slots__ = ("_data", "_pos")
-
-    def __init__(self, data: bytes | memoryview) -> None:
-        self._data = bytes(data)
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        start = self._pos
-        end = len(self._data) if n < 0 else start + n
-        self._pos = min(end, len(self._data))
-        return self._data[start:self._pos]
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        chunk = self.read(len(buf))
-        buf[: len(chunk)] = chunk
-        return len(chunk)
-
-    def readline(self) -> bytes:
-        end = self._data.find(b"\n", self._pos)
-        return self.read(-1 if end < 0 else end + 1 - self._pos)
 
 
 class _BuiltinUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
-        if module == "builtins" and name in _BUILTIN_NAMES:
+        if module in ("builtins", "__builtin__") and name in _BUILTIN_NAMES:  # the second: protocols < 3
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"{module}.{name} is not a built-in value; the broker only computes on "
@@ -214,10 +186,8 @@ def loads_builtin(data: bytes | memoryview) -> object:
     """Unpickle built-in values only, so no user code runs and no user module is imported
     (the broker reads cache keys and ``incr``/``cas`` operands with it); TypeError else."""
     try:
-        if not _NAMES_A_GLOBAL.search(data):
-            # Protocol 5 (what ``dumps`` writes) names a class or function only through
-            # STACK_GLOBAL or an EXT code; without one, only built-in values can come out.
-            return pickle.loads(data)
-        return _BuiltinUnpickler(_Source(data)).load()
+        # Every pickle goes through ``find_class``, whatever its protocol or opcodes
+        # (GLOBAL, INST, STACK_GLOBAL, EXT...): no scan for opcodes decides it.
+        return _BuiltinUnpickler(io.BytesIO(data)).load()
     except Exception as exc:
         raise TypeError(f"cannot read this argument on the broker: {exc}") from None

@@ -272,3 +272,34 @@ def test_pack_exception_does_not_need_a_traceback() -> None:
     payload, text = _codec.pack_exception(ValueError("never raised"))
     back = _codec.unpack_exception(payload, text)
     assert type(back) is ValueError and "never raised" in text
+
+
+# -- built-in values only: what the broker reads --------------------------------------------
+
+class _Evil:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (print, ("this ran",))
+
+
+_EVIL_PICKLES = {
+    "protocol 0 GLOBAL + REDUCE": b"cbuiltins\nprint\n(S'this ran'\ntR.",
+    "protocol 0 INST": b"(S'this ran'\nibuiltins\nprint\n.",
+    "protocol 2 GLOBAL": pickle.dumps(_Evil(), protocol=2),
+    "protocol 5 STACK_GLOBAL": pickle.dumps(_Evil(), protocol=5),
+    "a global hidden in a key tuple": pickle.dumps(("cache", _Evil()), protocol=0),
+}
+
+
+@pytest.mark.parametrize("label", sorted(_EVIL_PICKLES))
+def test_the_broker_reads_no_global_whatever_the_protocol(label: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(TypeError, match="not a built-in value"):
+        _codec.loads_builtin(_EVIL_PICKLES[label])
+    assert "this ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_the_broker_reads_built_in_values_in_every_protocol(protocol: int) -> None:
+    value = ("k", 1, 2.5, None, True, [1, {"a": {1, 2}}], frozenset({3}), complex(1, 2))
+    if protocol >= 3:  # before 3, bytes pickle as a call of _codecs.encode: refused
+        value += (b"x",)
+    assert _codec.loads_builtin(pickle.dumps(value, protocol=protocol)) == value
