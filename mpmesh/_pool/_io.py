@@ -6,6 +6,11 @@ the engine's lock; what the kernel does not take waits in the worker's outbox fo
 EVENT_WRITE. A channel another thread wants closed is handed over (``_orphans``). New
 connections must prove the pool's token in their first frame (``HELLO``) before anything
 they send is unpickled.
+
+Until then a connection is a stranger: one whose peer runs as another uid is closed at
+accept; the others may send only a HELLO-sized frame, must send it within
+``HELLO_TIMEOUT_S``, and at most ``MAX_PENDING_HELLOS`` of them are held at once, so
+nobody can make the pool buffer or hold much before proving the token.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +33,18 @@ from .._io._readers import Reader, Readers
 from . import _protocol as P
 from ._tasks import PoolWorker, WState
 
-__all__ = ["ChannelIO", "listen_channel"]
+__all__ = ["ChannelIO", "listen_channel", "peer_credentials"]
 
 log = logging.getLogger("mpmesh.pool")
 
 RECV_BYTES: Final = 256 * 1024
-# A connection that has not said HELLO by then is dropped.
-HELLO_TIMEOUT_S: Final = 30.0
+# A connection that has not said HELLO by then is dropped (a worker sends it right after
+# connecting, before it runs the initializer).
+HELLO_TIMEOUT_S: Final = 5.0
+# Connections waiting for their HELLO at most; further ones wait in the listen backlog
+# (the pool stops accepting) until one of these says HELLO, fails, or times out.
+MAX_PENDING_HELLOS: Final = 64
+_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class _Pending:
@@ -43,7 +54,7 @@ class _Pending:
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
-        self.reader = P.FrameReader()
+        self.reader = P.FrameReader(P.MAX_HELLO_FRAME_BYTES)
         self.deadline = deadline
 
 
@@ -78,6 +89,7 @@ class ChannelIO(Readers):
         os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self._sel.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        self._listening = True
         self._buf = bytearray(RECV_BYTES)
         self._view = memoryview(self._buf)
         self._pending: dict[socket.socket, _Pending] = {}
@@ -190,17 +202,31 @@ class ChannelIO(Readers):
                 self._sel.modify(sock, selectors.EVENT_READ, w)
 
     def _accept(self) -> None:
-        while True:
+        while len(self._pending) < MAX_PENDING_HELLOS:
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
+            if not _peer_is_us(sock):
+                sock.close()
+                continue
             sock.setblocking(False)
             pending = _Pending(sock, time.monotonic() + HELLO_TIMEOUT_S)
             self._pending[sock] = pending
             self._sel.register(sock, selectors.EVENT_READ, pending)
+        self._listen(False)
+
+    def _listen(self, on: bool) -> None:
+        """Watch the listener, or stop (too many connections wait for their HELLO)."""
+        if on is self._listening:
+            return
+        self._listening = on
+        if on:
+            self._sel.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        else:
+            self._sel.unregister(self._listener)
 
     def _read_pending(self, p: _Pending) -> None:
         try:
@@ -209,17 +235,21 @@ class ChannelIO(Readers):
             return
         except OSError:
             data = b""
-        try:
-            frames = p.reader.feed(data) if data else []
-        except ValueError:
-            frames, data = [], b""
         if not data:
+            self._reject(p)
+            return
+        try:
+            # Only the first frame under the HELLO limit: a worker's next one may be larger.
+            frames = p.reader.feed(data, 1)
+        except ValueError as exc:
+            log.debug("closed a connection to the pool that did not start with a HELLO: %s", exc)
             self._reject(p)
             return
         if not frames:
             return
         kind, body = frames[0]
         if kind != P.HELLO or len(body) < P.HELLO_HEAD.size:
+            log.debug("closed a connection to the pool whose first frame (kind %d) is no HELLO", kind)
             self._reject(p)
             return
         token, pid = P.HELLO_HEAD.unpack_from(body)
@@ -228,6 +258,7 @@ class ChannelIO(Readers):
             log.warning("a process (pid %d) tried to join the pool without its token", pid)
             self._reject(p)
             return
+        p.reader.max_frame = P.MAX_FRAME_BYTES
         with self.lock:
             w = self.workers.get(name)
             if w is not None and w.sock is None and w.state is WState.STARTING:
@@ -237,13 +268,24 @@ class ChannelIO(Readers):
         if w is None:
             self._reject(p)
             return
-        del self._pending[p.sock]
+        self._unpend(p)
         self._sel.modify(p.sock, selectors.EVENT_READ, w)
-        if frames[1:]:
-            self._on_frames(w, frames[1:])
+        try:
+            frames = p.reader.feed(b"")
+        except ValueError:
+            log.warning("%s sent a malformed frame; dropping it", w.describe())
+            self._drop_conn(w)
+            return
+        if frames:
+            self._on_frames(w, frames)
+
+    def _unpend(self, p: _Pending) -> None:
+        self._pending.pop(p.sock, None)
+        if len(self._pending) < MAX_PENDING_HELLOS:
+            self._listen(True)
 
     def _reject(self, p: _Pending) -> None:
-        self._pending.pop(p.sock, None)
+        self._unpend(p)
         self._unregister_and_close(p.sock)
 
     def _read(self, w: PoolWorker) -> None:
@@ -287,6 +329,7 @@ class ChannelIO(Readers):
     def _run_timers(self) -> None:
         now = time.monotonic()
         for p in [p for p in self._pending.values() if p.deadline <= now]:
+            log.debug("closed a connection to the pool that sent no HELLO within %.0f s", HELLO_TIMEOUT_S)
             self._reject(p)
         timers, lost = self._timers, self._lost_timers
         if not ((timers and timers[0][0] <= now) or (lost and lost[0][0] <= now)):
@@ -335,8 +378,43 @@ class ChannelIO(Readers):
         os.close(wake_w)
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """``(pid, uid, gid)`` of the process that connected ``sock``, as the kernel recorded
+    them at ``connect()`` (SO_PEERCRED); None where the platform does not record them."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _UCRED.size))
+    return pid, uid, gid
+
+
+def _peer_is_us(sock: socket.socket) -> bool:
+    """Whether the peer of a connection just accepted runs as our (effective) uid.
+
+    Without SO_PEERCRED the channel is a file in the 0700 runtime directory (see
+    ``listen_channel``), which no other user can reach, so there is nothing to check.
+    """
+    try:
+        cred = peer_credentials(sock)
+    except OSError as exc:
+        log.warning("refused a connection to the pool whose peer's credentials are unreadable: %s", exc)
+        return False
+    if cred is None:
+        return True
+    pid, uid, _ = cred
+    if uid != os.geteuid():
+        log.warning("refused a connection to the pool from pid %d, which runs as uid %d, not %d",
+                    pid, uid, os.geteuid())
+        return False
+    return True
+
+
 def listen_channel() -> tuple[str | bytes, socket.socket]:
-    """A listening Unix socket: abstract on Linux (no file to leak), else in the runtime dir."""
+    """A listening Unix socket: abstract on Linux (no file to leak), else in the runtime dir.
+
+    Any local user can connect to an abstract socket; the pool refuses a peer of another
+    uid at accept, by SO_PEERCRED, which exists wherever the abstract namespace does.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     name = f"mpmesh-pool-{os.getpid()}-{os.urandom(8).hex()}"
     try:

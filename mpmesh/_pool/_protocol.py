@@ -36,6 +36,8 @@ __all__ = [
     "LOCAL_TYPES",
     "MAP",
     "MAP1",
+    "MAX_FRAME_BYTES",
+    "MAX_HELLO_FRAME_BYTES",
     "NACK",
     "NACK_DATA",
     "NACK_FN",
@@ -66,6 +68,9 @@ _COUNT: Final = struct.Struct("!I")
 TOKEN_BYTES: Final = 32
 # A frame larger than this is a bug or an attack; the other side closes the channel.
 MAX_FRAME_BYTES: Final = 1 << 31
+# Until a connection has proven the token the pool reads only a HELLO: 36 bytes and a
+# worker's short name. Anything bigger is not one of our workers.
+MAX_HELLO_FRAME_BYTES: Final = 4096
 
 # Frame kinds.
 HELLO: Final = 1
@@ -164,24 +169,30 @@ def split_error_payload(payload: bytes) -> tuple[bytes, str]:
 
 
 class FrameReader:
-    """Feed bytes, get back ``(kind, body)`` for every complete frame."""
+    """Feed bytes, get back ``(kind, body)`` for every complete frame.
 
-    __slots__ = ("_buf",)
+    A frame longer than ``max_frame`` raises ValueError as soon as its header arrives,
+    before its body is buffered; the pool raises the limit once a peer has proven the token.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
         self._buf = bytearray()
+        self.max_frame = max_frame
 
-    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes | memoryview, max_frames: int | None = None) -> list[tuple[int, bytes]]:
+        """Buffer ``data``; remove and return the complete frames (at most ``max_frames``)."""
         buf = self._buf
         buf += data
         frames: list[tuple[int, bytes]] = []
         size = len(buf)
         pos = 0
         unpack = HEADER.unpack_from
-        while size - pos >= 5:
+        while size - pos >= 5 and (max_frames is None or len(frames) < max_frames):
             length, kind = unpack(buf, pos)
-            if length > MAX_FRAME_BYTES:
-                raise ValueError(f"frame of {length} bytes is larger than the limit")
+            if length > self.max_frame:
+                raise ValueError(f"frame of {length} bytes is larger than the {self.max_frame}-byte limit")
             end = pos + 5 + length
             if end > size:
                 break
