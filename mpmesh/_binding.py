@@ -15,12 +15,14 @@ Entries remember the pid that bound them, so a forked process never uses its par
 from __future__ import annotations
 
 import atexit
+import errno
 import os
+import stat
 import threading
 import weakref
 from typing import TYPE_CHECKING
 
-from ._errors import BrokerUnavailable
+from ._errors import AuthenticationError, BrokerUnavailable
 from ._wire._messages import Role
 
 if TYPE_CHECKING:
@@ -51,13 +53,42 @@ def client_for(address: str) -> ClientBase:
 
 
 def read_key(address: str) -> bytes:
-    """The mesh's authkey from its key file (``<name>.key`` next to ``<name>.sock``)."""
+    """The mesh's authkey from its key file (``<name>.key`` next to ``<name>.sock``).
+
+    Only a regular file (not a link to one) that this user owns and nobody else can
+    access is trusted: anyone else's file could hand us a key of their choosing.
+
+    Raises:
+        BrokerUnavailable: there is no key file.
+        AuthenticationError: the key file is refused (the message says why).
+    """
     path = address[: -len(".sock")] + ".key" if address.endswith(".sock") else address + ".key"
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        # O_NONBLOCK: a FIFO planted there must not hang us before fstat refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BrokerUnavailable(f"no mesh runs at {address} (no key file {path})") from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):  # EMLINK: O_NOFOLLOW on the BSDs
+            raise AuthenticationError(f"refusing key file {path}: it is a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            problem = f"it is not a regular file ({stat.filemode(info.st_mode)})"
+        elif info.st_uid != os.getuid():
+            problem = f"it is owned by uid {info.st_uid}, not by us (uid {os.getuid()})"
+        elif info.st_mode & 0o077:
+            problem = (f"group or others can access it (mode {stat.S_IMODE(info.st_mode):04o}; "
+                       f"it must be 0600)")
+        else:
+            chunks = []
+            while chunk := os.read(fd, 4096):
+                chunks.append(chunk)
+            return b"".join(chunks)
+    finally:
+        os.close(fd)
+    raise AuthenticationError(f"refusing key file {path}: {problem}")
 
 
 def _own_client(address: str) -> ClientBase:

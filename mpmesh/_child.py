@@ -32,6 +32,7 @@ from ._futures import MeshFuture
 from ._errors import MeshClosed, MeshError
 from ._shared import SharedState
 from ._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async
+from ._io import _zygote
 from ._wire import _codec
 from ._wire._messages import (
     Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Message, Reply, Request, Role, Serve, Shutdown,
@@ -44,11 +45,24 @@ log = logging.getLogger("mpmesh.child")
 F = TypeVar("F", bound=Callable[..., Any])
 MODES: Final = ("sequential", "concurrent")
 DEFAULT_CONCURRENCY: Final = 16
-ENV_CONFIG: Final = "MPMESH_CHILD"  # hex of a pickled config dict, for script children
 # Exit status of a child whose master vanished (EX_TEMPFAIL): it did not fail itself.
 EXIT_MASTER_GONE: Final = 75
 # Poll flag for "the peer hung up" (Linux); elsewhere the reader notices EOF instead.
 RDHUP: Final[int] = getattr(select, "POLLRDHUP", 0)
+
+
+def _take_script_config() -> dict[str, Any] | None:
+    """A script child's config, taken when mpmesh is first imported: from then on neither
+    its environment nor its descriptors hold the authkey for a process it starts."""
+    blob = _zygote.take_config()
+    if blob is None:
+        return None
+    config = _codec.loads(blob)
+    assert isinstance(config, dict)
+    return config
+
+
+_script_config = _take_script_config()
 
 
 def check_mode(mode: str, max_concurrency: int | None) -> int:
@@ -66,19 +80,16 @@ class Child(SharedState):
     """A worker's handle on its mesh: handlers, requests to the master, ``run()``.
 
     Inside a process the master spawned with a script or module target, ``Child()``
-    connects using the details the master put in the environment; a callable target
-    receives its ``Child`` as first argument.
+    connects using the details the master passed it (read when mpmesh was imported); a
+    callable target receives its ``Child`` as first argument.
     """
 
     _client: SocketClient  # always a SocketClient here (the SharedState property stores it)
 
     def __init__(self, mode: str | None = None, *, max_concurrency: int | None = None) -> None:
-        raw = os.environ.get(ENV_CONFIG)
-        if not raw:
+        if _script_config is None:
             raise MeshError("mpmesh.Child() only works in a process spawned by a mpmesh Master")
-        config = _codec.loads(bytes.fromhex(raw))
-        assert isinstance(config, dict)
-        self._setup(config, mode, max_concurrency)
+        self._setup(_script_config, mode, max_concurrency)
 
     @classmethod
     def _from_config(cls, config: dict[str, Any]) -> Child:

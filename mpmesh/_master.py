@@ -14,6 +14,7 @@ import contextlib
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -146,15 +147,21 @@ class Master(SharedState, SharedObjects):
         self._async: AsyncRunner | None = None  # an event loop thread, made on first use
         self._async_lock = threading.Lock()  # by whichever thread delivers that request
         self.address = _paths.socket_path(self.name)
+        if _listening(self.address):
+            # Checked before anything of ours exists (a state broker beside that mesh's);
+            # binding the socket below still settles a race with another new Master.
+            raise ValueError(f"a mesh is already listening at {self.address}")
         # Shared state lives in a broker process of its own (see docs/architecture.md):
         # started first, while this process may still fork it directly.
         self._state_proc: _broker_process.BrokerProcess | None = None
         if broker == "process":
             self._start_state_broker()
+        # No files for the zygote to remove yet: the socket and key file are the mesh's
+        # only once it is bound (else they may be another Master's of the same name).
         self._supervisor = Supervisor(
             {"address": self.address, "authkey": self.authkey, "timeout": timeout,
              "heartbeat_interval": heartbeat_interval},
-            [self.address, _paths.key_path(self.name)], self._on_exit,
+            [], self._on_exit,
         )
         if method == "fork":
             # Before this process starts any thread of ours: fork the zygote now.
@@ -166,6 +173,7 @@ class Master(SharedState, SharedObjects):
             self._supervisor.close()
             self._stop_state_broker()
             raise
+        self._supervisor.remove_at_end(self._host.cleanup_paths)
         self._core = self._host.core
         self._loop = self._host.loop
         self._client = self._host.client
@@ -737,6 +745,18 @@ class _RetryOn:
                 self.outer.set_exception(exc)
             return
         self._watch(fut)
+
+
+def _listening(address: str) -> bool:
+    """Whether something accepts connections at the Unix socket ``address`` right now."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _on_cpu(pid: int) -> bool:

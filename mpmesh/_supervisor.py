@@ -195,8 +195,9 @@ class Supervisor:
 
     def __init__(self, mesh: dict[str, Any], cleanup: list[str],
                  on_exit: Callable[[str, int, int], None]) -> None:
+        """``cleanup``: files of ours the zygote removes when it ends (see ``remove_at_end``)."""
         self._mesh = mesh  # address, authkey, timeout: what every child needs
-        self._cleanup = cleanup
+        self._cleanup = _zygote.identify(cleanup)
         self._on_exit = on_exit
         self._loop: ReaderLoop | None = None
         self._procs: dict[str, _Proc] = {}
@@ -251,6 +252,18 @@ class Supervisor:
         self._zygote_popen = spare.popen
         self._brief_zygote()  # the working directory, import path and files are this mesh's now
         return True
+
+    def remove_at_end(self, paths: list[str]) -> None:
+        """Have the zygote remove ``paths`` when it ends (a master killed with SIGKILL
+        leaves nothing behind), as they are now: a file that another mesh of the same name
+        later puts in their place is left alone. Name only files that are ours already."""
+        with self._lock:  # the lock a spawning thread writes to ctl_w under
+            self._cleanup = _zygote.identify(paths)
+            if self._ctl_w >= 0:
+                try:
+                    _zygote.write_frame(self._ctl_w, ("cleanup", self._cleanup))
+                except OSError:
+                    pass  # the zygote is gone: it removes nothing now
 
     def _brief_zygote(self) -> None:
         """Tell an exec'd zygote this mesh's import path, working directory and files to
@@ -405,12 +418,11 @@ class Supervisor:
             argv = [sys.executable, "-m", target]
         argv += [str(arg) for arg in spec.args]
         env = {**os.environ, **(spec.env or {})}
-        from ._child import ENV_CONFIG
-
-        env[ENV_CONFIG] = _codec.dumps(config).hex()
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        return self._via_zygote(spec.name, ("exec", 0, argv, env, os.getcwd()))
+        # The config (the authkey with it) goes through a descriptor the zygote makes,
+        # not the environment, which every process the script starts would inherit.
+        return self._via_zygote(spec.name, ("exec", 0, argv, env, os.getcwd(), _codec.dumps(config)))
 
     def _via_zygote(self, name: str, cmd: tuple[Any, ...]) -> concurrent.futures.Future[int]:
         self.ensure_zygote()

@@ -9,6 +9,7 @@ cost no socket hop at all) or in the current thread (``python -m mpmesh serve``)
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import random
@@ -192,10 +193,26 @@ def listen(path: str | tuple[str, int]) -> socket.socket:
 
 
 def write_key(path: str, key: bytes) -> None:
-    """Leave the authkey where only this user can read it, for ``mpmesh.connect``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Leave the authkey where only this user can read it, for ``mpmesh.connect``.
+
+    The key goes to a new private file beside ``path`` that is then renamed over it: a
+    reader sees the old key or the new one, never a partial one, and a symlink planted at
+    ``path`` is replaced, not followed.
+    """
+    directory, base = os.path.split(path)
+    # A name nobody can guess, created only if nothing (not even a symlink) is there.
+    tmp = os.path.join(directory, f".{base}.{os.urandom(8).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, key)
-    finally:
-        os.close(fd)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            view = memoryview(key)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -8,7 +8,8 @@ as a fresh interpreter (``python -m mpmesh._io._zygote``) — and asks it to for
 
 Channels between the two carry length-prefixed pickles (both ends are ours)::
 
-    master ──ctl──► zygote     ("fork", token, config) | ("exec", token, argv, env) | ("init", ...)
+    master ──ctl──► zygote     ("fork", token, config) | ("exec", token, argv, env, cwd, config_blob)
+                               | ("init", ...) | ("cleanup", files)
     master ◄─report─ zygote    ("started", token, pid, connected) | ("exited", pid, status) | ("failed", token, text)
     master ──life──► zygote    never written: EOF means the master is gone
 
@@ -19,13 +20,18 @@ zygote and the master ever holds either end.
 
 When the master goes away (``ctl`` or ``life`` reaches EOF) the zygote terminates every
 child it forked, removes the mesh's socket and key files, and exits: a master killed
-with SIGKILL leaves nothing behind.
+with SIGKILL leaves nothing behind. It removes a file only if it is still the one the
+master named (same device and inode): not one that another mesh of the same name has
+put in its place since.
+
+An exec'd (script) child gets its config, authkey included, in an unlinked file whose
+descriptor it inherits (``MPMESH_CHILD_FD``), not in its environment: ``take_config``
+reads and closes it, and removes the variable, so no process it starts inherits the key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import pickle
 import selectors
@@ -37,9 +43,14 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final, NoReturn
 
-__all__ = ["channel", "main", "read_frames", "read_report", "serve", "write_frame"]
+__all__ = ["CONFIG_FD_ENV", "FileId", "channel", "identify", "main", "read_frames", "read_report",
+           "serve", "take_config", "write_frame"]
 
 _LEN: Final = struct.Struct("!I")
+# Names the descriptor an exec'd child reads its config from: "fd:device:inode".
+CONFIG_FD_ENV: Final = "MPMESH_CHILD_FD"
+# A file to remove at the end, as it was when named: (path, device, inode).
+FileId = tuple[str, int, int]
 # After SIGTERM, how long children of a vanished master get before SIGKILL.
 TERM_GRACE_S: Final = 1.0
 
@@ -109,7 +120,7 @@ class _Zygote:
     def __init__(self, ctl: int, report: int, life: int) -> None:
         self.ctl, self.report, self.life = ctl, report, life
         self.children: set[int] = set()
-        self.cleanup: list[str] = []
+        self.cleanup: list[FileId] = []
         self.buf = bytearray()
         self.sig_r, self.sig_w = os.pipe()
         os.set_blocking(self.sig_r, False)
@@ -212,9 +223,11 @@ class _Zygote:
             for fd in (self.ctl, self.report, self.sig_r, self.sig_w):
                 os.close(fd)
             if cmd[0] == "exec":
-                _, _, argv, env, cwd = cmd
+                _, _, argv, env, cwd, config = cmd
                 os.closerange(3, self.life)
                 os.closerange(self.life + 1, 1 << 16)
+                if config is not None:
+                    env = {**env, CONFIG_FD_ENV: _config_fd(config)}
                 if cwd:
                     os.chdir(cwd)
                 # Children ignore Ctrl-C (the master stops them in order); the
@@ -257,16 +270,76 @@ class _Zygote:
                     self.children.discard(pid)
                 else:
                     time.sleep(0.01)
-        for path in self.cleanup:
+        for path, dev, ino in self.cleanup:
             try:
-                os.unlink(path)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    pass
+                info = os.lstat(path)
+                if (info.st_dev, info.st_ino) == (dev, ino):
+                    os.unlink(path)
+            except OSError:
+                pass
         os._exit(0)
 
 
-def serve(ctl: int, report: int, life: int, cleanup: list[str]) -> NoReturn:
+def identify(paths: list[str]) -> list[FileId]:
+    """``paths`` as the zygote's clean-up list takes them: each with the identity of the
+    file there now (missing ones are left out: they are not ours to remove)."""
+    found = []
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        found.append((path, info.st_dev, info.st_ino))
+    return found
+
+
+def _config_fd(data: bytes) -> str:
+    """In a child about to exec: an inheritable descriptor of an unlinked file holding
+    ``data``, read from its start; its ``CONFIG_FD_ENV`` value."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("mpmesh-child-config", 0)  # no MFD_CLOEXEC: exec keeps it
+    else:
+        import tempfile
+
+        fd, path = tempfile.mkstemp()
+        os.unlink(path)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.set_inheritable(fd, True)
+    info = os.fstat(fd)
+    return f"{fd}:{info.st_dev}:{info.st_ino}"
+
+
+def take_config() -> bytes | None:
+    """In an exec'd child: the config its zygote left it, or None if there is none.
+
+    Afterwards the variable is gone, and the descriptor is closed: processes this one
+    starts inherit neither. A variable inherited from a process that did not read it
+    names a descriptor that is not that file (or none): it is dropped, and that
+    descriptor left alone.
+    """
+    value = os.environ.pop(CONFIG_FD_ENV, None)
+    if value is None:
+        return None
+    try:
+        fd, dev, ino = (int(part) for part in value.split(":"))
+        info = os.fstat(fd)
+    except (ValueError, OSError):
+        return None
+    if (info.st_dev, info.st_ino) != (dev, ino):
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def serve(ctl: int, report: int, life: int, cleanup: list[FileId]) -> NoReturn:
     """Run the zygote in this process (called right after ``os.fork()``)."""
     zygote = _Zygote(ctl, report, life)
     zygote.cleanup = list(cleanup)
