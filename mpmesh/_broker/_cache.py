@@ -30,6 +30,7 @@ from .._errors import FencedError
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Op
 from ._actions import Action, Send
+from ._limits import MAX_CACHES, check
 from ._payload import fail, reply, safe_loads, split, value_reply
 from ._versions import VersionTable, cache_ident
 
@@ -257,6 +258,7 @@ class CacheStore:
             raise ValueError("a cache needs a non-empty name")
         cache = self.caches.get(name)
         if cache is None:
+            check(len(self.caches), MAX_CACHES, "caches")
             self.caches[name] = _Cache(name, self._clock, maxsize, maxbytes, ttl, self.versions)
         else:
             asked = {"maxsize": maxsize, "maxbytes": maxbytes, "ttl": ttl}

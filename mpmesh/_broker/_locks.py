@@ -33,6 +33,7 @@ from typing import Any, Final
 from .._errors import LockTimeout
 from .._wire._messages import Op
 from ._actions import Action, Send
+from ._limits import MAX_LOCKS, check
 from ._payload import fail, reply, split
 
 __all__ = ["LockTable"]
@@ -171,6 +172,7 @@ class LockTable:
                  now: float) -> list[Action]:
         lock = self.locks.get(name)
         if lock is None:
+            check(len(self.locks), MAX_LOCKS, "locks held or waited for")
             lock = self.locks[name] = _Lock()
         holder = lock.holder
         actions: list[Action] = []

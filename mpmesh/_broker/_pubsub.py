@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from .._wire._messages import Op, Push
 from ._actions import Action, Close, Send
+from ._limits import MAX_SUBSCRIPTIONS_PER_PEER, check
 from ._payload import fail, reply, split
 
 __all__ = ["ACK", "HARD_LIMIT_BYTES", "HIGH_WATER_BYTES", "PUSH_OVERHEAD_BYTES", "PubSub",
@@ -148,6 +149,8 @@ class PubSub:
         if (not isinstance(stream, int) or stream < STREAM_BASE
                 or (state is not None and stream in state.subs)):
             raise ValueError(f"bad subscription id {stream!r}")
+        if state is not None:
+            check(len(state.subs), MAX_SUBSCRIPTIONS_PER_PEER, "subscriptions of one process")
         sub = _Sub(next(self._ids), peer, pattern, stream)
         if pattern.endswith("*"):
             prefix = pattern[:-1]

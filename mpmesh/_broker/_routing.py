@@ -35,6 +35,7 @@ from typing import Final
 
 from .._wire._messages import Cancel, ErrorCode, Failure, Reply, Request, Shutdown
 from ._actions import Action, Notify, Send
+from ._limits import MAX_IN_FLIGHT_PER_PEER
 
 __all__ = ["STRATEGIES", "Group", "Job", "JobState", "Router", "Worker", "WorkerState"]
 
@@ -219,6 +220,21 @@ class Group:
         return self.max_concurrency is None or self.busy < self.max_concurrency
 
 
+def _bad_times(req: Request) -> str:
+    """What is wrong with a request's timeout or retry delay (NaN, infinite, negative), or "".
+
+    Such a number would corrupt the order of the timer heaps: every later timer could stall.
+    """
+    if req.timeout != -1.0 and not 0.0 <= req.timeout < _FOREVER_S:
+        return f"a request's timeout must be a finite number of seconds >= 0, not {req.timeout!r}"
+    if not 0.0 <= req.retry_delay < _FOREVER_S:
+        return f"a request's retry_delay must be a finite number of seconds >= 0, not {req.retry_delay!r}"
+    return ""
+
+
+_FOREVER_S: Final = 1e9  # ~32 years: longer is a mistake, or an attack on the timer heaps
+
+
 def describe(worker: Worker) -> str:
     return f"worker {worker.name!r} (pid {worker.pid})"
 
@@ -232,6 +248,7 @@ class Router:
         self.groups: dict[str, Group] = {}
         self.jobs: dict[int, Job] = {}          # brid -> job, QUEUED, DELAYED or RUNNING
         self._by_origin: dict[tuple[int, int], Job] = {}
+        self._in_flight: dict[int, int] = {}    # origin -> its jobs in ``_by_origin``
         # (deadline, brid): the job is looked up in ``jobs`` (gone: finished). Without a
         # reference in it, the collector soon stops walking each of thousands of entries.
         self._timers: list[tuple[float, int]] = []
@@ -287,6 +304,9 @@ class Router:
         return self.workers.get(target) or self.groups.get(target)
 
     def submit(self, origin: int, req: Request, where: Worker | Group, now: float) -> list[Action]:
+        bad = _bad_times(req)
+        if bad:
+            return [Send(origin, Failure(req.rid, ErrorCode.BAD_REQUEST, bad, b""))]
         timeout = req.timeout if req.timeout >= 0 else None
         retries = max(0, req.retries)
         job = Job(  # positional: with keywords it builds ~1.7x slower, on every request
@@ -298,8 +318,18 @@ class Router:
         unavailable = self._unavailable(where)
         if unavailable:
             return [Send(origin, Failure(req.rid, ErrorCode.UNAVAILABLE, unavailable, b""))]
+        key = (origin, req.rid)
+        if key in self._by_origin:  # would orphan the first: its answer could never arrive
+            return [Send(origin, Failure(req.rid, ErrorCode.BAD_REQUEST,
+                                         f"request id {req.rid} is already in flight", b""))]
+        in_flight = self._in_flight.get(origin, 0)
+        if in_flight >= MAX_IN_FLIGHT_PER_PEER:
+            return [Send(origin, Failure(req.rid, ErrorCode.BAD_REQUEST,
+                                         f"too many requests in flight from one process (the limit is "
+                                         f"{MAX_IN_FLIGHT_PER_PEER:,})", b""))]
+        self._in_flight[origin] = in_flight + 1
         self.jobs[job.brid] = job
-        self._by_origin[(origin, req.rid)] = job
+        self._by_origin[key] = job
         if timeout is not None:
             heapq.heappush(self._timers, (job.deadline, job.brid))
         return self._enqueue(job, where, now)
@@ -427,6 +457,9 @@ class Router:
         self.jobs.pop(job.brid, None)
         if self._by_origin.get((job.origin, job.origin_rid)) is job:
             del self._by_origin[(job.origin, job.origin_rid)]
+            left = self._in_flight.pop(job.origin, 1) - 1
+            if left:
+                self._in_flight[job.origin] = left
 
     def _fail(self, job: Job, code: ErrorCode, message: str) -> list[Action]:
         """Fail a job towards its origin; a RUNNING one becomes ABANDONED on its worker."""

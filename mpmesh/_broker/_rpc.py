@@ -29,6 +29,7 @@ from typing import Any, Final
 
 from .._wire._messages import ErrorCode, Failure, Op, Push, Reply
 from ._actions import Action, Send
+from ._limits import MAX_RPC_NAMES, check
 from ._payload import fail, reply, split
 
 __all__ = ["RESULT", "RpcPools", "pack_call", "pack_result"]
@@ -161,6 +162,8 @@ class RpcPools:
             reg = self.registrants[peer] = _Registrant(peer, set(), self._describe(peer))
         if name in reg.names:
             return False
+        if name not in self.names:
+            check(len(self.names), MAX_RPC_NAMES, "registered names")
         reg.names.add(name)
         self.names.setdefault(name, []).append(peer)
         return True

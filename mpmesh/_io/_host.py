@@ -37,6 +37,9 @@ log = logging.getLogger("mpmesh.broker")
 # as the standard library's thread per client allows: a job that finds every pooled
 # thread busy gets a thread of its own.
 OFFLOAD_THREADS: Final = 128
+# Threads of their own for jobs that find every pooled thread busy, at most; past that a
+# job waits for a pooled thread, so no peer can make the broker start threads without end.
+EXTRA_OFFLOAD_THREADS: Final = 896
 
 
 class BrokerHost:
@@ -125,7 +128,8 @@ class BrokerHost:
         if self._closed:
             return
         with self._offload_lock:
-            pooled = self._offloaded < OFFLOAD_THREADS
+            pooled = (self._offloaded < OFFLOAD_THREADS
+                      or self._offloaded >= OFFLOAD_THREADS + EXTRA_OFFLOAD_THREADS)
             self._offloaded += 1
 
         def run() -> None:
