@@ -46,7 +46,7 @@ from ._near import NearCache
 from ._wire import _codec
 from ._wire._connection import Connection, Phase, Side
 from ._wire._messages import (
-    Cancel, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, encode,
+    Cancel, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, encode, encode_op,
 )
 
 if TYPE_CHECKING:
@@ -149,6 +149,18 @@ class ClientBase:
             self._pending.pop(rid, None)
             raise
         return call
+
+    def call_op(self, component: str, op: str, payload: bytes,
+                withdraw: Callable[[ClientBase, int], None] | None = None) -> object:
+        """A blocking ``op`` with no timeout: its value, or its error raised here. If the
+        wait is interrupted before the answer, ``withdraw(self, rid)`` is called."""
+        call = self.op(component, op, payload=payload)
+        try:
+            return self.wait(call, _deadline.FOREVER)
+        except BaseException:
+            if withdraw is not None and not call.done():
+                withdraw(self, call._rid)
+            raise
 
     def call(self, action: str, target: str | int, data: object = None, *,
              timeout: float | None = None, priority: int = 0, retries: int = 0,
@@ -366,12 +378,15 @@ class SocketClient(ClientBase):
     # -- sending ----------------------------------------------------------------------------
 
     def _send(self, msg: Message) -> None:
+        self._send_frame(encode(msg))
+
+    def _send_frame(self, frame: bytes) -> None:
         if self._closed is not None:
             raise self._closed_error()
         # Combined writes: the frame joins a queue and whoever holds the send lock writes
         # everything queued in one call, so concurrent handlers' replies share syscalls.
         outq = self._outq
-        outq.append(encode(msg))
+        outq.append(frame)
         lock = self._send_lock
         try:
             while outq and lock.acquire(blocking=False):
@@ -396,6 +411,70 @@ class SocketClient(ClientBase):
         if not settled() and not self.wait_until(settled, deadline) and not settled():
             raise self._timed_out(fut)
         return fut.result()
+
+    def call_op(self, component: str, op: str, payload: bytes,
+                withdraw: Callable[[ClientBase, int], None] | None = None) -> object:
+        # The short path: when no other thread reads the socket, this one sends the op
+        # and reads its own answer, with no Call record and no pending entry (nobody
+        # else can take the answer); what else arrives meanwhile is dispatched as usual.
+        lock = self._read_lock
+        if self._leader is not None or self._early or self._closed is not None or not lock.acquire(False):
+            return super().call_op(component, op, payload, withdraw)
+        self._leader = threading.get_ident()
+        try:
+            rid = next(self._rids)
+            self._send_frame(encode_op(rid, -1.0, component.encode(), op.encode(), payload))
+            try:
+                answer = self._read_answer(rid)
+            except BaseException:
+                if withdraw is not None:
+                    withdraw(self, rid)
+                raise
+        finally:
+            self._leader = None
+            lock.release()
+            if self._followers:
+                self._wake_followers()
+        if type(answer) is bytes:
+            return _codec.loads(answer)
+        raise error_for(answer)  # type: ignore[arg-type]
+
+    def _read_answer(self, rid: int) -> bytes | Failure:
+        """Read until the answer to ``rid`` comes (read lock held): a Reply's payload or
+        the Failure."""
+        sock, buf, view, conn = self._sock, self._buf, self._view, self._conn
+        while True:
+            try:
+                n = sock.recv_into(buf)
+            except OSError as exc:
+                self._broken(f"reading from the broker failed: {exc}")
+                raise self._closed_error() from None
+            if n == 0:
+                self._broken("the broker closed the connection")
+                raise self._closed_error()
+            data = view[:n]
+            payload = conn.take_reply(data, rid)
+            if payload is not None:
+                return payload
+            try:
+                conn.receive_data(data)
+            except RemoteProtocolError as exc:
+                self._broken(f"the broker sent garbage: {exc}")
+                raise self._closed_error() from None
+            answer: bytes | Failure | None = None
+            others: list[Message] = []
+            for msg in conn.events():
+                cls = type(msg)
+                if (cls is Reply or cls is Failure) and msg.rid == rid:  # type: ignore[attr-defined]
+                    answer = msg.payload if cls is Reply else msg  # type: ignore[attr-defined,assignment]
+                else:
+                    others.append(msg)
+            if others:
+                self._dispatch(others)
+            if answer is not None:
+                return answer
+            if self._closed is not None:
+                raise self._closed_error()
 
     def wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
         """Block until ``predicate()`` holds (True) or ``deadline`` passes (False).

@@ -172,6 +172,11 @@ def _wait(client: ClientBase, fut: Call, deadline: float) -> Any:
         raise
 
 
+def _withdraw(client: ClientBase, rid: int) -> None:
+    """The caller of ``rid`` gave up waiting (Ctrl-C while parked): withdraw the call."""
+    _post(client, "cancel", rid)
+
+
 # -- the base proxy ------------------------------------------------------------------------
 
 class BaseProxy:
@@ -239,9 +244,8 @@ class BaseProxy:
         client = self._client if self._pid == _getpid() else self._rebind()
         if _releases:
             flush_releases()
-        fut = client.op(COMPONENT, "call", payload=pack(
-            (self._id, methodname, args, kwds or {}, _get_ident())))
-        return _wait(client, fut, FOREVER)
+        return client.call_op(COMPONENT, "call", pack((self._id, methodname, args, kwds or {}, _get_ident())),
+                              _withdraw)
 
     def _callmethod_timeout(self, methodname: str, args: tuple[Any, ...],
                             timeout: float | None, kwds: dict[str, Any] | None = None) -> Any:

@@ -37,6 +37,11 @@ class Component(Protocol):
 
     def next_deadline(self) -> float | None: ...
 
+    # Optional: how many timers the component has set so far (any count that grows with
+    # each). An Op to a component that has it and left it unchanged set no timer, so the
+    # loop need not ask every component for its next deadline again (``timers_moved``).
+    # timers: int
+
 
 @dataclass(eq=False, slots=True)
 class Peer:
@@ -64,15 +69,22 @@ class BrokerCore:
         self.components: dict[str, Component] = {}
         self._instances = itertools.count(1)
         self.ops = 0
+        # Whether a timer may have been set since the owner last cleared this: until then
+        # the owner may keep using the ``next_deadline()`` it read. Set by every entry
+        # point but an Op that set no timer; whoever changes state directly (a Master
+        # through the router) sets it too.
+        self.timers_moved = True
 
     # -- peers ------------------------------------------------------------------------------
 
     def on_connect(self, peer: int, now: float) -> None:
         """A socket peer connected (and authenticated); it must say Hello first."""
+        self.timers_moved = True
         self.peers[peer] = Peer(peer, last_seen=now)
 
     def add_local(self, name: str, pid: int, hostname: str, now: float) -> Peer:
         """Register the in-process host; it serves requests whose target is ``""``."""
+        self.timers_moved = True
         peer = self.peers[LOCAL_PEER] = Peer(LOCAL_PEER, role=Role.MASTER, pid=pid, name=name,
                                              hostname=hostname, last_seen=now, hello=True)
         peer.instance_id = next(self._instances)
@@ -110,6 +122,7 @@ class BrokerCore:
         return [Send(peer.id, Ready(peer.instance_id, name))]
 
     def on_peer_lost(self, peer_id: int, now: float) -> list[Action]:
+        self.timers_moved = True
         peer = self.peers.get(peer_id)
         if peer is None:
             return []
@@ -136,7 +149,11 @@ class BrokerCore:
         if worker is not None:
             worker.last_beat = now
             if not worker.healthy:
+                self.timers_moved = True
                 return self.router.on_beat(worker, now) + self._dispatch(peer, msg, now)
+        if type(msg) is Op:  # the most common message by far: shared-state operations
+            return self._op(peer, msg, now)
+        self.timers_moved = True
         return self._dispatch(peer, msg, now)
 
     def _dispatch(self, peer: Peer, msg: Message, now: float) -> list[Action]:
@@ -189,11 +206,16 @@ class BrokerCore:
         if component is None:
             return [Send(peer.id, Failure(msg.rid, ErrorCode.NOT_FOUND,
                                           f"this broker has no {msg.component!r} component", b""))]
-        return component.on_op(peer.id, msg, now)
+        timers = getattr(component, "timers", None)
+        actions = component.on_op(peer.id, msg, now)
+        if timers is None or timers != component.timers:  # type: ignore[attr-defined]
+            self.timers_moved = True
+        return actions
 
     # -- time -------------------------------------------------------------------------------
 
     def on_tick(self, now: float) -> list[Action]:
+        self.timers_moved = True
         actions = self.router.on_tick(now)
         for component in self.components.values():
             actions += component.on_tick(now)
@@ -213,6 +235,7 @@ class BrokerCore:
     def declare_group(self, name: str, strategy: str, max_concurrency: int | None = None) -> Group:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        self.timers_moved = True
         if name in self.router.workers:
             raise ValueError(f"{name!r} is already the name of a child")
         return self.router.declare_group(name, strategy, max_concurrency)
@@ -222,4 +245,5 @@ class BrokerCore:
             raise ValueError(f"a child or group named {name!r} already exists")
         if not name:
             raise ValueError("a child needs a non-empty name")
+        self.timers_moved = True
         return self.router.declare_worker(name, group, capacity)

@@ -112,6 +112,7 @@ class ObjectTable:
         self._grace_heap: list[tuple[float, int]] = []
         self._alive: set[int] = set()
         self._with_refs = False   # the payload being handled carries pickled proxies
+        self.timers = 0   # deadlines set so far (``Component.timers``)
         self._ids = itertools.count(1)
         self._gids = itertools.count(BROKER_GIDS)
         self._ops: dict[str, Callable[[int, int, Any], list[Action]]] = {
@@ -219,6 +220,10 @@ class ObjectTable:
 
     @staticmethod
     def _reply(rid: int, value: object) -> Reply | Failure:
+        if value is None:  # what every write returns
+            return Reply(rid, _NONE)
+        if value is True:  # what an acquire returns
+            return Reply(rid, _TRUE)
         if type(value) in _VIEWS:
             value = list(value)  # type: ignore[call-overload]
         try:
@@ -303,9 +308,13 @@ class ObjectTable:
             return self._effects(fx) + [Send(peer, self._failure(rid, exc))]
         if result is PARKED:
             self.lot.park(w)
+            self.timers += 1
             return self._effects(fx)
+        answer = Send(peer, self._reply(rid, result))
+        if not fx.wakes and not fx.jobs:
+            return [answer]
         actions = self._effects(fx)
-        actions.append(Send(peer, self._reply(rid, result)))
+        actions.append(answer)
         return actions
 
     def _wrote(self, entry: Entry, method: str, a: tuple[object, ...]) -> None:
@@ -499,6 +508,7 @@ class ObjectTable:
             self.graces[gid] = oid
             entry.total += 1
             heapq.heappush(self._grace_heap, (self.now + GRACE_S, gid))
+            self.timers += 1
         return [Send(peer, Reply(rid, _NONE))] if rid else []
 
     def _cancel(self, peer: int, rid: int, args: Any) -> list[Action]:
@@ -530,6 +540,7 @@ class ObjectTable:
         self.graces[gid] = oid
         entry.total += 1
         heapq.heappush(self._grace_heap, (self.now + GRACE_S, gid))
+        self.timers += 1
         return gid
 
     def _take_grace(self, gid: int) -> None:
@@ -557,6 +568,7 @@ class ObjectTable:
 
 
 _NONE: Final = _codec.dumps(None)
+_TRUE: Final = _codec.dumps(True)
 
 
 def _create_failed(rid: int, exc: BaseException) -> Failure:

@@ -44,13 +44,14 @@ TABLE_BYTES: Final = (ACCESS + SLOTS) * 8
 _MASK: Final = SLOTS - 1
 _U64: Final = (1 << 64) - 1
 _CACHE_TAG: Final = 1 << 40  # mesh caches' idents live above Manager oids
+_K1: Final = 0x9E3779B1
+_K2: Final = 0x85EBCA77
 
 
 def _mix(ident: int, salt: int) -> int:
-    x = (ident * 0x9E3779B97F4A7C15 + salt * 0xC2B2AE3D27D4EB4F) & _U64
-    x ^= x >> 31
-    x = (x * 0xBF58476D1CE4E5B9) & _U64
-    return VERSIONS + ((x ^ (x >> 29)) & _MASK)
+    # Multiplying by odd constants permutes the low bits, and CRC-32 spreads keys: enough
+    # for a table where a collision costs a refresh, and cheap enough to run per write.
+    return VERSIONS + (((ident * _K1) ^ (salt * _K2)) & _MASK)
 
 
 def whole_slot(ident: int) -> int:
@@ -101,22 +102,21 @@ class VersionTable:
         self.words[0] = MAGIC
 
     def bump(self, slot: int) -> None:
-        words = self.words
-        words[slot] = (words[slot] + 1) & _U64
+        self.words[slot] += 1  # 2**64 writes would take centuries: no wrap-around needed
 
     def wrote(self, ident: int) -> None:
         """A write that may have touched anything of ``ident``."""
-        self.bump(_mix(ident, 1))
-        self.bump(_mix(ident, 2))
+        words, base = self.words, ident * _K1
+        words[VERSIONS + ((base ^ _K2) & _MASK)] += 1
+        words[VERSIONS + ((base ^ (2 * _K2)) & _MASK)] += 1
 
     def wrote_key(self, ident: int, key: object) -> None:
         """A write of one key of ``ident`` (a key without a stable hash counts as bulk)."""
-        self.bump(_mix(ident, 1))
+        words, base = self.words, ident * _K1
+        words[VERSIONS + ((base ^ _K2) & _MASK)] += 1
         khash = stable_hash(key)
-        if khash is None:
-            self.bump(_mix(ident, 2))
-        else:
-            self.bump(_mix(ident, (khash & _U64) + 3))
+        salt = 2 if khash is None else (khash & _U64) + 3
+        words[VERSIONS + ((base ^ (salt * _K2)) & _MASK)] += 1
 
     def read_at(self, ident: int, key: object) -> int:
         """When a process last served ``key`` of ``ident`` from its copy (ns; 0: never seen)."""

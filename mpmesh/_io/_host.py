@@ -26,7 +26,7 @@ from .._broker._core import BrokerCore, Component
 from .._client import LocalClient
 from .._wire._messages import Message
 from . import _paths, _segment
-from ._loop import BrokerLoop
+from ._loop import LEASE_S, BrokerLoop
 
 __all__ = ["BrokerHost", "listen", "write_key"]
 
@@ -168,7 +168,12 @@ class BrokerHost:
 
 def listen(path: str | tuple[str, int]) -> socket.socket:
     """Bind a Unix socket at ``path``, replacing a stale one a dead broker left behind;
-    or, for a ``(host, port)`` pair, a TCP socket (Nagle off: small frames go at once)."""
+    or, for a ``(host, port)`` pair, a TCP socket (Nagle off: small frames go at once).
+
+    Taking over from a dead broker waits out its version table's lease first
+    (``LEASE_S``): until then its clients may still serve copies of what it held, and
+    must not while a new broker at the same address accepts writes.
+    """
     if isinstance(path, tuple):
         tcp = socket.create_server(path, backlog=128)
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
@@ -183,6 +188,7 @@ def listen(path: str | tuple[str, int]) -> socket.socket:
                 probe.connect(path)
             except (ConnectionRefusedError, FileNotFoundError):
                 os.unlink(path)
+                time.sleep(LEASE_S)
             else:
                 raise ValueError(f"a mesh is already listening at {path}") from None
             finally:

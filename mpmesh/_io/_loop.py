@@ -36,7 +36,7 @@ from .._broker._actions import Action, Close, Notify, Send
 from .._broker._core import LOCAL_PEER, BrokerCore
 from .._errors import AuthenticationError, RemoteProtocolError
 from .._wire._connection import Connection, Phase, Side
-from .._wire._messages import Message, Op, Ready, Request, encode
+from .._wire._messages import Failure, Message, Op, Ready, Reply, Request, encode
 from ._readers import Reader, Readers, drain_pipe
 from ._segment import Segment, send_with_fd
 
@@ -57,6 +57,10 @@ LEND_RETURN_S: Final = 2.0
 # them within LEASE_S.
 LEASE_S: Final = 0.25
 RENEW_S: Final = 0.05
+# Answers ``_take_op`` writes itself, when that small.
+_ANSWERS: Final = (Reply, Failure)
+_SEND_AT_ONCE: Final = 64 * 1024
+_NEVER: Final = float("inf")
 
 
 if hasattr(selectors, "EpollSelector"):
@@ -175,6 +179,7 @@ class BrokerLoop(Readers):
         self._deferred: list[tuple[list[Message], list[Notify]]] = []
         self._inbox: collections.deque[Message] = collections.deque()
         self._sleep_until = 0.0
+        self._deadline: float | None = None  # the core's, as of when it last moved
         self._stopping = False
         self._closed = False  # descriptors closed (``_close_all`` ran)
         self._thread: threading.Thread | None = None
@@ -214,17 +219,20 @@ class BrokerLoop(Readers):
 
     def _once(self) -> None:
         # Timers first, and the next deadline, under the lock (other threads push timers).
+        ticked: tuple[list[Message], list[Notify]] | None = None
         with self.lock:
-            now = time.monotonic()
-            deadline = self.core.next_deadline()
-            local: list[Message] = []
-            notes: list[Notify] = []
-            if deadline is not None and deadline <= now:
-                local, notes = self._perform(self.core.on_tick(now))
-                deadline = self.core.next_deadline()
-            self._sleep_until = float("inf") if deadline is None else deadline
-        if local or notes:
-            self._deliver(local, notes)
+            core = self.core
+            if core.timers_moved:
+                core.timers_moved = False
+                self._deadline = core.next_deadline()
+            deadline = self._deadline
+            if deadline is not None and deadline <= time.monotonic():
+                ticked = self._perform(core.on_tick(time.monotonic()))
+                core.timers_moved = False
+                deadline = self._deadline = core.next_deadline()
+            self._sleep_until = _NEVER if deadline is None else deadline
+        if ticked is not None and (ticked[0] or ticked[1]):
+            self._deliver(*ticked)
             self._combine()
         if self.segment is not None:
             deadline = self._renew(deadline)
@@ -236,7 +244,7 @@ class BrokerLoop(Readers):
                     self._accept()
                 else:
                     self._drain_wake()
-            elif isinstance(obj, _Conn):
+            elif type(obj) is _Conn:
                 if mask & selectors.EVENT_READ:
                     self._read(obj)
                 if mask & selectors.EVENT_WRITE and obj.id in self._conns:
@@ -265,6 +273,7 @@ class BrokerLoop(Readers):
         """Run ``fn(now)`` under the core lock and perform the actions it returns."""
         with self.lock:
             actions = fn(time.monotonic())
+            self.core.timers_moved = True  # ``fn`` may have changed state directly
             local, notes = self._perform(actions)
         self._deliver(local, notes)
         self._combine()
@@ -291,7 +300,10 @@ class BrokerLoop(Readers):
     def locked(self) -> Iterator[None]:
         """Hold the core lock (from any thread); drain what callers queued meanwhile after."""
         with self.lock:
-            yield
+            try:
+                yield
+            finally:
+                self.core.timers_moved = True
         self._combine()
 
     def _combine(self) -> None:
@@ -388,6 +400,10 @@ class BrokerLoop(Readers):
             self._lost(conn, "closed the connection")
             return
         wire = conn.conn
+        op = wire.take_op(view[:n])
+        if op is not None:
+            self._take_op(conn, op)
+            return
         was_ready = wire.phase is Phase.READY
         try:
             reply = wire.receive_data(view[:n])
@@ -423,6 +439,37 @@ class BrokerLoop(Readers):
             if reply:
                 self._flush(conn, on_loop=True)
         self._deliver(local, notes)
+        self._combine()
+
+    def _take_op(self, conn: _Conn, op: Op) -> None:
+        """``_take_in`` for a read that held exactly one Op (a proxy call, say): an answer
+        that is all the core has to say goes straight out, without the batch machinery."""
+        with self.lock:
+            try:
+                actions = self.core.on_message(conn.id, op, time.monotonic())
+            except Exception:
+                log.exception("peer %d: handling Op failed; closing it", conn.id)
+                actions = [Close(conn.id, "the broker failed on its Op")]
+            if len(actions) == 1 and not conn.out and not conn.closing:
+                action = actions[0]
+                if type(action) is Send and action.peer == conn.id and type(action.msg) in _ANSWERS:
+                    frame = encode(action.msg)
+                    if len(frame) <= _SEND_AT_ONCE:
+                        try:
+                            sent = conn.sock.send(frame)
+                        except (BlockingIOError, InterruptedError):
+                            sent = 0
+                        except OSError:
+                            sent = -1  # the general path meets the error again and handles it
+                        if sent == len(frame):
+                            actions = []
+                        elif sent >= 0:
+                            conn.out += frame[sent:]
+                            self._flush(conn, threading.get_ident() == self._loop_ident)
+                            actions = []
+            local, notes = self._perform(actions) if actions else (None, None)
+        if local or notes:
+            self._deliver(local, notes)  # type: ignore[arg-type]
         self._combine()
 
     def drain(self, peer: int) -> None:

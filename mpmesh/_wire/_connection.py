@@ -27,7 +27,8 @@ from typing import Final
 from .._errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from ._frames import MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES, FrameDecoder
 from ._messages import (
-    HANDSHAKE_KINDS, Answer, Challenge, Message, Rejected, Welcome, decode, encode,
+    HANDSHAKE_KINDS, Answer, Challenge, Message, Op, Rejected, Welcome, decode, encode, op_frame,
+    reply_payload,
 )
 
 __all__ = ["Connection", "Phase", "Side"]
@@ -116,6 +117,22 @@ class Connection:
             self.phase = Phase.CLOSED
             raise
         return out
+
+    def take_reply(self, data: bytes | bytearray | memoryview, rid: int) -> bytes | None:
+        """The short path of ``receive_data`` for a caller that waits on ``rid``: the
+        payload if ``data`` is exactly one Reply to ``rid`` and nothing is buffered before
+        it; else None, and nothing is taken (pass ``data`` to ``receive_data``)."""
+        if self.phase is not Phase.READY or self._decoder._buf:
+            return None
+        return reply_payload(data, rid)
+
+    def take_op(self, data: bytes | bytearray | memoryview) -> Op | None:
+        """The short path of ``receive_data`` for the broker: the Op if ``data`` is
+        exactly one Op frame and nothing is buffered before it; else None, and nothing
+        is taken."""
+        if self.phase is not Phase.READY or self._decoder._buf:
+            return None
+        return op_frame(data)
 
     def rejection(self, reason: str = "authentication failed") -> bytes:
         """The frame a broker sends a peer it refuses, just before closing."""

@@ -24,7 +24,8 @@ from ._record import record
 __all__ = [
     "Answer", "Cancel", "Challenge", "ErrorCode", "Failure", "Goodbye", "Heartbeat",
     "Hello", "KINDS", "Message", "Op", "Push", "Ready", "Rejected", "Reply", "Request",
-    "Role", "Serve", "Shutdown", "Welcome", "decode", "encode", "HANDSHAKE_KINDS",
+    "Role", "Serve", "Shutdown", "Welcome", "decode", "encode", "encode_op", "op_frame",
+    "reply_payload", "HANDSHAKE_KINDS",
 ]
 
 _FORMATS: Final = {"int": "q", "float": "d", "bool": "?"}
@@ -263,12 +264,8 @@ def encode(msg: Message) -> bytes:
             msg.timeout, msg.retry_delay, len(action), len(target), len(payload)),  # type: ignore[attr-defined]
             action, target, payload))
     if cls is Op:
-        component = msg.component.encode()  # type: ignore[attr-defined]
-        op = msg.op.encode()  # type: ignore[attr-defined]
-        payload = msg.payload  # type: ignore[attr-defined]
-        return b"".join((_OP_HEAD.pack(
-            28 + len(component) + len(op) + len(payload), 30, msg.rid, msg.timeout,  # type: ignore[attr-defined]
-            len(component), len(op), len(payload)), component, op, payload))
+        return encode_op(msg.rid, msg.timeout, msg.component.encode(), msg.op.encode(),  # type: ignore[attr-defined]
+                         msg.payload)  # type: ignore[attr-defined]
     layout = _BY_CLASS[cls]
     values = layout.get(msg)
     nums = values[: layout.n_num]
@@ -276,6 +273,39 @@ def encode(msg: Message) -> bytes:
     fixed = layout.fixed.pack(*nums, *map(len, var))
     body_len = len(fixed) + sum(map(len, var))
     return b"".join((_pack_header(body_len, msg.KIND), fixed, *var))
+
+
+def encode_op(rid: int, timeout: float, component: bytes, op: bytes, payload: bytes) -> bytes:
+    """The frame of ``Op(rid, timeout, component, op, payload)``, names already encoded."""
+    return b"".join((_OP_HEAD.pack(28 + len(component) + len(op) + len(payload), 30, rid, timeout,
+                                   len(component), len(op), len(payload)), component, op, payload))
+
+
+def reply_payload(frame: bytes | bytearray | memoryview, rid: int) -> bytes | None:
+    """The payload if ``frame`` is exactly one whole Reply frame to ``rid``, else None."""
+    n = len(frame)
+    if n < 17:
+        return None
+    length, kind, r, size = _REPLY_HEAD.unpack_from(frame)
+    if kind != 21 or r != rid or length != n - 5 or size != n - 17:
+        return None
+    return bytes(frame[17:])
+
+
+def op_frame(frame: bytes | bytearray | memoryview) -> Op | None:
+    """The Op if ``frame`` is exactly one whole, well-formed Op frame, else None."""
+    n = len(frame)
+    if n < 33:
+        return None
+    length, kind, rid, timeout, n_c, n_o, n_p = _OP_HEAD.unpack_from(frame)
+    if kind != 30 or length != n - 5 or 33 + n_c + n_o + n_p != n:
+        return None
+    data = bytes(frame)  # one copy; slices of it are cheaper than of a memoryview
+    o = 33 + n_c
+    try:
+        return Op(rid, timeout, data[33:o].decode(), data[o : o + n_o].decode(), data[o + n_o :])
+    except UnicodeDecodeError:
+        return None
 
 
 def decode(kind: int, body: bytes) -> Message:
