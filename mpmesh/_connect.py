@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final
 
-from . import _deadline
+from . import _deadline, _near
 from ._binding import read_key
 from ._broker._admin import STOP_EVENT, Admin
 from ._broker._actions import Notify
@@ -93,10 +93,11 @@ class MeshHandle(SharedState):
 
 
 def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: bool = True,
-            timeout: float | None = None) -> MeshHandle:
+            timeout: float | None = None, near_cache_bytes: int | None = None) -> MeshHandle:
     """Join mesh ``name`` from any process of this user; start its broker if needed.
 
-    ``timeout`` is the default of ``call`` and ``send_request`` on the handle.
+    ``timeout`` is the default of ``call`` and ``send_request`` on the handle;
+    ``near_cache_bytes`` bounds the copies of shared state this process keeps (64 MiB).
 
     Raises:
         BrokerUnavailable: no broker answers (and ``autospawn`` is False).
@@ -107,6 +108,8 @@ def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: b
     if authkey is not None and not isinstance(authkey, (bytes, bytearray)):
         raise TypeError("authkey must be bytes")
     _deadline.check_timeout(timeout)
+    if near_cache_bytes is not None:
+        _near.set_budget(near_cache_bytes)
     address = _paths.socket_path(name)
     try:
         client = _open(address, authkey)

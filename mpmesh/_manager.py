@@ -40,6 +40,7 @@ from ._broker._objects import COMPONENT, ObjectTable
 from ._broker._refs import Token, TypeSpec
 from ._client import ClientBase, SocketClient, make_hello
 from ._errors import MeshClosed
+from . import _near
 from ._futures import dispatcher
 from ._io import _broker_process, _paths
 from ._io._host import BrokerHost
@@ -172,9 +173,10 @@ class SharedObjects(ObjectFactories):
 
 # -- hosting ------------------------------------------------------------------------------
 
-def _new_host(address: object, authkey: bytes, registry: builtins.dict[str, TypeSpec]) -> BrokerHost:
+def _new_host(address: object, authkey: bytes, registry: builtins.dict[str, TypeSpec],
+              near_cache: bool = True) -> BrokerHost:
     host = BrokerHost(_paths.new_mesh_name(), authkey, host_name="manager",
-                      address=address)  # type: ignore[arg-type]
+                      address=address, near_cache=near_cache)  # type: ignore[arg-type]
     table = host.core.components[COMPONENT]
     assert isinstance(table, ObjectTable)
     table.address = host.address
@@ -229,7 +231,8 @@ class BaseManager:
 
     def __init__(self, address: object = None, authkey: bytes | None = None,
                  serializer: str = "pickle", ctx: BaseContext | None = None, *,
-                 shutdown_timeout: float = 1.0, broker: str = "process") -> None:
+                 shutdown_timeout: float = 1.0, broker: str = "process", near_cache: bool = True,
+                 near_cache_bytes: int | None = None) -> None:
         if serializer != "pickle":
             raise ValueError(f"mpmesh managers speak pickle only, not {serializer!r}")
         if authkey is None:
@@ -248,6 +251,9 @@ class BaseManager:
         if broker not in ("process", "thread"):
             raise ValueError(f"broker must be 'process' or 'thread', not {broker!r}")
         self._broker = broker
+        if near_cache_bytes is not None:
+            _near.set_budget(near_cache_bytes)
+        self._near_cache = bool(near_cache)
         self._broker_proc: _broker_process.BrokerProcess | None = None
         self._pid = os.getpid()
         self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
@@ -286,7 +292,7 @@ class BaseManager:
         if self._broker == "process":
             self._start_broker_process()
             return
-        host = _new_host(self._address, self._authkey, self._registry)
+        host = _new_host(self._address, self._authkey, self._registry, self._near_cache)
         host.start_thread()
         self._host = host
         self._address = host.address
@@ -301,7 +307,7 @@ class BaseManager:
         proc = _broker_process.start(_broker_process.Config(
             _paths.new_mesh_name(), self._authkey, address=self._address,
             registry=builtins.dict(self._registry),
-            sys_path=[os.path.abspath(p) for p in sys.path], cwd=os.getcwd()))
+            sys_path=[os.path.abspath(p) for p in sys.path], cwd=os.getcwd(), near_cache=self._near_cache))
         try:
             client = SocketClient(proc.address, self._authkey, make_hello(Role.CLIENT), sock=proc.sock)
         except BaseException:
@@ -529,15 +535,19 @@ SyncManager.register("AsyncResult", create_method=False)
 del _typeid, _callable, _proxy
 
 
-def Manager(*, ctx: BaseContext | None = None, broker: str = "process") -> SyncManager:  # noqa: N802
+def Manager(*, ctx: BaseContext | None = None, broker: str = "process", near_cache: bool = True,  # noqa: N802
+            near_cache_bytes: int | None = None) -> SyncManager:
     """A started ``SyncManager``: a drop-in for ``multiprocessing.Manager()``.
 
     Its broker runs in a process of its own (``broker="process"``), as the standard
     library's server does, so nothing this process does slows other processes' calls;
     ``broker="thread"`` runs it on a thread of this process instead, whose own calls then
     skip the socket, but which stalls everyone while this process's code holds the GIL.
+    With ``near_cache`` (the default), every process on this host serves reads of the
+    manager's dict, list, Namespace, Value and Array from its own copy while they are
+    unchanged; ``near_cache_bytes`` bounds what this process keeps (64 MiB by default).
     Shut it down with ``shutdown()`` or a ``with`` block.
     """
-    manager = SyncManager(ctx=ctx, broker=broker)
+    manager = SyncManager(ctx=ctx, broker=broker, near_cache=near_cache, near_cache_bytes=near_cache_bytes)
     manager.start()
     return manager

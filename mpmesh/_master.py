@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from . import _binding, _deadline
+from . import _binding, _deadline, _near
 from ._broker._actions import Notify
 from ._broker._routing import STRATEGIES, Worker, WorkerState
 from ._child import check_mode
@@ -113,7 +113,8 @@ class Master(SharedState, SharedObjects):
                  start_method: str | None = None, logger: logging.Logger | None = None,
                  restart_limit: int = 10, restart_window: float = 60.0,
                  restart_backoff: float = 0.1, restart_backoff_max: float = 10.0,
-                 broker: str = "process") -> None:
+                 broker: str = "process", near_cache: bool = True,
+                 near_cache_bytes: int | None = None) -> None:
         _deadline.check_timeout(timeout)
         _deadline.check_timeout(retry_delay, "retry_delay")
         if retries < 0:
@@ -127,6 +128,9 @@ class Master(SharedState, SharedObjects):
             raise TypeError("authkey must be bytes")
         if broker not in ("process", "thread"):
             raise ValueError(f"broker must be 'process' or 'thread', not {broker!r}")
+        if near_cache_bytes is not None:
+            _near.set_budget(near_cache_bytes)
+        self._near_cache = bool(near_cache)
         self.name = name or _paths.new_mesh_name()
         self.authkey = bytes(authkey) if authkey else os.urandom(32)
         self.timeout = timeout
@@ -168,7 +172,8 @@ class Master(SharedState, SharedObjects):
             self._supervisor.fork_zygote_if_safe()
         self._supervisor.ensure_zygote()  # otherwise exec one (it boots in the background)
         try:
-            self._host = BrokerHost(self.name, self.authkey, on_notify=self._on_notify)
+            self._host = BrokerHost(self.name, self.authkey, on_notify=self._on_notify,
+                                    near_cache=self._near_cache)
         except BaseException:
             self._supervisor.close()
             self._stop_state_broker()
@@ -196,7 +201,8 @@ class Master(SharedState, SharedObjects):
         try:
             write_key(_paths.key_path(name), self.authkey)
             self._state_proc = _broker_process.start(
-                _broker_process.Config(name, self.authkey, host_name="master-state", address=address),
+                _broker_process.Config(name, self.authkey, host_name="master-state", address=address,
+                                       near_cache=self._near_cache),
                 listener=listener, wait=False)
         except BaseException:
             for path in (address, _paths.key_path(name)):

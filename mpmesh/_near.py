@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import mmap
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Final
 
 from ._broker._versions import ACCESS, CLOSED, LEASE, VERSIONS
 from ._wire import _codec
 
-__all__ = ["ETERNAL", "MAX_COPIES", "MAX_COPY_BYTES", "MAX_TOTAL_BYTES", "NearCache", "immutable"]
+__all__ = [
+    "ETERNAL", "MAX_COPIES", "MAX_COPY_BYTES", "MAX_TOTAL_BYTES", "NearCache", "counters", "immutable",
+    "set_budget",
+]
 
-# A process keeps at most this many copies, of at most this many bytes each and in all;
-# beyond them the oldest copies go first.
+# A connection keeps at most this many copies, of at most this many bytes each; a process
+# keeps at most ``budget()`` bytes of copies in all (``set_budget``). Beyond them the
+# oldest copies go first.
 MAX_COPIES: Final = 8192
 MAX_COPY_BYTES: Final = 1 << 20
 MAX_TOTAL_BYTES: Final = 64 << 20
@@ -40,6 +45,23 @@ _ATOMIC: Final = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 _now_ns = time.monotonic_ns
 _loads = _codec.loads
+_budget = [MAX_TOTAL_BYTES]  # this process's, in bytes (``set_budget``)
+_kept = [0]                  # bytes of copies this process keeps, every connection's
+_caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
+
+
+def set_budget(nbytes: int) -> None:
+    """How many bytes of copies this process may keep in all (0: keep none)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"near_cache_bytes must be an int >= 0, not {nbytes!r}")
+    _budget[0] = nbytes
+
+
+def counters() -> dict[str, int]:
+    """This process's reads served from copies, reads that went to a broker, bytes kept."""
+    caches = list(_caches)
+    return {"near_hits": sum(c.hits for c in caches), "near_misses": sum(c.misses for c in caches),
+            "near_bytes": _kept[0]}
 
 
 def immutable(value: object, depth: int = 0) -> bool:
@@ -61,7 +83,7 @@ class NearCache:
     the table index where a hit notes the time (mesh caches' LRU), or 0.
     """
 
-    __slots__ = ("_mm", "words", "entries", "_bytes", "hits", "misses")
+    __slots__ = ("_mm", "words", "entries", "_bytes", "hits", "misses", "__weakref__")
 
     def __init__(self, mm: mmap.mmap) -> None:
         self._mm = mm
@@ -69,6 +91,7 @@ class NearCache:
         self.entries: dict[Hashable, list[Any]] = {}
         self._bytes = 0
         self.hits = self.misses = 0
+        _caches.add(self)
 
     def trusted(self) -> bool:
         """Whether the table may be relied on now (the broker is there and vouches)."""
@@ -156,22 +179,26 @@ class NearCache:
         elif blob is None and not immutable(value):
             return
         entries = self.entries
-        old = entries.pop(key, None)
-        if old is not None and old[4] is not None:
-            self._bytes -= len(old[4])
+        self.forget(key)
         size = 0 if blob is None else len(blob)
-        while entries and (len(entries) >= MAX_COPIES or self._bytes + size > MAX_TOTAL_BYTES):
-            dropped = entries.pop(next(iter(entries)))
-            if dropped[4] is not None:
-                self._bytes -= len(dropped[4])
+        budget = _budget[0]
+        if size > budget:
+            return
+        while entries and (len(entries) >= MAX_COPIES or _kept[0] + size > budget):
+            self.forget(next(iter(entries)))
         access = ACCESS - VERSIONS + access_slot if access_slot else 0
         entries[key] = [v1, v2, expires_ns, value, blob, raises, access]
         self._bytes += size
+        _kept[0] += size
+
+    def __del__(self) -> None:
+        _kept[0] -= self._bytes
 
     def close(self) -> None:
         """Let go of the table (its mapping and the descriptor that keeps it): the
         connection it came with is closed. A read racing this finds no copy."""
         self.entries = {}
+        _kept[0] -= self._bytes
         self._bytes = 0
         try:
             self.words.release()
@@ -183,7 +210,9 @@ class NearCache:
         entry = self.entries.pop(key, None)
         if entry is not None and entry[4] is not None:
             self._bytes -= len(entry[4])
+            _kept[0] -= len(entry[4])
 
     def clear(self) -> None:
         self.entries.clear()
+        _kept[0] -= self._bytes
         self._bytes = 0

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
-from . import _binding, _deadline
+from . import _binding, _deadline, _near
 from ._broker._payload import pack
 from ._broker._pubsub import pack_publish
 from ._broker._rpc import pack_call
@@ -181,17 +181,19 @@ class SharedState:
     # -- cache --------------------------------------------------------------------------------
 
     def cache(self, name: str, maxsize: int | None = None, ttl: float | None = None, *,
-              maxbytes: int | None = None) -> Cache:
+              maxbytes: int | None = None, near: bool = True) -> Cache:
         """The named cache of this mesh, created on first use with these options.
 
         ``maxsize`` bounds the entries (least recently used go first), ``maxbytes`` the
-        total size of the values, ``ttl`` is the default expiry in seconds.
+        total size of the values, ``ttl`` is the default expiry in seconds. With ``near``
+        (the default), this handle serves reads from this process's copy while the entry
+        is unchanged (on the broker's host; see ``docs/architecture.md``).
 
         Raises:
             ValueError: it exists with different options, or an option is invalid.
         """
         _check_name("a cache name", name)
-        return open_cache(self._state_conn, self._state_address(), name, maxsize, ttl, maxbytes)
+        return open_cache(self._state_conn, self._state_address(), name, maxsize, ttl, maxbytes, near=near)
 
     # -- locks ----------------------------------------------------------------------------------
 
@@ -324,4 +326,5 @@ class SharedState:
         pid = snapshot.get("broker_pid")
         if pid:
             snapshot.update(process_usage(int(pid)))
+        snapshot.update(_near.counters())  # this process's reads from its own copies
         return snapshot

@@ -37,10 +37,11 @@ _WHOLE: Any = ("#whole",)  # in the copy key of keys() and len(), which no cache
 
 
 def open_cache(client: ClientBase, address: str, name: str, maxsize: int | None,
-               ttl: float | None, maxbytes: int | None) -> Cache:
-    """Create (or attach to) cache ``name`` on the broker; ValueError on clashing options."""
+               ttl: float | None, maxbytes: int | None, *, near: bool = True) -> Cache:
+    """Create (or attach to) cache ``name`` on the broker; ValueError on clashing options.
+    ``near``: the handle reads from this process's copies where it can."""
     options = client.wait(client.op("cache", "open", payload=pack((name, maxsize, ttl, maxbytes))), FOREVER)
-    return Cache(address, name, dict(options), client)  # type: ignore[call-overload]
+    return Cache(address, name, {**options, "near": bool(near)}, client)  # type: ignore[dict-item]
 
 
 @final
@@ -84,6 +85,10 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             self._pid = os.getpid()
         return client
 
+    def _near(self) -> NearCache | None:
+        """This process's copies for this handle, if it keeps any."""
+        return self._bound().near if self.options.get("near", True) else None
+
     def _op(self, op: str, payload: bytes) -> Any:
         client = self._bound()
         try:
@@ -101,7 +106,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
 
     def _read(self, key: Any) -> Any:
         """``key``'s value, or MISSING: from this process's copy while it is current."""
-        near = self._bound().near
+        near = self._near()
         if near is None:
             return self._op("get", pack((self.name, key)))
         khash = stable_hash(key)
@@ -115,6 +120,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             return near.serve(entry)
         words = near.words
         v1, v2 = words[s1], words[self._bulk]
+        near.misses += 1
         blob, expires = self._op("nget", pack((self.name, key)))
         return self._keep(near, copy_key, v1, v2, blob, expires, khash is not None and s1)
 
@@ -132,8 +138,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
     def _near_whole(self, what: str) -> Any:
         """``keys`` or ``len``, from this process's copy while the cache is unchanged
         (only for a cache none of whose entries can expire unseen)."""
-        client = self._bound()
-        near = client.near
+        near = self._near()
         if near is None:
             return self._op(what, pack((self.name,)))
         copy_key = (self.name, _WHOLE, what)
@@ -141,6 +146,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
         if entry is not None:
             return near.serve(entry)
         v = near.words[self._whole]
+        near.misses += 1
         value, lasting = self._op("n" + what, pack((self.name,)))
         if lasting:
             near.keep(copy_key, v, v, ETERNAL, value, None if what == "len" else _codec.dumps(value))
@@ -172,7 +178,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        if self._bound().near is not None:
+        if self._near() is not None:
             return self._read(key) is not MISSING
         return bool(self._op("contains", pack((self.name, key))))
 
@@ -234,7 +240,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
     def mget(self, keys: Iterable[Any]) -> list[Any]:
         """The values of ``keys``, ``None`` for each one missing."""
         keys = list(keys)
-        near = self._bound().near
+        near = self._near()
         if near is None:
             loads = _codec.loads
             return [None if b is None else loads(b) for b in self._op("mget", pack((self.name, keys)))]
@@ -254,6 +260,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             self._op("mget", pack((self.name, keys)))
             raise
         if wanted:
+            near.misses += len(wanted)
             answers = self._op("nmget", pack((self.name, [copy_key[1] for _, copy_key, _, _, _ in wanted])))
             for (i, copy_key, access, v1, v2), (blob, expires) in zip(wanted, answers):
                 found[i] = self._keep(near, copy_key, v1, v2, blob, expires, access)

@@ -80,6 +80,7 @@ class Config:
     registry: dict[str, Any] | None = None  # a Manager's typeids (the object table's)
     sys_path: list[str] = field(default_factory=list)  # for an exec'd one: where imports come from
     cwd: str = ""
+    near_cache: bool = True  # hand local peers the version table (``_segment``)
 
 
 @dataclass(eq=False)
@@ -319,7 +320,8 @@ def serve(config: Config, sock_fd: int, life_r: int, status_w: int, listener_fd:
     try:
         listener = None if listener_fd < 0 else socket.socket(fileno=listener_fd)
         host = BrokerHost(config.name, config.authkey, host_name=config.host_name,
-                          address=config.address, listener=listener)  # type: ignore[arg-type]
+                          address=config.address, listener=listener,  # type: ignore[arg-type]
+                          near_cache=config.near_cache)
     except OSError as exc:
         _write(status_w, f"error OSError {exc}")
         return 1

@@ -49,9 +49,10 @@ class BrokerHost:
                  on_notify: Callable[[list[Notify]], None] | None = None,
                  components: dict[str, Component] | None = None,
                  address: str | tuple[str, int] | None = None,
-                 listener: socket.socket | None = None) -> None:
+                 listener: socket.socket | None = None, near_cache: bool = True) -> None:
         """``listener``: a socket already bound at ``address``, whose key file the caller
-        wrote (a broker process started by a Master that must not wait for it)."""
+        wrote (a broker process started by a Master that must not wait for it).
+        ``near_cache``: hand local peers the version table, so they keep near copies."""
         self.name = name
         self.authkey = authkey
         # ``address``: another Unix socket path, or (host, port) to serve over TCP (a
@@ -73,7 +74,7 @@ class BrokerHost:
                 raise
         self.core = BrokerCore(rng=random.Random())
         # The version table local peers read shared state through (not over TCP).
-        self.segment = _segment.create() if isinstance(self.address, str) else None
+        self.segment = _segment.create() if near_cache and isinstance(self.address, str) else None
         versions = self.segment.table if self.segment is not None else None
         self.core.components.update(default_components(self.core, versions=versions)
                                     if components is None else components)

@@ -39,11 +39,16 @@ def writer(kind: str, obj: Any, out: Any) -> None:
         start = time.monotonic_ns()
         write_to(kind, obj, value)
         history.append((start, time.monotonic_ns(), value))
-    out.put(("w", history))
+    out.put(("w", history, 0))
 
 
 def reader(kind: str, obj: Any, out: Any) -> None:
-    """Read until the last value shows up, noting each read's interval and value."""
+    """Read until the last value shows up, noting each read's interval and value; then
+    say how many of this process's reads its own copies served."""
+    from mpmesh import _near
+
+    read_of(kind, obj)  # connected, and holding a copy, before the writer starts
+    out.put(("ready", [], 0))
     history = []
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
@@ -52,7 +57,7 @@ def reader(kind: str, obj: Any, out: Any) -> None:
         history.append((start, time.monotonic_ns(), value))
         if value == ROUNDS:
             break
-    out.put(("r", history))
+    out.put(("r", history, _near.counters()["near_hits"]))
 
 
 def hold_then_read(obj: Any, conn: Any) -> None:

@@ -1,0 +1,1 @@
+"""Long-running chaos soak of a whole mesh (``python -m tests.soak.soak --help``)."""
