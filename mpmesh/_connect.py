@@ -33,7 +33,7 @@ from ._errors import BrokerUnavailable
 from ._io import _paths
 from ._io._broker_process import read_line
 from ._shared import SharedState
-from ._wire._messages import Role
+from ._wire._messages import ErrorCode, Failure, Message, Request, Role
 
 __all__ = ["MeshHandle", "connect", "serve"]
 
@@ -226,6 +226,15 @@ def serve(name: str, authkey: bytes | None = None, *, ready: Any = None) -> int:
 
     host = BrokerHost(name, authkey or os.urandom(32), host_name="broker", on_notify=on_notify)
     holder.append(host)
+
+    def no_master(msg: Message) -> None:
+        # Requests to the mesh's master ("") come here, where nobody serves them.
+        if type(msg) is Request:
+            host.client._send(Failure(msg.rid, ErrorCode.NO_HANDLER,
+                                      "this mesh has no master to serve requests "
+                                      "(its broker is a standalone one)", b""))
+
+    host.deliver_to(no_master)
     admin = host.core.components.get("admin")
     if isinstance(admin, Admin):
         admin.standalone = True

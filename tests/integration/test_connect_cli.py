@@ -146,3 +146,12 @@ def test_concurrent_autospawns_start_one_broker(name: str) -> None:
         assert h.cache("c")["joined"] == 3
     assert cli("stop", "--name", name).returncode == 0
     assert wait_for(lambda: cli("status", "--name", name).returncode == 1, WAIT_S)
+
+
+@pytest.mark.timeout(60)
+def test_a_request_to_the_master_of_a_standalone_broker_fails_at_once(name: str) -> None:
+    with mpmesh.connect(name) as h:
+        with pytest.raises(mpmesh.NoHandler, match="no master"):
+            h.send_request("anything", "", None, timeout=20)
+        assert h.cache("c").get("k") is None  # and it keeps serving
+    assert cli("stop", "--name", name).returncode == 0
