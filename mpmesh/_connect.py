@@ -49,7 +49,7 @@ _spawned: set[int] = set()
 class MeshHandle(SharedState):
     """A process's connection to a mesh it joined with ``mpmesh.connect()``.
 
-    Offers the shared state of API §2 (``cache``, ``lock``, ``subscribe``, ``call``,
+    Offers the mesh's shared state (``cache``, ``lock``, ``subscribe``, ``call``,
     ``nodes``...) plus requests to the mesh's children and groups. Close it, or use it
     as a context manager.
     """

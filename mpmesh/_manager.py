@@ -2,11 +2,12 @@
 
 Where the broker runs:
 
-- ``start()`` (and ``mpmesh.Manager()``): on a thread of *this* process. This process's
-  proxies then call the broker core directly (``LocalClient``: no socket, no second
-  process); other processes connect to its Unix socket, one connection each.
-- ``start(initializer, initargs)``: in a server process of its own, as the standard
-  library does (``initializer`` runs there first, e.g. to ignore SIGINT).
+- ``start()`` (and ``mpmesh.Manager()``): in a broker process of its own, as the
+  standard library's server is, with every process (this one included) connected to
+  its Unix socket; with ``broker="thread"``, on a thread of *this* process instead,
+  whose proxies then call the broker core directly (``LocalClient``: no socket).
+- ``start(initializer, initargs)``: in a server process of its own that runs
+  ``initializer`` first (e.g. to ignore SIGINT), as the standard library does.
 - ``get_server().serve_forever()``: in the calling thread, until SIGINT/SIGTERM.
 - ``connect()``: nowhere; this process joins a manager served elsewhere.
 

@@ -7,7 +7,7 @@ two differences that only the broker can offer:
 - **Owners are (peer, thread) pairs.** A process that dies abnormally (killed, or ended
   by an error: its connection closed without a Goodbye) releases every lock and
   semaphore unit it holds (``drop_peer``), and the next waiter is granted it; the
-  standard library's manager keeps such a lock held forever (cpython#88304). One that
+  standard library's manager keeps such a lock held forever. One that
   exits cleanly keeps them held, as in the standard library: another process may
   release a plain Lock or a semaphore it left behind (a hand-off).
 - **Waiting never blocks anything.** A call that must wait returns ``PARKED`` and is

@@ -89,7 +89,7 @@ def test_remaining_time_is_sent_to_the_worker(h: Harness) -> None:
 
 
 def test_timeout_is_retried_when_retries_are_left(h: Harness) -> None:
-    """API §5: ``retries`` re-sends after RequestTimeout too; ``timeout`` is per attempt."""
+    """``retries`` re-sends after RequestTimeout too; ``timeout`` is per attempt."""
     peers = h.group("g", 2, capacity=1)
     rid, a = h.request("g", "job", timeout=1.0, retries=1)
     ((first_peer, _),) = where_sent(a)
