@@ -202,7 +202,7 @@ class Master(SharedState, SharedObjects):
             write_key(_paths.key_path(name), self.authkey)
             self._state_proc = _broker_process.start(
                 _broker_process.Config(name, self.authkey, host_name="master-state", address=address,
-                                       near_cache=self._near_cache),
+                                       near_cache=self._near_cache, lazy=True),
                 listener=listener, wait=False)
         except BaseException:
             for path in (address, _paths.key_path(name)):
@@ -289,10 +289,25 @@ class Master(SharedState, SharedObjects):
             self._core.declare_child(name, group, capacity)
             self._specs[name] = spec  # with the router's record: readers see both or neither
         try:
-            return self._supervisor.launch(spec)
+            return self._start(spec)
         except BaseException:
             self._forget(name)
             raise
+
+    def _start(self, spec: ChildSpec) -> concurrent.futures.Future[int]:
+        """Start ``spec``'s process. Once its pid is known the broker lets only that
+        process say Hello with the child's name (no process with the key takes it over)."""
+        fut = self._supervisor.launch(spec)
+        fut.add_done_callback(lambda done: self._started(spec.name, done))
+        return fut
+
+    def _started(self, name: str, fut: concurrent.futures.Future[int]) -> None:
+        """Tell the broker the pid child ``name`` started as (the zygote's report, on the
+        loop's thread, or the caller's for a ``multiprocessing`` start)."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        pid = fut.result()
+        self._loop.run_core(lambda now: self._core.child_started(name, pid, now))
 
     def _wait_started(self, name: str, fut: concurrent.futures.Future[int]) -> None:
         try:
@@ -541,7 +556,7 @@ class Master(SharedState, SharedObjects):
                 or worker.state is not WorkerState.STARTING):
             return
         try:
-            pid = self._supervisor.start(spec)
+            pid = self._supervisor.wait_started(name, self._start(spec))
         except Exception as exc:
             if self._closed:
                 return

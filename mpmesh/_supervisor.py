@@ -210,7 +210,7 @@ class Supervisor:
         self._zygote_popen: subprocess.Popen[bytes] | None = None
         self._report_buf = bytearray()
         self._report_fds: collections.deque[int] = collections.deque()  # came before their report
-        self._adopt: Callable[[socket.socket], None] | None = None
+        self._adopt: Callable[[socket.socket, int], None] | None = None
         self.exited = threading.Condition(self._lock)
 
     # -- the zygote ---------------------------------------------------------------------
@@ -308,10 +308,11 @@ class Supervisor:
         self._zygote_pid = 0
         self._zygote_popen = None
 
-    def attach(self, loop: ReaderLoop, adopt: Callable[[socket.socket], None] | None = None) -> None:
+    def attach(self, loop: ReaderLoop, adopt: Callable[[socket.socket, int], None] | None = None) -> None:
         """Start listening for exits on ``loop`` (called once the loop exists). ``adopt``
-        takes the broker's end of a forked mesh child's connection, on the loop's thread
-        (a supervisor without a broker closes it: its children have no mesh to join)."""
+        takes the broker's end of a forked mesh child's connection, and the child's pid, on
+        the loop's thread (a supervisor without a broker closes it: its children have no
+        mesh to join)."""
         self._loop = loop
         self._adopt = adopt
         if self._report_r >= 0:
@@ -344,7 +345,7 @@ class Supervisor:
             if kind == "started":
                 _, token, pid, connected = report
                 if connected:
-                    self._serve_child(self._report_fds.popleft())
+                    self._serve_child(self._report_fds.popleft(), pid)
                 with self._lock:
                     name, fut = self._starting.pop(token)
                     proc = _Proc(name, pid)
@@ -361,13 +362,13 @@ class Supervisor:
                 if proc is not None:
                     self._exit(proc, code)
 
-    def _serve_child(self, fd: int) -> None:
-        """Hand the broker's end of a forked child's socketpair to the broker."""
+    def _serve_child(self, fd: int, pid: int) -> None:
+        """Hand the broker's end of forked child ``pid``'s socketpair to the broker."""
         sock = socket.socket(fileno=fd)
         if self._adopt is None:
             sock.close()  # the child then finds its connection closed, and exits
         else:
-            self._adopt(sock)
+            self._adopt(sock, pid)
 
     # -- starting ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ the ``Op`` messages addressed to them.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from .._wire._messages import (
     Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Hello, Message, Op, Ready, Reply,
     Request, Role, Serve,
 )
-from ._actions import Action, Close, Notify, Send
+from ._actions import WARNING, Action, Close, Notify, Send
 from ._routing import STRATEGIES, UNLIMITED, Group, Router, Worker, WorkerState
 
 __all__ = ["LOCAL_PEER", "BrokerCore", "Component", "Peer"]
@@ -57,6 +58,9 @@ class Peer:
     leaving: bool = False   # it said Goodbye: a clean exit, not a crash
     hello: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    # The pid the OS (or our zygote) says is at the other end; None where nothing says
+    # (TCP), and the Hello's own pid is taken on its word.
+    known_pid: int | None = None
 
 
 class BrokerCore:
@@ -69,6 +73,11 @@ class BrokerCore:
         self.components: dict[str, Component] = {}
         self._instances = itertools.count(1)
         self.ops = 0
+        # (deadline, peer): a peer that has not said Hello by then is closed (stale
+        # entries, of peers gone or introduced, are skipped).
+        self._hello_due: list[tuple[float, int]] = []
+        # Hellos naming a supervised child whose pid its supervisor has not reported yet.
+        self._held: dict[int, Hello] = {}
         # Whether a timer may have been set since the owner last cleared this: until then
         # the owner may keep using the ``next_deadline()`` it read. Set by every entry
         # point but an Op that set no timer; whoever changes state directly (a Master
@@ -77,10 +86,18 @@ class BrokerCore:
 
     # -- peers ------------------------------------------------------------------------------
 
-    def on_connect(self, peer: int, now: float) -> None:
-        """A socket peer connected (and authenticated); it must say Hello first."""
+    def on_connect(self, peer: int, now: float, *, pid: int | None = None,
+                   hello_by: float | None = None) -> None:
+        """A socket peer connected (and authenticated); it must say Hello first.
+
+        ``pid``: the process the OS says connected (None: unknown); a Hello must name it.
+        ``hello_by``: when the peer is closed unless its Hello was taken (None: never, for
+        a connection our own zygote made).
+        """
         self.timers_moved = True
-        self.peers[peer] = Peer(peer, last_seen=now)
+        self.peers[peer] = Peer(peer, last_seen=now, known_pid=pid)
+        if hello_by is not None:
+            heapq.heappush(self._hello_due, (hello_by, peer))
 
     def add_local(self, name: str, pid: int, hostname: str, now: float) -> Peer:
         """Register the in-process host; it serves requests whose target is ``""``."""
@@ -97,17 +114,24 @@ class BrokerCore:
     def _hello(self, peer: Peer, msg: Hello, now: float) -> list[Action]:
         if msg.role not in Role._value2member_map_ or msg.capacity < 0:
             return [Close(peer.id, f"Hello with an unknown role {msg.role} or capacity {msg.capacity}")]
-        peer.hello = True
-        peer.pid, peer.role, peer.name, peer.group, peer.hostname = (
-            msg.pid, Role(msg.role), msg.name, msg.group, msg.hostname)
-        peer.instance_id = next(self._instances)
-        self.by_instance[peer.instance_id] = peer
-        actions: list[Action] = []
+        if peer.known_pid is not None and msg.pid != peer.known_pid:
+            return _refuse(peer, msg, f"it says it is pid {msg.pid}, but pid {peer.known_pid} connected")
         worker = self.router.workers.get(msg.name) if msg.name else None
         if worker is not None and worker.supervised:
             if worker.peer is not None or worker.state not in (
                     WorkerState.STARTING, WorkerState.LOST, WorkerState.STOPPING):
                 return [Close(peer.id, f"a process named {msg.name!r} is already connected")]
+            if not worker.started_pid:
+                # The supervisor has not reported this start's pid yet (a script child can
+                # connect before the zygote's report is read): wait for it (``child_started``)
+                # until the peer's Hello deadline.
+                self._held[peer.id] = msg
+                return []
+            if msg.pid != worker.started_pid:
+                return _refuse(peer, msg, f"child {msg.name!r} was started as pid {worker.started_pid}")
+        self._introduce(peer, msg)
+        actions: list[Action] = []
+        if worker is not None and worker.supervised:
             peer.worker = worker
             actions.append(Send(peer.id, Ready(peer.instance_id, msg.name)))
             actions += self.router.attach(worker, peer.id, msg.pid, peer.instance_id, msg.capacity, now)
@@ -121,12 +145,37 @@ class BrokerCore:
         peer.worker = anon
         return [Send(peer.id, Ready(peer.instance_id, name))]
 
+    def _introduce(self, peer: Peer, msg: Hello) -> None:
+        """Take ``peer``'s Hello: who it is, and its instance id."""
+        peer.hello = True
+        peer.pid, peer.role, peer.name, peer.group, peer.hostname = (
+            msg.pid, Role(msg.role), msg.name, msg.group, msg.hostname)
+        peer.instance_id = next(self._instances)
+        self.by_instance[peer.instance_id] = peer
+
+    def child_started(self, name: str, pid: int, now: float) -> list[Action]:
+        """The supervisor started child ``name`` as process ``pid``: only that process may
+        say Hello with its name (until ``Router.worker_down``). Settles the Hellos held
+        for it."""
+        worker = self.router.workers.get(name)
+        if worker is None or not worker.supervised:
+            return []
+        self.timers_moved = True
+        worker.started_pid = pid
+        actions: list[Action] = []
+        for peer_id, msg in list(self._held.items()):
+            if msg.name == name:
+                del self._held[peer_id]
+                actions += self._hello(self.peers[peer_id], msg, now)
+        return actions
+
     def on_peer_lost(self, peer_id: int, now: float) -> list[Action]:
         self.timers_moved = True
         peer = self.peers.get(peer_id)
         if peer is None:
             return []
         self.by_instance.pop(peer.instance_id, None)
+        self._held.pop(peer_id, None)
         actions = self.router.on_origin_lost(peer_id)
         worker = peer.worker
         if worker is not None and worker.peer == peer_id:
@@ -174,7 +223,7 @@ class BrokerCore:
         if cls is Cancel:
             return self.router.cancel(peer_id, msg.rid)  # type: ignore[attr-defined]
         if cls is Hello:
-            if peer.hello:
+            if peer.hello or peer_id in self._held:
                 return [Close(peer_id, "Hello sent twice")]
             return self._hello(peer, msg, now)  # type: ignore[arg-type]
         if cls is Goodbye:
@@ -219,6 +268,16 @@ class BrokerCore:
         actions = self.router.on_tick(now)
         for component in self.components.values():
             actions += component.on_tick(now)
+        due = self._hello_due
+        while due and due[0][0] <= now:
+            peer = self.peers.get(heapq.heappop(due)[1])
+            if peer is None or peer.hello:
+                continue
+            held = self._held.pop(peer.id, None)
+            if held is None:
+                actions.append(Close(peer.id, "it said no Hello in time"))
+            else:
+                actions += _refuse(peer, held, f"no process was reported started as child {held.name!r} in time")
         return actions
 
     def next_deadline(self) -> float | None:
@@ -228,6 +287,11 @@ class BrokerCore:
             d = component.next_deadline()
             if d is not None and (best is None or d < best):
                 best = d
+        due = self._hello_due
+        while due and ((peer := self.peers.get(due[0][1])) is None or peer.hello):
+            heapq.heappop(due)
+        if due and (best is None or due[0][0] < best):
+            best = due[0][0]
         return best
 
     # -- the owner's controls -----------------------------------------------------------------
@@ -247,3 +311,10 @@ class BrokerCore:
             raise ValueError("a child needs a non-empty name")
         self.timers_moved = True
         return self.router.declare_worker(name, group, capacity)
+
+
+def _refuse(peer: Peer, msg: Hello, why: str) -> list[Action]:
+    """Close a peer whose Hello is not the truth (it knew the key: its owner should hear)."""
+    claim = f"pid {msg.pid}, name {msg.name!r}" if msg.name else f"pid {msg.pid}"
+    return [Close(peer.id, f"Hello refused: {why}"),
+            Notify(WARNING, {"message": f"refused a Hello ({claim}): {why}"})]

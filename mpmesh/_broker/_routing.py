@@ -199,6 +199,9 @@ class Worker:
     last_beat: float = 0.0
     healthy: bool = True
     down_reason: str = ""
+    # The pid its supervisor started it as this time (0: not reported yet, or ended):
+    # only that process may say Hello with a supervised worker's name.
+    started_pid: int = 0
 
     @property
     def free(self) -> bool:
@@ -626,6 +629,7 @@ class Router:
     def worker_down(self, worker: Worker, how: str, now: float, *, restarting: bool = False) -> list[Action]:
         """The worker's process is gone (``how``: "died with SIGKILL", ...)."""
         worker.peer = None
+        worker.started_pid = 0
         worker.down_reason = how
         worker.state = W_STARTING if restarting else W_DOWN
         actions = self._fail_running(worker, how, now)

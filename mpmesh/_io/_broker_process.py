@@ -81,6 +81,9 @@ class Config:
     sys_path: list[str] = field(default_factory=list)  # for an exec'd one: where imports come from
     cwd: str = ""
     near_cache: bool = True  # hand local peers the version table (``_segment``)
+    # Build the broker only when someone first connects (a Master's state broker: a mesh
+    # that never uses shared state then costs one idle forked process, no start-up work).
+    lazy: bool = False
 
 
 @dataclass(eq=False)
@@ -317,6 +320,13 @@ def serve(config: Config, sock_fd: int, life_r: int, status_w: int, listener_fd:
     from .._proxies import register_client
     from ._host import BrokerHost
 
+    if config.lazy and listener_fd >= 0:
+        # The address is the starter's own choice: it may connect at once.
+        _write(status_w, "ok " + json.dumps(config.address))
+        os.close(status_w)
+        status_w = -1
+        if not _first_use(listener_fd, sock_fd, life_r):
+            return 0
     try:
         listener = None if listener_fd < 0 else socket.socket(fileno=listener_fd)
         host = BrokerHost(config.name, config.authkey, host_name=config.host_name,
@@ -338,14 +348,33 @@ def serve(config: Config, sock_fd: int, life_r: int, status_w: int, listener_fd:
     register_client(host.address, host.client)
     host.loop.adopt(socket.socket(fileno=sock_fd))
     threading.Thread(target=_watch_life, args=(life_r, host), name="mpmesh-life", daemon=True).start()
-    _write(status_w, "ok " + json.dumps(host.address))
-    os.close(status_w)
+    if status_w >= 0:
+        _write(status_w, "ok " + json.dumps(host.address))
+        os.close(status_w)
     try:
         # Ctrl-C reaches the whole foreground group; the starter stops us in its own time.
         host.serve_forever(stop_on=(signal.SIGTERM,))
     finally:
         host.close()
     return 0
+
+
+def _first_use(listener_fd: int, sock_fd: int, life_r: int) -> bool:
+    """Wait until a peer connects or the starter speaks on its socketpair (True), or the
+    starter is gone (False)."""
+    while True:
+        try:
+            ready, _, _ = select.select([listener_fd, sock_fd, life_r], [], [])
+        except InterruptedError:
+            continue
+        if life_r in ready:
+            try:
+                if not os.read(life_r, 64):
+                    return False
+            except OSError:
+                return False
+        if listener_fd in ready or sock_fd in ready:
+            return True
 
 
 def _watch_life(life_r: int, host: Any) -> None:

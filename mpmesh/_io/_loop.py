@@ -26,6 +26,8 @@ import os
 import select
 import selectors
 import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,11 +38,12 @@ from .._broker._actions import Action, Close, Notify, Send
 from .._broker._core import LOCAL_PEER, BrokerCore
 from .._errors import AuthenticationError, RemoteProtocolError
 from .._wire._connection import Connection, Phase, Side
+from .._wire._frames import HEADER, MAX_HANDSHAKE_FRAME_BYTES
 from .._wire._messages import Failure, Message, Op, Ready, Reply, Request, encode
 from ._readers import Reader, Readers, drain_pipe
 from ._segment import Segment, send_with_fd
 
-__all__ = ["BrokerLoop", "Lease"]
+__all__ = ["BrokerLoop", "Lease", "peer_pid"]
 
 log = logging.getLogger("mpmesh.broker")
 
@@ -57,6 +60,22 @@ LEND_RETURN_S: Final = 2.0
 # them within LEASE_S.
 LEASE_S: Final = 0.25
 RENEW_S: Final = 0.05
+# A peer must prove the key within this long of being accepted, and then say Hello
+# within as long again (``BrokerCore.on_connect``), or it is closed.
+HANDSHAKE_TIMEOUT_S: Final = 5.0
+# At most this many peers mid-handshake at once; later connections wait in the listen
+# backlog (the listener is not watched) until one of them authenticates or goes.
+MAX_HANDSHAKING: Final = 64
+# While accept() fails for want of descriptors or memory, the listener is not watched
+# for this long, doubling up to the maximum (it stays readable: retrying at once spins).
+ACCEPT_BACKOFF_S: Final = 0.1
+ACCEPT_BACKOFF_MAX_S: Final = 1.0
+_NO_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_TRIES: Final = 64  # accept() calls per readiness of the listener, at most
+# Before a peer has proven the key, a read takes no more than one handshake frame.
+_HANDSHAKE_READ: Final = HEADER.size + MAX_HANDSHAKE_FRAME_BYTES
+_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_READY: Final = Phase.READY
 # Answers ``_take_op`` writes itself, when that small.
 _ANSWERS: Final = (Reply, Failure)
 _SEND_AT_ONCE: Final = 64 * 1024
@@ -182,6 +201,11 @@ class BrokerLoop(Readers):
         self._deadline: float | None = None  # the core's, as of when it last moved
         self._stopping = False
         self._closed = False  # descriptors closed (``_close_all`` ran)
+        # Peers mid-handshake (loop thread): their deadline and the pid the OS gave.
+        self._handshaking: dict[int, tuple[float, int | None]] = {}
+        self._listening = True  # the listener is watched (see ``_guard``)
+        self._accept_pause = 0.0  # the current back-off of a failing accept(); 0: none
+        self._accept_at = 0.0  # watch the listener again from then
         self._thread: threading.Thread | None = None
         self._loop_ident: int | None = None  # the thread running ``_run``
         # The version table handed to local peers with their Ready (``_segment``).
@@ -236,6 +260,8 @@ class BrokerLoop(Readers):
             self._combine()
         if self.segment is not None:
             deadline = self._renew(deadline)
+        if self._handshaking or not self._listening:
+            deadline = self._guard(deadline)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         for key, mask in self._sel.select(timeout):
             obj = key.data
@@ -342,28 +368,87 @@ class BrokerLoop(Readers):
     # -- connections ------------------------------------------------------------------------
 
     def _accept(self) -> None:
-        while True:
+        """Take in the connections waiting at the listener, while fewer than
+        MAX_HANDSHAKING peers are mid-handshake."""
+        failed = 0
+        for _ in range(_ACCEPT_TRIES):
+            if len(self._handshaking) >= MAX_HANDSHAKING:
+                self._listen(False)  # the rest wait in the backlog until a slot frees
+                return
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept a connection: %s", exc)
+                if exc.errno in _NO_RESOURCES:
+                    self._back_off(exc)
                     return
-                raise
-            self._serve(sock, Connection(Side.BROKER, self._authkey, os.urandom))
+                # That one connection failed (ECONNABORTED: it went away first; EPROTO,
+                # EPERM...): the others are still served.
+                log.debug("accept() failed: %s", exc)
+                failed += 1
+                continue
+            if self._accept_pause:
+                log.info("accepting connections again")
+                self._accept_pause = 0.0
+            self._serve(sock, Connection(Side.BROKER, self._authkey, os.urandom), peer_pid(sock))
+        if failed == _ACCEPT_TRIES:  # not one connection's trouble: do not spin on it
+            self._back_off(OSError(f"accept() failed {failed} times in a row"))
 
-    def adopt(self, sock: socket.socket) -> None:
+    def _back_off(self, exc: OSError) -> None:
+        """Stop watching the listener for a while (logged once per episode of failures)."""
+        if self._accept_pause:
+            self._accept_pause = min(2 * self._accept_pause, ACCEPT_BACKOFF_MAX_S)
+        else:
+            self._accept_pause = ACCEPT_BACKOFF_S
+            log.error("cannot accept connections (%s); retrying every %g s at most until it clears",
+                      exc, ACCEPT_BACKOFF_MAX_S)
+        self._accept_at = time.monotonic() + self._accept_pause
+        self._listen(False)
+
+    def _listen(self, on: bool) -> None:
+        """Watch the listener, or stop (connections then wait in its backlog); loop thread."""
+        if on is self._listening:
+            return
+        if on:
+            self._sel.register(self._listener, selectors.EVENT_READ, None)
+        else:
+            self._sel.unregister(self._listener)
+        self._listening = on
+
+    def _guard(self, deadline: float | None) -> float | None:
+        """Close the peers that did not authenticate in time, and watch the listener again
+        once allowed; return ``deadline`` brought forward to the next of these timers."""
+        now = time.monotonic()
+        for peer in [p for p, (due, _) in self._handshaking.items() if due <= now]:
+            conn = self._conns.get(peer)
+            if conn is None:
+                del self._handshaking[peer]
+            else:
+                self._lost(conn, f"did not authenticate within {HANDSHAKE_TIMEOUT_S:g} s")
+        if (not self._listening and now >= self._accept_at and not self._stopping
+                and len(self._handshaking) < MAX_HANDSHAKING):
+            self._listen(True)
+        soonest = min((due for due, _ in self._handshaking.values()), default=_NEVER)
+        if not self._listening and self._accept_at > now:
+            soonest = min(soonest, self._accept_at)
+        if soonest == _NEVER:
+            return deadline
+        return soonest if deadline is None else min(deadline, soonest)
+
+    def adopt(self, sock: socket.socket, pid: int | None = None) -> None:
         """Serve a connection our zygote made for a child it forked (the other end is the
-        child's): it needs no handshake. Loop thread only."""
+        child's): it needs no handshake, and has no Hello deadline. ``pid``: the child's,
+        as the zygote reported it (the socketpair's own credentials are the zygote's).
+        Loop thread only."""
         if self._stopping or self._leases is None:
             sock.close()
             return
-        self._serve(sock, Connection.trusted(Side.BROKER))
+        self._serve(sock, Connection.trusted(Side.BROKER), pid)
 
-    def _serve(self, sock: socket.socket, wire: Connection) -> None:
-        """Start serving a new connection: open its handshake, or take it as a peer now."""
+    def _serve(self, sock: socket.socket, wire: Connection, pid: int | None = None) -> None:
+        """Start serving a new connection: open its handshake, or take it as a peer now.
+        ``pid``: the process at the other end, if known."""
         sock.setblocking(False)
         peer_id = self._next_id
         self._next_id += 1
@@ -371,8 +456,9 @@ class BrokerLoop(Readers):
         with self.lock:
             self._conns[peer_id] = conn
             if wire.phase is Phase.READY:
-                self.core.on_connect(peer_id, time.monotonic())
+                self.core.on_connect(peer_id, time.monotonic(), pid=pid)
             else:
+                self._handshaking[peer_id] = (time.monotonic() + HANDSHAKE_TIMEOUT_S, pid)
                 conn.out += wire.initiate()
                 self._flush(conn, on_loop=True)
         if peer_id in self._conns:
@@ -390,7 +476,8 @@ class BrokerLoop(Readers):
         """One read from ``conn``'s socket into ``view``, then its messages through the core
         (by whoever holds ``conn.reading``)."""
         try:
-            n = conn.sock.recv_into(view)
+            # Before the key is proven, small reads: such a peer gets no large buffer.
+            n = conn.sock.recv_into(view, 0 if conn.conn.phase is _READY else _HANDSHAKE_READ)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -423,7 +510,8 @@ class BrokerLoop(Readers):
             if reply:
                 conn.out += reply
             if not was_ready and wire.phase is Phase.READY:
-                self.core.on_connect(conn.id, now)
+                _, pid = self._handshaking.pop(conn.id, (0.0, None))
+                self.core.on_connect(conn.id, now, pid=pid, hello_by=now + HANDSHAKE_TIMEOUT_S)
             actions: list[Action] = []
             on_message = self.core.on_message
             for msg in wire.events():
@@ -602,6 +690,7 @@ class BrokerLoop(Readers):
         """Forget a connection and close its socket (lock held)."""
         if self._conns.pop(conn.id, None) is None:
             return
+        self._handshaking.pop(conn.id, None)
         self._pending_write.discard(conn)
         try:
             self._sel.unregister(conn.sock)
@@ -739,3 +828,21 @@ class BrokerLoop(Readers):
         self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process that connected ``sock``, as the kernel recorded it at
+    ``connect()``; None over TCP, where the platform does not say, or for a process
+    outside our pid namespace (reported as 0)."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        if hasattr(socket, "SO_PEERCRED"):  # Linux
+            pid: int = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
+        elif sys.platform == "darwin":  # pragma: no cover - SOL_LOCAL, LOCAL_PEERPID
+            pid = struct.unpack("i", sock.getsockopt(0, 2, 4))[0]
+        else:  # pragma: no cover
+            return None
+    except OSError:
+        return None
+    return pid or None

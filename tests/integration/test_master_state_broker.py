@@ -87,3 +87,22 @@ def test_a_child_holding_the_gil_does_not_slow_the_others() -> None:
         assert not hogging.done(), "the hog finished before the rounds: nothing was measured"
         assert worst < WORST_ROUND_S, f"a round took {worst * 1e3:.0f} ms while a child held its GIL"
         hogging.result(LONG)
+
+
+def _threads(pid: int) -> int:
+    import os
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_the_state_broker_does_its_start_up_work_only_when_first_used() -> None:
+    from tests.conftest import wait_for
+    from tests.integration import workers as plain
+
+    with mpmesh.Master() as m:
+        m.spawn_child("w", plain.basic)
+        assert m.send_request("square", "w", 7, timeout=LONG) == 49  # no shared state used
+        proc = m._state_proc
+        assert proc is not None and _threads(proc.pid) == 1  # forked, waiting: no broker built
+        m.cache("c")["k"] = 1                                  # the first use builds it
+        assert wait_for(lambda: _threads(proc.pid) > 1, LONG)
+        assert m.cache("c")["k"] == 1

@@ -67,10 +67,12 @@ class Harness:
 
     def hello(self, peer: int, name: str = "", *, role: Role = Role.CLIENT, capacity: int = 0,
               pid: int | None = None) -> list[Action]:
+        pid = 1000 + peer if pid is None else pid
+        worker = self.router.workers.get(name) if name else None
+        if worker is not None and worker.supervised and not worker.started_pid:
+            self.core.child_started(name, pid, self.now)  # as a Master's supervisor reports it
         self.core.on_connect(peer, self.now)
-        actions = self.core.on_message(
-            peer, Hello(pid if pid is not None else 1000 + peer, int(role), capacity, name, "", "host"),
-            self.now)
+        actions = self.core.on_message(peer, Hello(pid, int(role), capacity, name, "", "host"), self.now)
         for a in actions:
             if isinstance(a, Send) and isinstance(a.msg, Ready):
                 self.instance[peer] = a.msg.instance_id
