@@ -16,16 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .._wire import _codec
 
-if TYPE_CHECKING:
-    from ._objects import ObjectTable
-
 __all__ = [
-    "AttributeRef", "NewRef", "ProxyRef", "Token", "TypeSpec", "WorkerSide", "install_proxy_builder",
-    "loading", "public_methods", "rebuild_ref", "same_address",
+    "AttributeRef", "NewRef", "ProxyRef", "RefOwner", "RefReader", "Token", "TypeSpec", "WorkerSide", "grants",
+    "install_proxy_builder", "loading", "public_methods", "rebuild_ref", "same_address",
 ]
 
 T = TypeVar("T")
@@ -63,8 +60,31 @@ class TypeSpec:
 
 # -- proxies inside the broker -------------------------------------------------------------
 
-_LOADING: ContextVar[ObjectTable | None] = ContextVar("mpmesh_objects_loading", default=None)
-loading = _LOADING  # the table reading a payload now (set by ObjectTable._load)
+class RefOwner(Protocol):
+    """Where a ``ProxyRef`` counts its reference: the table, or a payload's reader on a
+    worker thread until the table takes the reference over."""
+
+    dead: list[int]
+
+    def issue_grace(self, oid: int, gid: int = 0) -> int: ...
+
+    def next_gid(self) -> int: ...
+
+
+class RefReader(Protocol):
+    """What reads the proxies of a payload the broker unpickles (``loading``)."""
+
+    def ref_from_pickle(self, factory: object, token: Token, exposed: tuple[str, ...] | None,
+                        gid: int) -> ProxyRef: ...
+
+
+_LOADING: ContextVar[RefReader | None] = ContextVar("mpmesh_objects_loading", default=None)
+loading = _LOADING  # what reads a payload's proxies now, on this thread (set by ObjectTable)
+# Set on a worker thread that pickles a broker-held value: a ``ProxyRef`` pickled there
+# draws its grace id at once but leaves the grace to be registered under the core lock
+# (``ObjectTable.grant``), before the bytes leave.
+_GRANTS: ContextVar[list[tuple[ProxyRef, int]] | None] = ContextVar("mpmesh_objects_grants", default=None)
+grants = _GRANTS
 _proxy_builder: Callable[..., object] | None = None
 
 
@@ -95,13 +115,20 @@ class ProxyRef:
 
     __slots__ = ("table", "factory", "token", "exposed", "counted")
 
-    def __init__(self, table: ObjectTable, factory: object, token: Token,
+    def __init__(self, table: RefOwner, factory: object, token: Token,
                  exposed: tuple[str, ...] | None, counted: bool) -> None:
         self.table, self.factory, self.token, self.exposed = table, factory, token, exposed
         self.counted = counted
 
     def __reduce__(self) -> tuple[object, ...]:
-        gid = self.table.issue_grace(self.token.id) if self.counted else 0
+        gid = 0
+        if self.counted:
+            pending = _GRANTS.get()
+            if pending is None:
+                gid = self.table.issue_grace(self.token.id)
+            else:  # on a worker thread: the table is the loop's until ``grant``
+                gid = self.table.next_gid()
+                pending.append((self, gid))
         return (rebuild_ref, (self.factory, self.token, self.exposed, gid, None))
 
     def __del__(self) -> None:

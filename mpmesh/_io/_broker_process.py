@@ -24,6 +24,7 @@ once), so a starter that dies, even by SIGKILL, takes its broker with it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import pickle
@@ -326,6 +327,11 @@ def serve(config: Config, sock_fd: int, life_r: int, status_w: int, listener_fd:
         os.close(status_w)
         status_w = -1
         if not _first_use(listener_fd, sock_fd, life_r):
+            # The starter is gone before anyone used us: its files are ours to remove.
+            for path in (config.address, _paths.key_path(config.name)):
+                if isinstance(path, str):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
             return 0
     try:
         listener = None if listener_fd < 0 else socket.socket(fileno=listener_fd)

@@ -133,7 +133,9 @@ def test_nested_proxies_hold_internal_references(h: Harness) -> None:
     # What a pickled proxy looks like to the broker: a call to rebuild_ref.
     ref_args = (None, Token("dict", ADDRESS, inner), None, 0, None)
     payload = _codec.dumps((outer, "append", (_Pickled(ref_args),), {}, 0))
-    h.table.on_op(1, Op(9, -1.0, "objects", "call", payload), h.now)
+    (offload,) = h.table.on_op(1, Op(9, -1.0, "objects", "call", payload), h.now)
+    offload.done(offload.job(), h.now)                     # not built-in values: read off the loop
+    del offload                                            # as a host drops it: it holds the list
     h.op(1, "decref", [inner], rid=0)
     assert h.count() == 2                                  # the list keeps the dict
     got = h.value(2, outer, "__getitem__", 0)              # the dict comes back as a proxy
@@ -332,7 +334,8 @@ def test_a_bound_method_of_a_proxy_stays_a_reference(h: Harness) -> None:
     ref_args = (None, Token("list", ADDRESS, inner), None, 0, None)
     method = _Method(_Pickled(ref_args), "append")           # pickles as lst.append does
     payload = _codec.dumps((outer, "append", (method,), {}, 0))
-    h.table.on_op(1, Op(9, -1.0, "objects", "call", payload), h.now)
+    (offload,) = h.table.on_op(1, Op(9, -1.0, "objects", "call", payload), h.now)
+    offload.done(offload.job(), h.now)
     stored = h.table.objects[outer].obj[0]  # type: ignore[index]
     assert isinstance(stored, AttributeRef) and stored.name == "append"
     assert isinstance(stored.ref, ProxyRef) and stored.ref.token.id == inner
