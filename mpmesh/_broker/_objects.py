@@ -66,6 +66,7 @@ from .._errors import SerializationError
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Op, Reply
 from ._actions import WARNING, Action, Notify, Offload, Send
+from ._limits import MAX_OBJECTS, MAX_PARKED_PER_PEER, TooMany
 from ._natives import DATA, KEYED, KEYED_WRITES, NATIVE, READS, SYNC, Namespace, Value
 from ._versions import VersionTable
 from ._refs import (
@@ -357,6 +358,9 @@ class ObjectTable:
         """A call on a SYNC object, here: answered, or its caller parked."""
         if method in _FALLBACKS:
             return [Send(peer, self._fallback(rid, entry, method))]
+        if self.lot.count(peer) >= MAX_PARKED_PER_PEER:
+            return [Send(peer, self._failure(rid, TooMany(
+                f"too many blocking calls waiting from one process (the limit is {MAX_PARKED_PER_PEER:,})")))]
         w = Waiter(peer, rid, tid)
         fx = Effects()
         try:
@@ -537,9 +541,18 @@ class ObjectTable:
 
         return self._offload(job, done)
 
+    def _full(self, rid: int) -> list[Failure]:
+        """The answer to a create when the table holds as many objects as it may."""
+        if len(self.objects) < MAX_OBJECTS:
+            return []
+        return [self._failure(rid, TooMany(f"too many shared objects (the limit is {MAX_OBJECTS:,})"))]
+
     def _foreign_create(self, peer: int, rid: int, typeid: str, payload: bytes) -> list[Action]:
         """A create whose payload may hold user objects: read on a worker thread, where a
         data object is also made; a parking one is made here, once it is read."""
+        full = self._full(rid)
+        if full:
+            return [Send(peer, full[0])]
         spec = self.registry.get(typeid)
         native = spec.native if spec is not None else (typeid if typeid in NATIVE else None)
         if native is None:
@@ -633,6 +646,9 @@ class ObjectTable:
 
     def _create(self, peer: int, rid: int, args: Any) -> list[Action]:
         typeid, a, kw = args
+        full = self._full(rid)
+        if full:
+            return [Send(peer, full[0])]
         spec = self.registry.get(typeid)
         native = spec.native if spec is not None else (typeid if typeid in NATIVE else None)
         if native is not None:

@@ -100,14 +100,22 @@ class ParkingLot:
         self._heap: list[tuple[float, int, int, Waiter]] = []
         self._order = itertools.count()
         self._by_key: dict[tuple[int, int], Waiter] = {}
+        self._per_peer: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._by_key)
 
+    def count(self, peer: int) -> int:
+        """How many waiters of ``peer`` are parked."""
+        return self._per_peer.get(peer, 0)
+
     def park(self, w: Waiter) -> None:
         """Index ``w`` (its owner already holds it in its own queue)."""
         w.done = False
-        self._by_key[(w.peer, w.rid)] = w
+        key = (w.peer, w.rid)
+        if key not in self._by_key:
+            self._per_peer[w.peer] = self._per_peer.get(w.peer, 0) + 1
+        self._by_key[key] = w
         self.reschedule(w, w.deadline)
 
     def reschedule(self, w: Waiter, deadline: float) -> None:
@@ -121,6 +129,9 @@ class ParkingLot:
         w.done = True
         if self._by_key.get((w.peer, w.rid)) is w:
             del self._by_key[(w.peer, w.rid)]
+            left = self._per_peer.pop(w.peer, 1) - 1
+            if left:
+                self._per_peer[w.peer] = left
 
     def get(self, peer: int, rid: int) -> Waiter | None:
         return self._by_key.get((peer, rid))

@@ -103,3 +103,31 @@ def test_rpc_names_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_limit_is_a_mesh_error_and_a_value_error() -> None:
     from mpmesh import MeshError
     assert issubclass(_limits.TooMany, MeshError) and issubclass(_limits.TooMany, ValueError)
+
+
+def test_shared_objects_and_parked_calls_per_peer_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpmesh._broker import _objects
+    from mpmesh._broker._objects import ObjectTable
+    from mpmesh._wire import _codec
+    from mpmesh._wire._messages import Op
+
+    from .shared_fakes import answer
+
+    monkeypatch.setattr(_objects, "MAX_OBJECTS", 2)
+    monkeypatch.setattr(_objects, "MAX_PARKED_PER_PEER", 1)
+    table = ObjectTable()
+    rids = iter(range(1, 100))
+
+    def op(peer: int, name: str, args: object) -> object:
+        rid = next(rids)
+        return answer(table.on_op(peer, Op(rid, -1.0, "objects", name, _codec.dumps(args)), 0.0), peer, rid)
+
+    lock, _ = op(P, "create", ("Lock", (), {}))  # type: ignore[misc]
+    op(P, "create", ("dict", (), {}))
+    with pytest.raises(_limits.TooMany, match="too many shared objects"):
+        op(P, "create", ("list", (), {}))
+    op(P, "call", (lock, "acquire", (), {}, 1))           # held by peer 1, thread 1
+    rid = next(rids)                                       # peer 2 waits for it: parked
+    assert table.on_op(2, Op(rid, -1.0, "objects", "call", _codec.dumps((lock, "acquire", (), {}, 1))), 0.0) == []
+    with pytest.raises(_limits.TooMany, match="too many blocking calls"):
+        op(2, "call", (lock, "acquire", (), {}, 2))
