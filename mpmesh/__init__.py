@@ -16,6 +16,7 @@ from ._errors import FencedError as FencedError
 from ._errors import LockTimeout as LockTimeout
 from ._errors import MeshClosed as MeshClosed
 from ._errors import MeshError as MeshError
+from ._errors import MessageTooLarge as MessageTooLarge
 from ._errors import NoHandler as NoHandler
 from ._errors import NotFound as NotFound
 from ._errors import RemoteError as RemoteError
@@ -26,10 +27,12 @@ from ._manager import Manager as Manager
 from ._master import Master as Master
 from ._master import ProcessStats as ProcessStats
 from ._pool import Pool as Pool
+from ._wire._messages import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
     "AuthenticationError",
     "BrokerUnavailable",
     "Child",
@@ -39,6 +42,7 @@ __all__ = [
     "MeshClosed",
     "MeshError",
     "Master",
+    "MessageTooLarge",
     "NoHandler",
     "NotFound",
     "Pool",

@@ -13,6 +13,20 @@ What callers wait on (futures, blocking-call records) lives in ``_futures.py``.
 
 A connection says Goodbye before it closes only if its process is not ending abnormally
 (see "How a process ends" below): that is how the broker tells a clean exit from a crash.
+
+Deadlines (``SocketClient``): no call blocks on a broker that stopped answering (SIGSTOP,
+wedged, gone). An operation the broker answers at once waits until ``due()`` (the
+handle's ``timeout``); a call that waits by design (a lock, ``Queue.get()``) waits as
+long as it takes, while the broker proves it is alive: after half the ``timeout`` of
+silence a ``ping`` goes out, and a ping unanswered for the other half makes the broker
+*silent*: the waiting calls end (BrokerUnavailable; RequestTimeout for one whose own
+deadline came), and each new call fails at once with BrokerUnavailable until the broker
+answers that ping: a broker that was only paused serves again, with its objects, locks
+and references intact (hanging up would have the broker release them all). A write the
+broker takes nothing of for ``timeout`` closes the connection for good: a frame cut
+short cannot be taken back. Sends and receives use socket timeouts (IO_SLICE_S, set
+once), so the fast path costs nothing extra: deadline arithmetic starts only when a
+read or write has waited a whole slice.
 """
 
 from __future__ import annotations
@@ -28,29 +42,34 @@ import os
 import select
 import socket
 import socket as _socket
+import struct
 import sys
 import threading
+import time
 import types
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from . import _deadline
+from ._broker._payload import pack
 from ._errors import (
-    AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, RemoteProtocolError,
+    AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, MessageTooLarge, RemoteProtocolError,
     RequestTimeout, SerializationError,
 )
 from ._futures import Call, MeshFuture, error_for
+from ._handlers import failure_from
 from ._io import _segment
 from ._near import NearCache
 from ._wire import _codec
 from ._wire._connection import Connection, Phase, Side
 from ._wire._messages import (
-    Cancel, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, encode, encode_op,
+    Cancel, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, check_size, encode,
+    encode_op,
 )
 
 if TYPE_CHECKING:
-    from ._io._loop import BrokerLoop
+    from ._io._loop import BrokerLoop, Lease
 
 __all__ = ["ClientBase", "LocalClient", "SocketClient", "exit_is_clean", "make_hello", "process_ends"]
 
@@ -64,6 +83,17 @@ CONNECT_TIMEOUT_S: Final = 10.0
 # precise RequestTimeout normally wins the race and the client's guard only catches a
 # broker that stopped answering.
 GUARD_SLACK_S: Final = 2.0
+# The ``timeout`` of a connection whose owner sets none: how long an operation waits for
+# its answer, and how long a broker may stay silent while a call waits (see above). Long
+# enough for a broker busy with a large value; short enough that a stopped one is noticed.
+DEFAULT_TIMEOUT_S: Final = 30.0
+# A blocked send or receive returns after this long without progress (SO_SNDTIMEO,
+# SO_RCVTIMEO), so its thread can look at its deadline.
+IO_SLICE_S: Final = 0.1
+# How long close() waits for another thread's write before it leaves without a Goodbye.
+GOODBYE_WAIT_S: Final = 1.0
+_SLICE: Final = struct.pack("ll", 0, int(IO_SLICE_S * 1e6))  # a struct timeval
+_PING: Final = (b"admin", b"ping", pack(()))
 
 
 # -- the shared part ---------------------------------------------------------------------
@@ -82,6 +112,15 @@ class ClientBase:
         # Copies of shared state kept by this process, when the broker shares its
         # version table with us (``_near``); None: every read is a round trip.
         self.near: NearCache | None = None
+        # The handle's timeout (its owner sets it): see ``due``; None: no limit.
+        self.timeout: float | None = None
+        # Why the broker is taken for silent (SocketClient): new calls are refused meanwhile.
+        self._silent = ""
+
+    def due(self) -> float:
+        """The deadline of an operation the broker answers at once, sent just now."""
+        timeout = self.timeout
+        return _deadline.FOREVER if timeout is None else time.monotonic() + timeout
 
     # transport hooks
     def _send(self, msg: Message) -> None:
@@ -97,8 +136,8 @@ class ClientBase:
         log.debug("no one takes %s here; dropped", type(msg).__name__)
 
     def _new_future(self) -> tuple[int, MeshFuture]:
-        if self._closed is not None:
-            raise self._closed_error()
+        if self._closed is not None or self._silent:
+            self._refuse()
         rid = next(self._rids)
         fut = MeshFuture()
         fut._client = self
@@ -107,11 +146,16 @@ class ClientBase:
         return rid, fut
 
     def _new_call(self) -> tuple[int, Call]:
-        if self._closed is not None:
-            raise self._closed_error()
+        if self._closed is not None or self._silent:
+            self._refuse()
         rid = next(self._rids)
         call = self._pending[rid] = Call(self, rid)
         return rid, call
+
+    def _refuse(self) -> None:
+        """Raise why no call can start now, if it still holds."""
+        if self._closed is not None:
+            raise self._closed_error()
 
     def _closed_error(self) -> BaseException:
         err = self._closed
@@ -236,6 +280,7 @@ class LocalClient(ClientBase):
         self._loop = loop
 
     def _send(self, msg: Message) -> None:
+        check_size(msg)  # what goes on to a child is encoded by the broker, too late to refuse
         self._loop.submit_local(msg)
 
     def deliver(self, msgs: list[Message]) -> None:
@@ -252,7 +297,7 @@ class LocalClient(ClientBase):
     def _call(self, call: Call, msg: Request, deadline: float) -> object:
         # A child that starts the request at once has its socket lent to this thread
         # before the frame goes out: the reply is read here, not by the loop thread.
-        lease = self._send_or_forget(self._loop.submit_lent, msg)
+        lease = self._send_or_forget(self._submit_lent, msg)
         if lease is not None:
             call._latch.arm(lease.wake)
             try:
@@ -260,6 +305,10 @@ class LocalClient(ClientBase):
             finally:
                 call._latch.arm(None)
         return self.wait(call, deadline)
+
+    def _submit_lent(self, msg: Request) -> Lease | None:
+        check_size(msg)
+        return self._loop.submit_lent(msg)
 
     def wait(self, fut: MeshFuture | Call, deadline: float) -> object:
         try:
@@ -281,10 +330,13 @@ class SocketClient(ClientBase):
     """A connection to a broker's Unix socket, authenticated and introduced by Hello."""
 
     def __init__(self, address: str | tuple[str, int], authkey: bytes, hello: Hello, *,
-                 connect_timeout: float = CONNECT_TIMEOUT_S, sock: _socket.socket | None = None) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, sock: _socket.socket | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
         """``sock``: a connection the zygote made for this (forked) child; it is already
-        the broker's, so there is no connect and no handshake."""
+        the broker's, so there is no connect and no handshake. ``timeout``: see ``due``
+        and the module's "Deadlines" (None: operations wait as long as the broker is alive)."""
         super().__init__()
+        self.timeout = timeout
         self.address = address
         inherited = sock is not None
         if sock is None:
@@ -309,6 +361,12 @@ class SocketClient(ClientBase):
         self._reader: threading.Thread | None = None
         self._early: list[Message] = []
         self._pid = os.getpid()
+        # Liveness probing (``_watch_broker``): the ping in flight, when it left, and when
+        # the broker last answered one.
+        self._probe_lock = threading.Lock()
+        self._probe: Call | None = None
+        self._probe_at = 0.0
+        self._heard_at = 0.0
         deadline = _deadline.after(connect_timeout)
         try:
             sock.settimeout(connect_timeout)
@@ -319,6 +377,8 @@ class SocketClient(ClientBase):
             sock.close()
             raise
         sock.settimeout(None)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _SLICE)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _SLICE)
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
         self._said_goodbye = False
@@ -380,7 +440,9 @@ class SocketClient(ClientBase):
     def _send(self, msg: Message) -> None:
         self._send_frame(encode(msg))
 
-    def _send_frame(self, frame: bytes) -> None:
+    def _send_frame(self, frame: bytes, stall: float | None = None) -> None:
+        """Write ``frame`` (or queue it for the thread writing now); ``stall``: see
+        ``_send_rest``."""
         if self._closed is not None:
             raise self._closed_error()
         # Combined writes: the frame joins a queue and whoever holds the send lock writes
@@ -393,24 +455,95 @@ class SocketClient(ClientBase):
                 try:
                     data = outq.popleft() if len(outq) == 1 else b"".join(
                         [outq.popleft() for _ in range(len(outq))])
-                    self._sock.sendall(data)
+                    try:
+                        sent = self._sock.send(data)
+                    except BlockingIOError:  # nothing taken for IO_SLICE_S
+                        sent = 0
+                    if sent != len(data):
+                        self._send_rest(data, sent, stall)
                 finally:
                     lock.release()
         except OSError as exc:
             self._broken(f"the connection to the broker failed: {exc}")
             raise self._closed_error() from None
 
+    def _send_rest(self, data: bytes, sent: int, stall: float | None) -> None:
+        """Write ``data`` from ``sent`` on (send lock held), however long it takes while the
+        broker takes bytes. One that takes none for ``stall`` seconds (default: the
+        window) is given up: a frame cut short cannot be taken back."""
+        limit = self._window() if stall is None else stall
+        view = memoryview(data)
+        until = time.monotonic() + limit
+        while sent < len(data):
+            try:
+                sent += self._sock.send(view[sent:])
+            except BlockingIOError:
+                if time.monotonic() < until:
+                    continue
+                self._give_up(f"the broker took no data for {limit:g} s (stopped or wedged); "
+                              f"this connection is closed")
+                raise self._closed_error() from None
+            until = time.monotonic() + limit
+
     def send_message(self, msg: Message) -> None:
-        """Send a message that expects no reply (Reply, Failure, Heartbeat...)."""
-        self._send(msg)
+        """Send a message that expects no reply (Reply, Failure, Heartbeat...). A Reply
+        too large to send goes as a Failure that says so: its caller must not wait in vain."""
+        try:
+            self._send(msg)
+        except MessageTooLarge as exc:
+            if type(msg) is not Reply:
+                raise
+            self._send(failure_from(msg.rid, MessageTooLarge(f"the reply is too large to send back: {exc}")))
 
     # -- receiving ---------------------------------------------------------------------------
 
     def wait(self, fut: MeshFuture | Call, deadline: float) -> object:
+        """The answer ``fut`` stands for; RequestTimeout at ``deadline``, BrokerUnavailable
+        once the broker stopped answering (see "Deadlines")."""
         settled = fut._settled
-        if not settled() and not self.wait_until(settled, deadline) and not settled():
-            raise self._timed_out(fut)
+        try:
+            if not settled() and not self.wait_until(settled, deadline, probe=True) and not settled():
+                raise self._timed_out(fut)
+        except BrokerUnavailable:
+            fut.cancel()  # its answer, should one come, goes nowhere
+            raise
         return fut.result()
+
+    def _timed_out(self, fut: MeshFuture | Call) -> BaseException:
+        """RequestTimeout for ``fut``; if the broker does not answer pings either, it is
+        taken for silent too (new calls fail at once)."""
+        if self._probe_unanswered():
+            self._silent = self._silent or self._silence()
+            fut.cancel()
+            return RequestTimeout(f"no answer in time: {self._silent}")
+        return super()._timed_out(fut)
+
+    def _refuse(self) -> None:
+        super()._refuse()
+        if self._silent and not self._heard_again():
+            raise BrokerUnavailable(self._silent)
+
+    def _heard_again(self) -> bool:
+        """Whether a silent broker answered its ping since (reading what came, if no other
+        thread reads now); if so it is no longer taken for silent."""
+        if self._leader is None and self._read_lock.acquire(blocking=False):
+            self._leader = threading.get_ident()
+            try:
+                while self._closed is None and self._read_once(0.0):
+                    pass
+            finally:
+                self._leader = None
+                self._read_lock.release()
+                self._wake_followers()
+        with self._probe_lock:
+            probe = self._probe
+            if self._closed is None and (probe is None or probe._settled()):
+                self._silent = ""
+        return not self._silent
+
+    def _silence(self) -> str:
+        return (f"the broker at {self.address} did not answer for {self._window():g} s (stopped or wedged); "
+                f"calls on this connection fail until it answers again")
 
     def call_op(self, component: str, op: str, payload: bytes,
                 withdraw: Callable[[ClientBase, int], None] | None = None) -> object:
@@ -418,7 +551,8 @@ class SocketClient(ClientBase):
         # and reads its own answer, with no Call record and no pending entry (nobody
         # else can take the answer); what else arrives meanwhile is dispatched as usual.
         lock = self._read_lock
-        if self._leader is not None or self._early or self._closed is not None or not lock.acquire(False):
+        if (self._leader is not None or self._early or self._closed is not None or self._silent
+                or not lock.acquire(False)):
             return super().call_op(component, op, payload, withdraw)
         self._leader = threading.get_ident()
         try:
@@ -443,9 +577,14 @@ class SocketClient(ClientBase):
         """Read until the answer to ``rid`` comes (read lock held): a Reply's payload or
         the Failure."""
         sock, buf, view, conn = self._sock, self._buf, self._view, self._conn
+        since = 0.0
         while True:
             try:
                 n = sock.recv_into(buf)
+            except BlockingIOError:  # nothing for IO_SLICE_S: wait on, watching the broker
+                since = since or time.monotonic() - IO_SLICE_S
+                self._await_data(since)
+                continue
             except OSError as exc:
                 self._broken(f"reading from the broker failed: {exc}")
                 raise self._closed_error() from None
@@ -476,23 +615,90 @@ class SocketClient(ClientBase):
             if self._closed is not None:
                 raise self._closed_error()
 
-    def wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
+    def _await_data(self, since: float) -> None:
+        """Wait until the socket has data (read lock held), watching a broker quiet since
+        ``since``; BrokerUnavailable once it stopped answering."""
+        while True:
+            if self._closed is not None:
+                raise self._closed_error()
+            now = time.monotonic()
+            if self._poller.poll(max(0.0, self._watch_broker(since, now) - now) * 1000):
+                return
+
+    def _window(self) -> float:
+        """How long the broker may stay silent while a call waits."""
+        return self.timeout or DEFAULT_TIMEOUT_S
+
+    def _watch_broker(self, since: float, now: float) -> float:
+        """For a call waiting since ``since``: ping the broker once it has been quiet for
+        half the window; when the ping is unanswered for the other half, the broker is
+        silent (BrokerUnavailable here, and for new calls until it answers). Returns when
+        to look again."""
+        half = self._window() / 2
+        with self._probe_lock:
+            probe = self._probe
+            if probe is not None and probe._settled():
+                self._heard_at, self._probe, probe = self._probe_at, None, None
+                self._silent = ""
+            if probe is not None:
+                if now - self._probe_at < half:
+                    return self._probe_at + half
+                self._silent = self._silent or self._silence()
+                raise BrokerUnavailable(self._silent)
+            quiet = max(self._heard_at, since)
+            if now - quiet < half:
+                return quiet + half
+            if self._closed is not None:
+                raise self._closed_error()
+            rid = next(self._rids)
+            self._probe = self._pending[rid] = Call(self, rid)
+            self._probe_at = now
+        self._send_frame(encode_op(rid, -1.0, *_PING), half)
+        return now + half
+
+    def _probe_unanswered(self) -> bool:
+        """Whether a ping has been out for a while with no answer."""
+        probe = self._probe
+        return (probe is not None and not probe._settled()
+                and time.monotonic() - self._probe_at >= self._window() / 4)
+
+    def _give_up(self, why: str) -> None:
+        """A frame could not be finished: fail every call, and hang up, so that the broker,
+        should it run again, does not read the rest of the stream as frames."""
+        self._broken(why)
+        try:
+            self._sock.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def wait_until(self, predicate: Callable[[], bool], deadline: float, probe: bool = False) -> bool:
         """Block until ``predicate()`` holds (True) or ``deadline`` passes (False).
 
-        The calling thread reads the socket itself when nobody else does.
+        The calling thread reads the socket itself when nobody else does. ``probe``: the
+        predicate waits for the broker (an answer), so watch that it is alive meanwhile.
         """
         me = threading.get_ident()
+        since = 0.0
         while not predicate():
             if self._closed is not None:
                 return predicate()
-            timeout = _deadline.remaining(deadline)
+            until = deadline
+            if probe:
+                now = time.monotonic()
+                if now >= deadline:
+                    return False  # the call's own deadline goes first
+                since = since or now
+                until = min(deadline, self._watch_broker(since, now))
+            timeout = _deadline.remaining(until)
             if timeout == 0:
-                return False
+                if until == deadline:
+                    return False
+                continue
             if self._leader in (None, me) and self._read_lock.acquire(blocking=False):
                 outer, self._leader = self._leader, me
                 try:
                     while not predicate() and self._closed is None:
-                        if not self._read_once(_deadline.remaining(deadline)):
+                        if not self._read_once(_deadline.remaining(until)):
                             break
                 finally:
                     self._leader = outer
@@ -523,6 +729,10 @@ class SocketClient(ClientBase):
             if timeout is not None and not self._poller.poll(timeout * 1000):
                 return False
             n = self._sock.recv_into(self._buf)
+        except BlockingIOError:  # nothing for IO_SLICE_S (SO_RCVTIMEO)
+            if timeout is None:
+                self._poller.poll()  # no time limit: sleep until there is something
+            return True
         except OSError as exc:
             self._broken(f"reading from the broker failed: {exc}")
             return True
@@ -587,7 +797,7 @@ class SocketClient(ClientBase):
             return
         self._said_goodbye = True
         try:
-            self._send(Goodbye())
+            self._send_frame(encode(Goodbye()), GOODBYE_WAIT_S)  # the process is ending: not for long
         except (MeshError, OSError):
             pass
 
@@ -601,11 +811,14 @@ class SocketClient(ClientBase):
                 goodbye = _verdict[1] if _verdict is not None and _verdict[0] == os.getpid() else True
             if goodbye and not self._said_goodbye and self._pid == os.getpid():
                 self._said_goodbye = True
-                try:
-                    with self._send_lock:
-                        self._sock.sendall(encode(Goodbye()))
-                except OSError:
-                    pass
+                # A write under way ends within the window; do not wait for it that long.
+                if self._send_lock.acquire(timeout=GOODBYE_WAIT_S):
+                    try:
+                        self._sock.sendall(encode(Goodbye()))  # SO_SNDTIMEO bounds it
+                    except OSError:
+                        pass
+                    finally:
+                        self._send_lock.release()
             self._fail_pending(self._closed_error)
         try:
             self._sock.shutdown(_socket.SHUT_RDWR)

@@ -27,7 +27,7 @@ from . import _deadline, _near
 from ._binding import read_key
 from ._broker._admin import STOP_EVENT, Admin
 from ._broker._actions import Notify
-from ._client import SocketClient, make_hello
+from ._client import DEFAULT_TIMEOUT_S, ClientBase, SocketClient, make_hello
 from ._futures import MeshFuture
 from ._errors import BrokerUnavailable
 from ._io import _paths
@@ -78,6 +78,12 @@ class MeshHandle(SharedState):
         return self._client.call(action, target, data, timeout=self.timeout if timeout is None else timeout,
                                  priority=priority)
 
+    def _open_state_conn(self) -> ClientBase:
+        """This process's connection to the mesh's state broker, with the handle's timeout."""
+        client = super()._open_state_conn()
+        client.timeout = self.timeout
+        return client
+
     def close(self) -> None:
         """Leave the mesh (idempotent); locks this process holds are released."""
         self._client.close()
@@ -93,11 +99,15 @@ class MeshHandle(SharedState):
 
 
 def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: bool = True,
-            timeout: float | None = None, near_cache_bytes: int | None = None) -> MeshHandle:
+            timeout: float | None = DEFAULT_TIMEOUT_S, near_cache_bytes: int | None = None) -> MeshHandle:
     """Join mesh ``name`` from any process of this user; start its broker if needed.
 
-    ``timeout`` is the default of ``call`` and ``send_request`` on the handle;
-    ``near_cache_bytes`` bounds the copies of shared state this process keeps (64 MiB).
+    ``timeout`` is the default of ``call`` and ``send_request`` on the handle, and of
+    every other blocking call of it: an operation on shared state that gets no answer in
+    ``timeout`` raises RequestTimeout, and a call that waits by design (``lock()``) ends
+    with BrokerUnavailable if the broker stays silent that long (None: requests and
+    operations wait as long as the broker is alive). ``near_cache_bytes`` bounds the
+    copies of shared state this process keeps (64 MiB).
 
     Raises:
         BrokerUnavailable: no broker answers (and ``autospawn`` is False).
@@ -112,27 +122,27 @@ def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: b
         _near.set_budget(near_cache_bytes)
     address = _paths.socket_path(name)
     try:
-        client = _open(address, authkey)
+        client = _open(address, authkey, timeout)
         spawned = False
     except BrokerUnavailable:
         if not autospawn:
             raise
         with _spawn_lock(_deadline.after(SPAWN_TIMEOUT_S)):
             try:  # someone may have started it while we waited for the lock
-                client = _open(address, authkey)
+                client = _open(address, authkey, timeout)
                 spawned = False
             except BrokerUnavailable:
                 _spawn(name, authkey)
-                client = _open(address, authkey)
+                client = _open(address, authkey, timeout)
                 spawned = True
     return MeshHandle(name, address, client, timeout=timeout, spawned=spawned)
 
 
-def _open(address: str, authkey: bytes | None) -> SocketClient:
+def _open(address: str, authkey: bytes | None, timeout: float | None) -> SocketClient:
     if not os.path.exists(address):
         raise BrokerUnavailable(f"no mesh listens at {address}")
     key = bytes(authkey) if authkey is not None else read_key(address)
-    return SocketClient(address, key, make_hello(Role.CLIENT))
+    return SocketClient(address, key, make_hello(Role.CLIENT), timeout=timeout)
 
 
 @contextlib.contextmanager

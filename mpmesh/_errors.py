@@ -19,6 +19,7 @@ __all__ = [
     "LockTimeout",
     "MeshClosed",
     "MeshError",
+    "MessageTooLarge",
     "NoHandler",
     "NotFound",
     "RemoteError",
@@ -72,6 +73,13 @@ class MeshClosed(MeshError):
 
 class BrokerUnavailable(MeshError, ConnectionError):
     """The broker cannot be reached, or went away under us."""
+
+
+class MessageTooLarge(MeshError, ValueError):
+    """One message (a request, an operation, its reply, a publish) would exceed
+    ``mpmesh.MAX_MESSAGE_BYTES``. Raised by the sender before anything is sent (its
+    connection stays usable); a reply that is too large reaches its caller as this error.
+    Larger data belongs in shared memory or a file."""
 
 
 class RemoteError(MeshError, multiprocessing.managers.RemoteError):

@@ -39,8 +39,9 @@ from typing import Any, ClassVar, Final
 from ._broker._natives import NATIVE, Array, Namespace, Value
 from ._broker._objects import COMPONENT, ObjectTable
 from ._broker._refs import Token, TypeSpec
-from ._client import ClientBase, SocketClient, make_hello
-from ._errors import MeshClosed
+from . import _deadline
+from ._client import DEFAULT_TIMEOUT_S, ClientBase, SocketClient, make_hello
+from ._errors import BrokerUnavailable, MeshClosed
 from . import _near
 from ._futures import dispatcher
 from ._io import _broker_process, _paths
@@ -223,6 +224,10 @@ class Server:
 class BaseManager:
     """A manager of shared objects: ``multiprocessing.managers.BaseManager``'s API.
 
+    ``timeout`` (an mpmesh addition): a proxy call waits as long as its method takes, as
+    with the standard library, but ends with BrokerUnavailable once the broker has been
+    silent this long (stopped, wedged); a server process must also start within it.
+
     Raises:
         multiprocessing.ProcessError: ``start``/``get_server`` in the wrong state.
     """
@@ -233,7 +238,8 @@ class BaseManager:
     def __init__(self, address: object = None, authkey: bytes | None = None,
                  serializer: str = "pickle", ctx: BaseContext | None = None, *,
                  shutdown_timeout: float = 1.0, broker: str = "process", near_cache: bool = True,
-                 near_cache_bytes: int | None = None) -> None:
+                 near_cache_bytes: int | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+        _deadline.check_timeout(timeout)
         if serializer != "pickle":
             raise ValueError(f"mpmesh managers speak pickle only, not {serializer!r}")
         if authkey is None:
@@ -246,6 +252,7 @@ class BaseManager:
         self._serializer = serializer
         self._ctx = ctx
         self._shutdown_timeout = shutdown_timeout
+        self._timeout = timeout
         self._client: ClientBase | None = None
         self._host: BrokerHost | None = None
         self._process: Any = None
@@ -274,7 +281,8 @@ class BaseManager:
 
     def connect(self) -> None:
         """Join the manager served at ``address`` (one connection for this process)."""
-        client = SocketClient(self._address, self._authkey, make_hello(Role.CLIENT))  # type: ignore[arg-type]
+        client = SocketClient(self._address, self._authkey, make_hello(Role.CLIENT),  # type: ignore[arg-type]
+                              timeout=self._timeout)
         self._client = client
         self._pid = os.getpid()
         register_client(self._address, client)
@@ -310,7 +318,8 @@ class BaseManager:
             registry=builtins.dict(self._registry),
             sys_path=[os.path.abspath(p) for p in sys.path], cwd=os.getcwd(), near_cache=self._near_cache))
         try:
-            client = SocketClient(proc.address, self._authkey, make_hello(Role.CLIENT), sock=proc.sock)
+            client = SocketClient(proc.address, self._authkey, make_hello(Role.CLIENT), sock=proc.sock,
+                                  timeout=self._timeout)
         except BaseException:
             proc.stop()
             raise
@@ -333,6 +342,13 @@ class BaseManager:
         proc.start()
         writer.close()
         try:
+            # It reports its address once ``initializer`` ran: within the timeout, or it is
+            # taken for hung (the standard library would wait forever).
+            limit = self._timeout or DEFAULT_TIMEOUT_S
+            if not reader.poll(limit):
+                _end_process(proc, self._shutdown_timeout)
+                raise BrokerUnavailable(f"the manager's server process did not start within {limit:g} s "
+                                        f"(does its initializer hang?); it was stopped")
             self._address = reader.recv()
         except EOFError:
             proc.join()
@@ -491,6 +507,11 @@ def _stop_server(address: object, client: ClientBase, proc: Any, timeout: float,
     if os.getpid() != pid:
         return
     _close_client(address, client, pid)
+    _end_process(proc, timeout)
+
+
+def _end_process(proc: Any, timeout: float) -> None:
+    """SIGTERM ``proc`` (a stopped one too), then SIGKILL if it lives on after ``timeout``."""
     if proc.is_alive():
         proc.terminate()
         proc.join(timeout)
@@ -537,7 +558,7 @@ del _typeid, _callable, _proxy
 
 
 def Manager(*, ctx: BaseContext | None = None, broker: str = "process", near_cache: bool = True,  # noqa: N802
-            near_cache_bytes: int | None = None) -> SyncManager:
+            near_cache_bytes: int | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) -> SyncManager:
     """A started ``SyncManager``: a drop-in for ``multiprocessing.Manager()``.
 
     Its broker runs in a process of its own (``broker="process"``), as the standard
@@ -547,8 +568,12 @@ def Manager(*, ctx: BaseContext | None = None, broker: str = "process", near_cac
     With ``near_cache`` (the default), every process on this host serves reads of the
     manager's dict, list, Namespace, Value and Array from its own copy while they are
     unchanged; ``near_cache_bytes`` bounds what this process keeps (64 MiB by default).
-    Shut it down with ``shutdown()`` or a ``with`` block.
+    No call hangs on a broker that stopped answering: a proxy call (even ``Lock.acquire()``
+    or ``Queue.get()``, which wait as long as they must) ends with BrokerUnavailable once
+    the broker has been silent for ``timeout`` seconds (30 by default; None: 30 as well,
+    it cannot be turned off). Shut it down with ``shutdown()`` or a ``with`` block.
     """
-    manager = SyncManager(ctx=ctx, broker=broker, near_cache=near_cache, near_cache_bytes=near_cache_bytes)
+    manager = SyncManager(ctx=ctx, broker=broker, near_cache=near_cache, near_cache_bytes=near_cache_bytes,
+                          timeout=timeout)
     manager.start()
     return manager

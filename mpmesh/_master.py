@@ -223,7 +223,11 @@ class Master(SharedState, SharedObjects):
             if client is None:
                 self._check_open()
                 proc.ready()
-                client = SocketClient(proc.address, self.authkey, make_hello(Role.CLIENT), sock=proc.sock)
+                # The Master's timeout: a shared-state call ends within it if the state
+                # broker stops answering (None: no deadline, but a broker silent for
+                # DEFAULT_TIMEOUT_S is still given up).
+                client = SocketClient(proc.address, self.authkey, make_hello(Role.CLIENT), sock=proc.sock,
+                                      timeout=self.timeout)
                 self.__dict__["_state_client"] = client  # before a second caller takes the lock
                 _binding.bind(state_address(self.address), client)
         return client

@@ -23,7 +23,7 @@ from . import _binding, _deadline, _near
 from ._broker._payload import pack
 from ._broker._pubsub import pack_publish
 from ._broker._rpc import pack_call
-from ._errors import LockTimeout, MeshError, RequestTimeout
+from ._errors import BrokerUnavailable, LockTimeout, MeshError, RequestTimeout
 from ._shared_cache import Cache, open_cache
 from ._shared_session import Subscription, session_for
 from ._wire import _codec
@@ -77,19 +77,31 @@ class LockGrant:
         return self._client
 
     def release(self) -> None:
-        """Release the lock now (the next waiter gets it at once)."""
+        """Release the lock now (the next waiter gets it at once).
+
+        Raises:
+            RequestTimeout, BrokerUnavailable: the broker did not confirm it; the release
+            is sent all the same, and takes effect if the broker runs again.
+        """
         if self._released:
             return
-        self._released = True
         client = self._bound()
-        client.wait(client.op("locks", "release", payload=pack((self.name, self.token))), _deadline.FOREVER)
+        payload = pack((self.name, self.token))
+        if client._silent and client._closed is None:
+            # New calls are refused while the broker is silent; a release needs no answer.
+            client._send(Op(0, -1.0, "locks", "release", payload))
+            self._released = True
+            raise BrokerUnavailable(f"{client._silent} (lock {self.name!r}: its release is sent)")
+        call = client.op("locks", "release", payload=payload)
+        self._released = True
+        client.wait(call, client.due())
 
     def extend(self, ttl: float | None) -> bool:
         """Make the grant expire ``ttl`` seconds from now (None: never); False if it already ended."""
         _deadline.check_timeout(ttl, "ttl")
         client = self._bound()
-        ok = bool(client.wait(client.op("locks", "extend", payload=pack((self.name, self.token, ttl))),
-                              _deadline.FOREVER))
+        call = client.op("locks", "extend", payload=pack((self.name, self.token, ttl)))
+        ok = bool(client.wait(call, client.due()))
         if ok:
             self.ttl = ttl
         return ok
@@ -170,9 +182,11 @@ class SharedState:
         return getattr(self._state_conn, "address", None) or self._mesh_address()
 
     def _run(self, component: str, op: str, payload: bytes, *, timeout: float | None = None,
-             deadline: float = _deadline.FOREVER) -> Any:
+             deadline: float | None = None) -> Any:
+        """One operation; by default one the broker answers at once (see ``ClientBase.due``)."""
         client = self._client if component == "admin" else self._state_conn
-        return client.wait(client.op(component, op, payload=payload, timeout=timeout), deadline)
+        call = client.op(component, op, payload=payload, timeout=timeout)
+        return client.wait(call, client.due() if deadline is None else deadline)
 
     def _shared_timeout(self) -> float | None:
         """The default timeout of ``call`` (the Master's or the child's ``timeout``)."""
@@ -321,8 +335,8 @@ class SharedState:
         from ._io._usage import process_usage
 
         client = self._state_conn  # its counters are the state broker's, where there is one
-        snapshot = cast("dict[str, Any]", client.wait(client.op("admin", "stats", payload=pack(())),
-                                                     _deadline.FOREVER))
+        call = client.op("admin", "stats", payload=pack(()))
+        snapshot = cast("dict[str, Any]", client.wait(call, client.due()))
         pid = snapshot.get("broker_pid")
         if pid:
             snapshot.update(process_usage(int(pid)))

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, final
 from . import _binding
 from ._broker._payload import MISSING, pack
 from ._broker._versions import bulk_slot, cache_ident, key_slot, stable_hash, whole_slot
-from ._deadline import FOREVER
 from ._errors import NotFound
 from ._near import ETERNAL, NearCache
 from ._wire import _codec
@@ -40,7 +39,8 @@ def open_cache(client: ClientBase, address: str, name: str, maxsize: int | None,
                ttl: float | None, maxbytes: int | None, *, near: bool = True) -> Cache:
     """Create (or attach to) cache ``name`` on the broker; ValueError on clashing options.
     ``near``: the handle reads from this process's copies where it can."""
-    options = client.wait(client.op("cache", "open", payload=pack((name, maxsize, ttl, maxbytes))), FOREVER)
+    call = client.op("cache", "open", payload=pack((name, maxsize, ttl, maxbytes)))
+    options = client.wait(call, client.due())
     return Cache(address, name, {**options, "near": bool(near)}, client)  # type: ignore[dict-item]
 
 
@@ -90,15 +90,18 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
         return self._bound().near if self.options.get("near", True) else None
 
     def _op(self, op: str, payload: bytes) -> Any:
+        """One operation, answered at once: it waits for the connection's ``timeout``."""
         client = self._bound()
         try:
-            return client.wait(client.op("cache", op, payload=payload), FOREVER)
+            call = client.op("cache", op, payload=payload)
+            return client.wait(call, client.due())
         except NotFound:
             if client._closed is not None:
                 raise
             o = self.options
             open_cache(client, self._address, self.name, o.get("maxsize"), o.get("ttl"), o.get("maxbytes"))
-            return client.wait(client.op("cache", op, payload=payload), FOREVER)
+            call = client.op("cache", op, payload=payload)
+            return client.wait(call, client.due())
 
     # -- reads served from this process's copy (``_near``) ----------------------------------
     # A copy of a key lapses with its entry's TTL, and a read from it counts as a use for

@@ -36,10 +36,11 @@ from typing import Final
 from .. import _deadline
 from .._broker._actions import Action, Close, Notify, Send
 from .._broker._core import LOCAL_PEER, BrokerCore
-from .._errors import AuthenticationError, RemoteProtocolError
+from .._broker._payload import fail
+from .._errors import AuthenticationError, MessageTooLarge, RemoteProtocolError
 from .._wire._connection import Connection, Phase, Side
 from .._wire._frames import HEADER, MAX_HANDSHAKE_FRAME_BYTES
-from .._wire._messages import Failure, Message, Op, Ready, Reply, Request, encode
+from .._wire._messages import MAX_MESSAGE_BYTES, Failure, Message, Op, Ready, Reply, Request, encode
 from ._readers import Reader, Readers, drain_pipe
 from ._segment import Segment, send_with_fd
 
@@ -48,9 +49,12 @@ __all__ = ["BrokerLoop", "Lease", "peer_pid"]
 log = logging.getLogger("mpmesh.broker")
 
 RECV_BYTES: Final = 256 * 1024  # one reusable buffer; recv_into never allocates per call
-# A peer whose unsent output passes this is not reading: disconnect it rather than let
-# the broker grow without bound (pub/sub drops messages well before this; see _pubsub).
+# A peer whose unsent output passes this and who took none of it for OUTBOUND_STALL_S
+# is not reading: disconnect it rather than let the broker grow without bound (pub/sub
+# drops messages well before this; see _pubsub). One that takes bytes may run past it
+# (a big message in flight), by up to one message of MAX_MESSAGE_BYTES.
 MAX_OUTBOUND_BYTES: Final = 256 * 2**20
+OUTBOUND_STALL_S: Final = 5.0
 # ``drain`` reads at most this many buffers from a peer that exited (64 MiB).
 DRAIN_READS: Final = 256
 # How long ``drain`` waits for a caller to hand back a socket it reads (it is woken).
@@ -104,7 +108,8 @@ else:  # pragma: no cover - macOS: kqueue cannot watch a descriptor for nothing;
 
 
 class _Conn:
-    __slots__ = ("id", "sock", "conn", "out", "closing", "writing", "reading", "lent_to", "give_back")
+    __slots__ = ("id", "sock", "conn", "out", "closing", "writing", "reading", "lent_to", "give_back",
+                 "took_at")
 
     def __init__(self, peer_id: int, sock: socket.socket, conn: Connection) -> None:
         self.id = peer_id
@@ -118,6 +123,8 @@ class _Conn:
         self.reading = threading.Lock()
         self.lent_to: Lease | None = None
         self.give_back = False
+        # While output waits: when the peer last took some (or the wait began); else 0.
+        self.took_at = 0.0
 
     def interest(self) -> int:
         """The events the loop's selector watches: none to read while a caller reads."""
@@ -541,8 +548,11 @@ class BrokerLoop(Readers):
             if len(actions) == 1 and not conn.out and not conn.closing:
                 action = actions[0]
                 if type(action) is Send and action.peer == conn.id and type(action.msg) in _ANSWERS:
-                    frame = encode(action.msg)
-                    if len(frame) <= _SEND_AT_ONCE:
+                    try:
+                        frame = encode(action.msg)
+                    except MessageTooLarge:
+                        frame = b""  # too large to send: ``_perform`` answers with a Failure
+                    if 0 < len(frame) <= _SEND_AT_ONCE:
                         try:
                             sent = conn.sock.send(frame)
                         except (BlockingIOError, InterruptedError):
@@ -720,11 +730,13 @@ class BrokerLoop(Readers):
                     self._hand_segment(conn, encode(action.msg))  # type: ignore[union-attr]
                     touched[peer] = conn
                     continue
-                conn.out += encode(action.msg)  # type: ignore[union-attr]
-                if len(conn.out) > MAX_OUTBOUND_BYTES:
-                    conn.closing = f"{len(conn.out)} bytes unread: the peer is not reading"
-                    log.warning("peer %d: %s; disconnecting it", peer, conn.closing)
-                    conn.out.clear()
+                try:
+                    frame = encode(action.msg)  # type: ignore[union-attr]
+                except MessageTooLarge as exc:
+                    frame = _refused(peer, action.msg, exc)  # type: ignore[union-attr]
+                conn.out += frame
+                if len(conn.out) > MAX_OUTBOUND_BYTES and len(conn.out) > len(frame):
+                    self._check_reading(conn)
                 touched[peer] = conn
             elif cls is Close:
                 conn = conns.get(action.peer)  # type: ignore[union-attr]
@@ -737,6 +749,21 @@ class BrokerLoop(Readers):
         for conn in touched.values():
             self._flush(conn, on_loop)
         return local, notes
+
+    @staticmethod
+    def _check_reading(conn: _Conn) -> None:
+        """``conn`` has more than MAX_OUTBOUND_BYTES unsent, not all of it just queued:
+        disconnect it if it took nothing for OUTBOUND_STALL_S, or if even a big message in
+        flight does not account for it (lock held)."""
+        backlog = len(conn.out)
+        if backlog > MAX_OUTBOUND_BYTES + MAX_MESSAGE_BYTES:
+            conn.closing = f"{backlog} bytes unsent: more than a peer reading one message at a time can owe"
+        elif conn.took_at and time.monotonic() - conn.took_at > OUTBOUND_STALL_S:
+            conn.closing = f"{backlog} bytes unsent, none taken for {OUTBOUND_STALL_S:g} s: the peer is not reading"
+        else:
+            return
+        log.warning("peer %d: %s; disconnecting it", conn.id, conn.closing)
+        conn.out.clear()
 
     def _hand_segment(self, conn: _Conn, frame: bytes) -> None:
         """Queue ``frame`` (a Ready) with the version table's descriptor on its first
@@ -757,6 +784,7 @@ class BrokerLoop(Readers):
     def _flush(self, conn: _Conn, on_loop: bool) -> None:
         """Send what the kernel takes now; arrange EVENT_WRITE for the rest (lock held)."""
         out = conn.out
+        before = len(out)
         while out:
             try:
                 sent = conn.sock.send(out)
@@ -768,6 +796,8 @@ class BrokerLoop(Readers):
                 break
             del out[:sent]
         if out:
+            if len(out) < before or not conn.took_at:
+                conn.took_at = time.monotonic()  # the peer took some, or a backlog begins
             if not conn.writing:
                 if on_loop:
                     conn.writing = True
@@ -780,6 +810,7 @@ class BrokerLoop(Readers):
                     self._pending_write.add(conn)
                     self._wake()
             return
+        conn.took_at = 0.0
         if conn.writing and on_loop:
             conn.writing = False
             self._watch(conn)
@@ -828,6 +859,17 @@ class BrokerLoop(Readers):
         self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _refused(peer: int, msg: Message, exc: MessageTooLarge) -> bytes:
+    """What goes to ``peer`` instead of ``msg``, too large to send: for a Reply, a Failure
+    its caller raises (MessageTooLarge); anything else is dropped (its sender's own
+    check keeps such messages from arising)."""
+    if type(msg) is Reply:
+        log.warning("peer %d: a reply too large to send (%s); the caller gets an error instead", peer, exc)
+        return encode(fail(msg.rid, MessageTooLarge(f"the reply is too large to send back: {exc}")))
+    log.error("peer %d: dropped a %s too large to send: %s", peer, type(msg).__name__, exc)
+    return b""
 
 
 def peer_pid(sock: socket.socket) -> int | None:

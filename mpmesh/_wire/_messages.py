@@ -17,18 +17,22 @@ import operator
 import struct
 from typing import Any, ClassVar, Final
 
-from .._errors import RemoteProtocolError
-from ._frames import HEADER
+from .._errors import MessageTooLarge, RemoteProtocolError
+from ._frames import HEADER, MAX_FRAME_BYTES
 from ._record import record
 
 __all__ = [
     "Answer", "Cancel", "Challenge", "ErrorCode", "Failure", "Goodbye", "Heartbeat",
     "Hello", "KINDS", "Message", "Op", "Push", "Ready", "Rejected", "Reply", "Request",
-    "Role", "Serve", "Shutdown", "Welcome", "decode", "encode", "encode_op", "op_frame",
-    "reply_payload", "HANDSHAKE_KINDS",
+    "MAX_MESSAGE_BYTES", "Role", "Serve", "Shutdown", "Welcome", "check_size", "decode", "encode",
+    "encode_op", "op_frame", "reply_payload", "HANDSHAKE_KINDS",
 ]
 
 _FORMATS: Final = {"int": "q", "float": "d", "bool": "?"}
+# The largest message (frame body: fields and payload) a peer may send: the frame limit
+# every receiver enforces. ``encode`` refuses a larger one (MessageTooLarge), so the
+# sender learns of it before a byte goes out, instead of the receiver dropping it.
+MAX_MESSAGE_BYTES: Final = MAX_FRAME_BYTES
 
 
 class Role(enum.IntEnum):
@@ -253,12 +257,16 @@ def encode(msg: Message) -> bytes:
     # Hand-written paths for the messages on every request's and operation's path (~3x faster).
     if cls is Reply:
         payload: bytes = msg.payload  # type: ignore[attr-defined]
+        if len(payload) > MAX_MESSAGE_BYTES - 12:
+            raise _too_large(12 + len(payload))
         return _REPLY_HEAD.pack(12 + len(payload), 21, msg.rid, len(payload)) + payload  # type: ignore[attr-defined]
     if cls is Request:
         action = msg.action.encode()  # type: ignore[attr-defined]
         target = msg.target.encode()  # type: ignore[attr-defined]
         payload = msg.payload  # type: ignore[attr-defined]
         size = 60 + len(action) + len(target) + len(payload)
+        if size > MAX_MESSAGE_BYTES:
+            raise _too_large(size)
         return b"".join((_REQUEST_HEAD.pack(
             size, 20, msg.rid, msg.priority, msg.target_id, msg.retries,  # type: ignore[attr-defined]
             msg.timeout, msg.retry_delay, len(action), len(target), len(payload)),  # type: ignore[attr-defined]
@@ -270,15 +278,38 @@ def encode(msg: Message) -> bytes:
     values = layout.get(msg)
     nums = values[: layout.n_num]
     var: list[bytes] = [v.encode() if isinstance(v, str) else v for v in values[layout.n_num :]]
+    body_len = layout.fixed.size + sum(map(len, var))
+    if body_len > MAX_MESSAGE_BYTES:
+        raise _too_large(body_len)
     fixed = layout.fixed.pack(*nums, *map(len, var))
-    body_len = len(fixed) + sum(map(len, var))
     return b"".join((_pack_header(body_len, msg.KIND), fixed, *var))
 
 
 def encode_op(rid: int, timeout: float, component: bytes, op: bytes, payload: bytes) -> bytes:
     """The frame of ``Op(rid, timeout, component, op, payload)``, names already encoded."""
-    return b"".join((_OP_HEAD.pack(28 + len(component) + len(op) + len(payload), 30, rid, timeout,
-                                   len(component), len(op), len(payload)), component, op, payload))
+    size = 28 + len(component) + len(op) + len(payload)
+    if size > MAX_MESSAGE_BYTES:
+        raise _too_large(size)
+    return b"".join((_OP_HEAD.pack(size, 30, rid, timeout, len(component), len(op), len(payload)),
+                     component, op, payload))
+
+
+def _too_large(size: int) -> MessageTooLarge:
+    return MessageTooLarge(f"a message of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit "
+                           f"(mpmesh.MAX_MESSAGE_BYTES); nothing was sent: keep data this large in "
+                           f"shared memory or a file and send its name")
+
+
+def check_size(msg: Message) -> None:
+    """Raise MessageTooLarge if ``msg`` could not be sent as one frame, for a transport
+    that hands messages over without encoding them (a Master's own client)."""
+    payload = getattr(msg, "payload", b"")
+    if len(payload) > MAX_MESSAGE_BYTES - _NAMES_ROOM:  # only then can it be: encode to know
+        encode(msg)
+
+
+# Room left for a message's fixed fields and names by ``check_size``'s first look.
+_NAMES_ROOM: Final = 1 << 16
 
 
 def reply_payload(frame: bytes | bytearray | memoryview, rid: int) -> bytes | None:
