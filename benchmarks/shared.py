@@ -152,23 +152,29 @@ def _echo_worker(address: str, key: str, n: int, barrier: Any, out: Any) -> None
 def _fan_out(target: Any, args_for: Any, clients: int, *, busy: bool = False) -> float:
     """The slowest client's time; with ``busy`` this process computes in Python meanwhile."""
     ctx = multiprocessing.get_context()
-    barrier, out = ctx.Barrier(clients), ctx.SimpleQueue()
+    # Busy: this process meets the clients at the barrier too, so it starts computing once
+    # they are connected and ready, and the figure is their operations alone.
+    barrier, out = ctx.Barrier(clients + busy), ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args_for(i), barrier, out)) for i in range(clients)]
     for p in procs:
         p.start()
     try:
         if busy:
+            barrier.wait(RESULT_TIMEOUT_S)
             x, deadline = 0, time.monotonic() + RESULT_TIMEOUT_S
             while out.empty() and time.monotonic() < deadline:
                 for i in range(20_000):
                     x += i * i
-        elapsed = [out.get() for _ in procs]
+        # A client that died never answers: give up on it rather than wait forever.
+        elapsed = [out.get(timeout=RESULT_TIMEOUT_S) for _ in procs]
     finally:
         for p in procs:
             p.join(RESULT_TIMEOUT_S)
             if p.is_alive():
                 p.kill()
                 p.join()
+        out.close()
+        out.join_thread()
     return max(elapsed)
 
 
