@@ -45,6 +45,8 @@ log = logging.getLogger("mpmesh.child")
 F = TypeVar("F", bound=Callable[..., Any])
 MODES: Final = ("sequential", "concurrent")
 DEFAULT_CONCURRENCY: Final = 16
+# How often a concurrent child that was told to stop looks whether its last handler is done.
+STOP_CHECK_S: Final = 0.05
 # Exit status of a child whose master vanished (EX_TEMPFAIL): it did not fail itself.
 EXIT_MASTER_GONE: Final = 75
 # Poll flag for "the peer hung up" (Linux); elsewhere the reader notices EOF instead.
@@ -218,8 +220,13 @@ class Child(SharedState):
             self._answer(answer)
 
     def _run_concurrent(self) -> None:
-        idle = lambda: self._stopping and not self._outstanding  # noqa: E731
-        self._client.wait_until(idle, _deadline.FOREVER)
+        client = self._client
+        if not client.wait_until(lambda: self._stopping, _deadline.FOREVER):
+            return  # the connection is gone
+        # Handlers still running answer from their own threads, which nothing on the
+        # socket announces: look again every STOP_CHECK_S until the last one is done.
+        while self._outstanding and client._closed is None:
+            client.wait_until(lambda: not self._outstanding, _deadline.after(STOP_CHECK_S))
 
     def _answer(self, answer: Reply | Failure) -> None:
         try:

@@ -772,3 +772,19 @@ def test_a_forked_copy_leaving_the_with_block_does_not_stop_the_mesh(kind: str) 
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "same", done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_waits_for_a_busy_concurrent_child_no_longer_than_its_handler() -> None:
+    m = mpmesh.Master()
+    try:
+        m.spawn_child("c", workers.basic, mode="concurrent")
+        assert m.send_request("square", "c", 3, timeout=30) == 9
+        fut = m.request("sleep", "c", 0.5)
+        start = time.monotonic()
+    finally:
+        m.shutdown()
+    # The child answers, then exits at once: before, it sat out the whole 10 s grace
+    # (nothing woke its main thread when its last handler finished) and was terminated.
+    assert time.monotonic() - start < 5.0
+    assert fut.result(1) == 0.5
