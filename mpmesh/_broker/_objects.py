@@ -519,6 +519,12 @@ class ObjectTable:
                         a = (Blob.of(self, a[0]), *a[1:])
                     elif "item" in kw and not _plain(kw["item"], ARGS_BUDGET):
                         kw = {**kw, "item": Blob.of(self, kw["item"])}
+                # What the loop will read (a timeout, a count, a flag) must run no user
+                # code there, not even a number type's own __float__ or __index__.
+                for arg in (*a, *kw.values()):
+                    if type(arg) is not Blob and not _plain(arg, ARGS_BUDGET):
+                        raise TypeError(f"{method}() takes built-in values (numbers, strings, "
+                                        f"None), not {type(arg).__name__}")
                 return ("call", a, kw, tid)
             except BaseException as exc:  # noqa: BLE001
                 return ("error", self._failure(rid, exc))

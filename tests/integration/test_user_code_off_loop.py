@@ -156,3 +156,28 @@ def test_objects_holding_user_values_behave_as_before() -> None:
         val = m.Value("O", w.Slow(marker))
         val.value = 5
         assert val.value == 5
+
+
+_HOME = os.getpid()
+
+
+class _Seconds(float):
+    """A number whose conversion is user code: it must not run in the broker."""
+
+    def __float__(self) -> float:
+        if os.getpid() != _HOME:
+            raise AssertionError("user code ran in the broker")
+        return float.__float__(self)
+
+
+@pytest.mark.timeout(60)
+def test_a_user_number_passed_to_a_lock_or_queue_is_refused_not_run() -> None:
+    with mpmesh.Manager() as manager:
+        lock, q = manager.Lock(), manager.Queue()
+        with pytest.raises(TypeError, match="built-in values"):
+            lock.acquire(True, _Seconds(1.0))
+        with pytest.raises(TypeError, match="built-in values"):
+            q.get(True, _Seconds(0.1))
+        q.put(_Seconds(2.0))                 # an item is stored as it came, and comes back
+        assert type(q.get(timeout=5)) is _Seconds
+        assert lock.acquire(timeout=1) and lock.release() is None
