@@ -465,14 +465,7 @@ class ObjectTable:
                 else:
                     _, _, a, kw, _ = _read_call(pending.read(payload), oid, method)  # type: ignore[arg-type]
                     plain = _plain((a, kw), ARGS_BUDGET)
-                if method == "#GETVALUE":
-                    result = obj
-                elif method == "__repr__":
-                    result = repr(obj)
-                elif method == "__str__":
-                    result = str(obj)
-                else:
-                    result = getattr(obj, method)(*a, **kw)
+                result = _invoke(obj, method, a, kw)
                 answer = None if made is not None else self._reply(rid, result)
             except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the caller
                 answer, result = self._failure(rid, exc), None
@@ -619,14 +612,7 @@ class ObjectTable:
                     args, kwargs = a, kw or {}
                 else:
                     _, _, args, kwargs, _ = _read_call(_codec.loads(payload), oid, method)
-                if method == "#GETVALUE":
-                    result = obj
-                elif method == "__repr__":
-                    result = repr(obj)
-                elif method == "__str__":
-                    result = str(obj)
-                else:
-                    result = getattr(obj, method)(*args, **kwargs)
+                result = _invoke(obj, method, args, kwargs)
                 if target is not None:
                     if target_spec is not None and target_spec.callable is not None:
                         result = target_spec.callable(result)  # as the stdlib's create() does
@@ -975,6 +961,17 @@ def _read_create(create: object, typeid: str) -> tuple[Any, ...]:
     if type(create) is not tuple or len(create) != 3 or type(create[0]) is not str or create[0] != typeid:
         raise SerializationError("the create's payload is not the create its first bytes name")
     return create
+
+
+def _invoke(obj: object, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
+    """Call ``method`` of ``obj`` (or a fallback every object has: a copy, its repr or str)."""
+    if method == "#GETVALUE":
+        return obj
+    if method == "__repr__":
+        return repr(obj)
+    if method == "__str__":
+        return str(obj)
+    return getattr(obj, method)(*args, **kwargs)
 
 
 def _plain(value: object, budget: int) -> bool:

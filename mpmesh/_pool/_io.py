@@ -270,14 +270,7 @@ class ChannelIO(Readers):
             return
         self._unpend(p)
         self._sel.modify(p.sock, selectors.EVENT_READ, w)
-        try:
-            frames = p.reader.feed(b"")
-        except ValueError:
-            log.warning("%s sent a malformed frame; dropping it", w.describe())
-            self._drop_conn(w)
-            return
-        if frames:
-            self._on_frames(w, frames)
+        self._feed_frames(w, b"")  # what came with the HELLO
 
     def _unpend(self, p: _Pending) -> None:
         self._pending.pop(p.sock, None)
@@ -301,8 +294,12 @@ class ChannelIO(Readers):
         if n == 0:
             self._drop_conn(w)
             return
+        self._feed_frames(w, self._view[:n])
+
+    def _feed_frames(self, w: PoolWorker, data: bytes | memoryview) -> None:
+        """Feed ``data`` to ``w``'s frame reader and handle the frames it completes."""
         try:
-            frames = w.reader.feed(self._view[:n])
+            frames = w.reader.feed(data)
         except ValueError:
             log.warning("%s sent a malformed frame; dropping it", w.describe())
             self._drop_conn(w)
