@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, cast, final
 from ._broker._payload import pack
 from ._broker._pubsub import ACK, STREAM_BASE, push_cost
 from ._broker._rpc import CALL_BASE, OK, pack_result
-from ._errors import MeshError, SerializationError
+from ._errors import MeshError, MessageTooLarge, SerializationError
 from ._handlers import failure_from
 from ._wire import _codec
 from ._wire._messages import ErrorCode, Op, Push
@@ -213,7 +213,14 @@ class Session:
                 return  # withdrawn before it started
             self._calls.discard(cid)
         code, message, body = self._run(cid, name, payload)
-        self._send(Op(0, -1.0, "rpc", "result", pack_result(cid, code, message, body)))
+        try:
+            self.client._send(Op(0, -1.0, "rpc", "result", pack_result(cid, code, message, body)))
+        except MessageTooLarge as exc:  # the caller gets that error, not a timeout
+            failure = failure_from(cid, exc)
+            self._send(Op(0, -1.0, "rpc", "result", pack_result(cid, failure.code, failure.message,
+                                                                failure.payload)))
+        except MeshError:
+            pass  # the broker is gone: it no longer waits for this
 
     def _run(self, cid: int, name: str, payload: bytes) -> tuple[int, str, bytes]:
         fn = self.fns.get(name)

@@ -201,3 +201,14 @@ def test_a_270_mb_value_goes_from_one_process_to_another() -> None:
             assert code == 0
         expected = hashlib.sha256(bytes(range(256)) * (SIZE // 256)).hexdigest()
         assert got == (SIZE // 256 * 256, expected)
+
+
+@pytest.mark.timeout(60)
+def test_an_rpc_result_over_the_limit_is_an_error_for_its_caller(hosted: tuple[mpmesh.Master, Any],
+                                                                 limit: int) -> None:
+    m, handle = hosted
+    handle.register("big", lambda: b"x" * (limit + 1))
+    with pytest.raises(mpmesh.MessageTooLarge):  # before: the caller waited out its timeout
+        m.call("big", timeout=20)
+    handle.register("small", lambda: b"ok")
+    assert m.call("small", timeout=20) == b"ok"
