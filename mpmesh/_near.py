@@ -211,8 +211,3 @@ class NearCache:
         if entry is not None and entry[4] is not None:
             self._bytes -= len(entry[4])
             _kept[0] -= len(entry[4])
-
-    def clear(self) -> None:
-        self.entries.clear()
-        _kept[0] -= self._bytes
-        self._bytes = 0

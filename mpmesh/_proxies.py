@@ -283,7 +283,7 @@ class BaseProxy:
             return self._callmethod(methodname, args)
         oid = self._id
         if self._wslot < 0:
-            self._wslot, self._bslot = whole_slot(oid), bulk_slot(oid)
+            self._find_slots()
         if key is _WHOLE:
             s1 = s2 = self._wslot
         else:
@@ -314,8 +314,11 @@ class BaseProxy:
         if near is None:
             return None
         if self._wslot < 0:
-            self._wslot, self._bslot = whole_slot(self._id), bulk_slot(self._id)
+            self._find_slots()
         return near.version(self._wslot)
+
+    def _find_slots(self) -> None:
+        self._wslot, self._bslot = whole_slot(self._id), bulk_slot(self._id)
 
     def _getvalue(self) -> Any:
         """A copy of the referent."""

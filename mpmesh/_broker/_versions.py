@@ -101,9 +101,6 @@ class VersionTable:
         self.words = memoryview(buffer).cast("B").cast("Q")
         self.words[0] = MAGIC
 
-    def bump(self, slot: int) -> None:
-        self.words[slot] += 1  # 2**64 writes would take centuries: no wrap-around needed
-
     def wrote(self, ident: int) -> None:
         """A write that may have touched anything of ``ident``."""
         words, base = self.words, ident * _K1
