@@ -60,6 +60,8 @@ from ._errors import (
 from ._futures import Call, MeshFuture, error_for
 from ._handlers import failure_from
 from ._io import _segment
+from ._broker._lockcells import LockCells
+from ._broker._ring import RingWriter
 from ._near import NearCache
 from ._wire import _codec
 from ._wire._connection import Connection, Phase, Side
@@ -112,10 +114,18 @@ class ClientBase:
         # Copies of shared state kept by this process, when the broker shares its
         # version table with us (``_near``); None: every read is a round trip.
         self.near: NearCache | None = None
+        # Where plain writes to Manager objects go without a round trip (``_broker/_ring``),
+        # and where Manager Locks keep their state (``_broker/_lockcells``).
+        self.ring: RingWriter | None = None
+        self.cells: LockCells | None = None
         # The handle's timeout (its owner sets it): see ``due``; None: no limit.
         self.timeout: float | None = None
         # Why the broker is taken for silent (SocketClient): new calls are refused meanwhile.
         self._silent = ""
+
+    def segment_usable(self) -> bool:
+        """Whether the ring and the lock cells may be used now (``_proxies``)."""
+        return False
 
     def due(self) -> float:
         """The deadline of an operation the broker answers at once, sent just now."""
@@ -326,6 +336,9 @@ class LocalClient(ClientBase):
 
 # -- socket transport --------------------------------------------------------------------
 
+_HUNG_UP: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
 class SocketClient(ClientBase):
     """A connection to a broker's Unix socket, authenticated and introduced by Hello."""
 
@@ -420,8 +433,30 @@ class SocketClient(ClientBase):
 
     def _drop_near(self) -> None:
         near, self.near = self.near, None
-        if near is not None and self._pid == os.getpid():
-            near.close()
+        ring, self.ring = self.ring, None
+        cells, self.cells = self.cells, None
+        if self._pid == os.getpid():
+            if ring is not None:
+                ring.close()
+            if cells is not None:
+                cells.close()
+            if near is not None:
+                near.close()
+
+    def segment_usable(self) -> bool:
+        # Only while the broker is there: its end of our socket is open (a broker that
+        # died closed it: a write must fail as a sent one would), and it has not gone
+        # silent on us (calls are refused until it answers again).
+        if self._closed is not None or self._silent or self.ring is None:
+            return False
+        watch = getattr(self._hangup, "poll", None)
+        if watch is None:  # a poll object may not be used by two threads at once
+            watch = self._hangup.poll = select.poll()
+            watch.register(self._sock, select.POLLIN)
+        for _, events in watch.poll(0):
+            if events & _HUNG_UP:
+                return False
+        return True
 
     def _recv_handshake(self) -> bytes:
         """A read before ``Ready``: with it may come the broker's version table."""
@@ -433,6 +468,9 @@ class SocketClient(ClientBase):
             mm = _segment.map_received(fd)
             if mm is not None and self.near is None:
                 self.near = NearCache(mm)
+                self.ring = _segment.ring_writer(mm)
+                self.cells = _segment.lock_cells(mm) if self.ring is not None else None
+                self._hangup = threading.local()  # a poll object per thread (see segment_usable)
         return data
 
     # -- sending ----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Final
 
-from ._broker._versions import ACCESS, CLOSED, LEASE, VERSIONS
+from ._broker import _ring
+from ._broker._versions import ACCESS, CLOSED, LEASE, TABLE_BYTES, VERSIONS, WRITERS
 from ._wire import _codec
 
 __all__ = [
@@ -58,10 +59,11 @@ def set_budget(nbytes: int) -> None:
 
 
 def counters() -> dict[str, int]:
-    """This process's reads served from copies, reads that went to a broker, bytes kept."""
+    """This process's reads served from copies, reads that went to a broker, bytes kept,
+    and writes it left in a broker's write ring (``_broker/_ring``)."""
     caches = list(_caches)
     return {"near_hits": sum(c.hits for c in caches), "near_misses": sum(c.misses for c in caches),
-            "near_bytes": _kept[0]}
+            "near_bytes": _kept[0], "near_writes": _ring.appended[0]}
 
 
 def immutable(value: object, depth: int = 0) -> bool:
@@ -87,7 +89,7 @@ class NearCache:
 
     def __init__(self, mm: mmap.mmap) -> None:
         self._mm = mm
-        self.words = memoryview(mm).cast("Q")
+        self.words = memoryview(mm)[:TABLE_BYTES].cast("Q")
         self.entries: dict[Hashable, list[Any]] = {}
         self._bytes = 0
         self.hits = self.misses = 0
@@ -99,7 +101,9 @@ class NearCache:
         return not words[CLOSED] and words[LEASE] > _now_ns()
 
     def version(self, slot: int) -> int:
-        return int(self.words[slot])
+        """The slot's version: the broker's bumps plus the writing processes' (``_ring``)."""
+        words = self.words
+        return int(words[slot] + words[slot + WRITERS])
 
     def lookup(self, key: Hashable, s1: int, s2: int) -> list[Any] | None:
         """The entry of ``key`` if it may be served now, else None. No system call."""
@@ -108,7 +112,8 @@ class NearCache:
             return None
         words = self.words
         try:
-            if words[s1] != entry[0] or words[s2] != entry[1]:
+            if (words[s1] + words[s1 + WRITERS] != entry[0]
+                    or words[s2] + words[s2 + WRITERS] != entry[1]):
                 return None
             now = _now_ns()
             if now >= entry[2] or now >= words[LEASE] or words[CLOSED]:
@@ -148,7 +153,7 @@ class NearCache:
              fetch: Callable[[], tuple[Any, bytes | None]], access: bool = False) -> Any:
         """``fetch()`` and keep what it read (see ``read``)."""
         try:
-            v1, v2 = self.words[s1], self.words[s2]
+            v1, v2 = self.version(s1), self.version(s2)
         except ValueError:  # closed meanwhile (``close``): nothing to keep
             return fetch()[0]
         self.misses += 1

@@ -56,6 +56,34 @@ _dumps = _codec.dumps
 FOREVER: Final = _deadline.FOREVER
 # Client grace ids are drawn below the broker's own (``_objects.BROKER_GIDS``).
 _GID_BITS: Final = 62
+# The built-in typeids whose plain writes may go through the write ring (``_write``).
+_RING_TYPEIDS: Final = frozenset({"dict", "list", "Namespace", "Value"})
+_SCALARS: Final = frozenset({type(None), bool, int, float, complex, str, bytes})
+_CONTAINERS: Final = frozenset({tuple, list, dict, set, frozenset})
+_PLAIN_BUDGET: Final = 256  # values ``_plain`` looks at before it says no
+
+
+def _plain(values: tuple[Any, ...]) -> bool:
+    """Whether ``values`` are built-in scalars and containers of them all through (and
+    few): what the broker reads without running anyone's code, and stores as it is."""
+    todo = list(values)
+    budget = _PLAIN_BUDGET
+    while todo:
+        value = todo.pop()
+        t = type(value)
+        if t in _SCALARS:
+            continue
+        if t not in _CONTAINERS:
+            return False
+        budget -= len(value)
+        if budget < 0:
+            return False
+        if t is dict:
+            todo.extend(value)
+            todo.extend(value.values())
+        else:
+            todo.extend(value)
+    return True
 
 
 # -- this process's clients, by manager address --------------------------------------------
@@ -246,6 +274,29 @@ class BaseProxy:
             flush_releases()
         return client.call_op(COMPONENT, "call", pack((self._id, methodname, args, kwds or {}, _get_ident())),
                               _withdraw)
+
+    def _write(self, methodname: str, args: tuple[Any, ...], key: Any = _WHOLE) -> None:
+        """``_callmethod`` for a write that returns nothing and cannot fail when its
+        arguments are plain (``d[k] = v``, ``ns.x = v``, ``value.set(v)``, ``l.append(v)``):
+        left in the write ring, with no round trip, where this process has one (see
+        ``_broker/_ring``); sent as any call otherwise. ``key``: the key it writes."""
+        client = self._client if self._pid == _getpid() else self._rebind()
+        ring = client.ring
+        if (ring is not None and self._token.typeid in _RING_TYPEIDS and _plain(args)
+                and client.segment_usable()):
+            if self._wslot < 0:
+                self._find_slots()
+            s1 = s2 = self._wslot
+            khash = None if key is _WHOLE else stable_hash(key)
+            if khash is not None:
+                s1 = key_slot(self._id, khash)
+            if khash is not None or key is _WHOLE:
+                done = ring.append(pack((self._id, methodname, args, {}, 0)), s1, s2)
+                if done >= 0:
+                    if done:
+                        _post(client, "drain", None)
+                    return
+        self._callmethod(methodname, args)
 
     def _callmethod_timeout(self, methodname: str, args: tuple[Any, ...],
                             timeout: float | None, kwds: dict[str, Any] | None = None) -> Any:

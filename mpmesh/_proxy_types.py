@@ -12,20 +12,28 @@ does). Differences from the standard library, all deliberate and compatible:
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 import types
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
+from ._broker._lockcells import LockCells
 from ._broker._sync import BrokenBarrier
-from ._proxies import BaseProxy
+from ._proxies import BaseProxy, _post
 
 __all__ = [
     "AcquirerProxy", "ArrayProxy", "BarrierProxy", "ConditionProxy", "DictProxy", "EventProxy",
     "IteratorProxy", "ListProxy", "NamespaceProxy", "PoolProxy", "QueueProxy", "ValueProxy",
 ]
+
+# How long a Manager Lock's caller spins on its cell before it waits in the broker.
+SPIN_S: Final = 0.002
+_TIMES: Final = frozenset({int, float})  # other timeouts go to the broker, which judges them
+_getpid = os.getpid
+_yield = os.sched_yield
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -68,23 +76,85 @@ class IteratorProxy(BaseProxy):
 
 
 class AcquirerProxy(BaseProxy):
-    """Lock, RLock, Semaphore, BoundedSemaphore."""
+    """Lock, RLock, Semaphore, BoundedSemaphore.
+
+    A ``Lock`` whose broker gave it a cell in shared memory is taken there when free and
+    released there, with no round trip; a caller that finds it held spins for up to
+    ``SPIN_S``, then waits in the broker (see ``_broker/_lockcells``).
+    """
 
     _exposed_: ClassVar[tuple[str, ...] | None] = ("acquire", "release")
+    _cell = -2  # its cell in the broker's segment (-1: none; -2: not looked up yet)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        if self._token.typeid == "Lock" and (timeout is None or (
+                type(timeout) in _TIMES and (timeout == -1 or (blocking and timeout >= 0)))):
+            got = self._take(blocking, timeout)
+            if type(got) is bool:
+                return got
+            if got is not None:
+                timeout = got  # what is left of it after spinning
         if timeout is None:
             return self._callmethod("acquire", (blocking,))  # type: ignore[no-any-return]
         return self._callmethod_timeout("acquire", (blocking, timeout), timeout)  # type: ignore[no-any-return]
 
     def release(self) -> None:
+        if self._token.typeid == "Lock" and self._drop():
+            return
         self._callmethod("release")
 
     def __enter__(self) -> bool:
-        return self._callmethod("acquire")  # type: ignore[no-any-return]
+        return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        self._callmethod("release")
+        self.release()
+
+    def _cells(self) -> tuple[Any, LockCells, int] | None:
+        """This process's client, the lock cells and this lock's cell, if usable now."""
+        client = self._client if self._pid == _getpid() else self._rebind()
+        cells = client.cells
+        if cells is None or not client.segment_usable():
+            return None
+        cell = self._cell
+        if cell == -2:
+            cell = self._cell = cells.find(self._id)
+        return None if cell < 0 else (client, cells, cell)
+
+    def _take(self, blocking: bool, timeout: float | None) -> bool | float | None:
+        """Take the lock through its cell: True/False, or None (ask the broker), or the
+        timeout left to wait in the broker after spinning."""
+        found = self._cells()
+        if found is None:
+            return None
+        client, cells, cell = found
+        oid, pid = self._id, client._pid
+        got = cells.take(cell, oid, pid, fair=blocking)
+        if got is not False or not blocking or timeout == 0:
+            return got
+        start = time.monotonic()
+        spin = SPIN_S if timeout is None or timeout < 0 else min(SPIN_S, timeout)
+        while time.monotonic() - start < spin:
+            _yield()
+            got = cells.take(cell, oid, pid, fair=True)
+            if got is not False:
+                return got
+        if timeout is None or timeout < 0:
+            return None
+        return max(0.0, timeout - (time.monotonic() - start))
+
+    def _drop(self) -> bool:
+        """Release the lock through its cell (telling the broker if someone waits there);
+        False if the broker must do it. Raises RuntimeError if it is not held."""
+        found = self._cells()
+        if found is None:
+            return False
+        client, cells, cell = found
+        tell = cells.drop(cell, self._id)
+        if tell is None:
+            return False
+        if tell:
+            _post(client, "wake", (self._id,))
+        return True
 
 
 class ConditionProxy(AcquirerProxy):
@@ -175,8 +245,8 @@ class NamespaceProxy(BaseProxy):
         if key[0] == "_":
             object.__setattr__(self, key, value)
             return
-        callmethod = object.__getattribute__(self, "_callmethod")
-        callmethod("__setattr__", (key, value))
+        write = object.__getattribute__(self, "_write")
+        write("__setattr__", (key, value), key)
 
     def __delattr__(self, key: str) -> None:
         if key[0] == "_":
@@ -193,7 +263,7 @@ class ValueProxy(BaseProxy, Generic[T]):
         return self._near_read("get")  # type: ignore[no-any-return]
 
     def set(self, value: T) -> None:
-        self._callmethod("set", (value,))
+        self._write("set", (value,))
 
     value = property(get, set)
 
@@ -246,7 +316,7 @@ class ListProxy(BaseProxy, Generic[T]):
         return self
 
     def append(self, value: T) -> None:
-        self._callmethod("append", (value,))
+        self._write("append", (value,))
 
     def count(self, value: T) -> int:
         return self._near_read("count", (value,))  # type: ignore[no-any-return]
@@ -318,7 +388,7 @@ class DictProxy(BaseProxy, Generic[K, V]):
         return self._near_read("__len__")  # type: ignore[no-any-return]
 
     def __setitem__(self, key: K, value: V) -> None:
-        self._callmethod("__setitem__", (key, value))
+        self._write("__setitem__", (key, value), key)
 
     def clear(self) -> None:
         self._callmethod("clear")

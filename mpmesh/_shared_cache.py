@@ -121,8 +121,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             return self._op("get", pack((self.name, key)))
         if entry is not None:
             return near.serve(entry)
-        words = near.words
-        v1, v2 = words[s1], words[self._bulk]
+        v1, v2 = near.version(s1), near.version(self._bulk)
         near.misses += 1
         blob, expires = self._op("nget", pack((self.name, key)))
         return self._keep(near, copy_key, v1, v2, blob, expires, khash is not None and s1)
@@ -148,7 +147,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
         entry = near.lookup(copy_key, self._whole, self._whole)
         if entry is not None:
             return near.serve(entry)
-        v = near.words[self._whole]
+        v = near.version(self._whole)
         near.misses += 1
         value, lasting = self._op("n" + what, pack((self.name,)))
         if lasting:
@@ -249,7 +248,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             return [None if b is None else loads(b) for b in self._op("mget", pack((self.name, keys)))]
         found: list[Any] = [MISSING] * len(keys)
         wanted: list[tuple[int, Any, int, int, int]] = []  # index, copy key, slot, v1, v2
-        words, bulk = near.words, self._bulk
+        version, bulk = near.version, self._bulk
         try:
             for i, key in enumerate(keys):
                 khash = stable_hash(key)
@@ -258,7 +257,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
                 if entry is not None:
                     found[i] = near.serve(entry)
                 else:
-                    wanted.append((i, (self.name, key), s1 if khash is not None else 0, words[s1], words[bulk]))
+                    wanted.append((i, (self.name, key), s1 if khash is not None else 0, version(s1), version(bulk)))
         except TypeError:  # an unhashable key: the broker says what is wrong with it
             self._op("mget", pack((self.name, keys)))
             raise

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING
 from ._admin import Admin
 from ._cache import CacheStore
 from ._core import Component
+from ._lockcells import LockCells
 from ._locks import LockTable
 from ._objects import ObjectTable
 from ._pubsub import PubSub
+from ._ring import RingReader
 from ._rpc import RpcPools
 from ._versions import VersionTable
 
@@ -27,21 +29,26 @@ __all__ = ["default_components"]
 
 
 def default_components(core: BrokerCore | None = None, *,
-                       versions: VersionTable | None = None) -> dict[str, Component]:
+                       versions: VersionTable | None = None,
+                       ring: RingReader | None = None,
+                       cells: LockCells | None = None) -> dict[str, Component]:
     """Fresh instances of every built-in component, for a new broker.
 
     Components that read the peer table (``admin``, ``rpc`` to name a lost registrant,
     ``objects`` to name a lost peer and learn whether it said Goodbye) get ``core``;
     without it, ``admin`` is left out. ``versions``: the table that ``cache`` and
-    ``objects`` bump as they apply writes, for processes that keep copies (``_versions``).
+    ``objects`` bump as they apply writes, for processes that keep copies (``_versions``);
+    ``ring``: where other processes leave plain writes to Manager objects (``_ring``);
+    ``cells``: where Manager Locks keep their state (``_lockcells``; needs ``core``).
     """
     components: dict[str, Component] = {}
     locks = LockTable()
     components["locks"] = locks
     components["cache"] = CacheStore(fence=locks.valid, versions=versions)
     components["pubsub"] = PubSub()
-    components["objects"] = ObjectTable(versions=versions) if core is None else ObjectTable(
-        left_cleanly=_goodbye_said(core), describe=_describer(core), versions=versions)
+    components["objects"] = ObjectTable(versions=versions, ring=ring) if core is None else ObjectTable(
+        left_cleanly=_goodbye_said(core), describe=_describer(core), versions=versions, ring=ring,
+        cells=cells, pid_of=_pid_of(core))
     components["rpc"] = RpcPools(describe=None if core is None else _describer(core))
     if core is not None:
         components["admin"] = Admin(core)
@@ -53,6 +60,13 @@ def _goodbye_said(core: BrokerCore) -> Callable[[int], bool]:
         peer = core.peers.get(peer_id)
         return peer is not None and peer.leaving
     return left_cleanly
+
+
+def _pid_of(core: BrokerCore) -> Callable[[int], int]:
+    def pid_of(peer_id: int) -> int:
+        peer = core.peers.get(peer_id)
+        return 0 if peer is None else peer.pid or (peer.known_pid or 0)
+    return pid_of
 
 
 def _describer(core: BrokerCore) -> Callable[[int], str]:

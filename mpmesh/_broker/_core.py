@@ -38,6 +38,7 @@ class Component(Protocol):
 
     def next_deadline(self) -> float | None: ...
 
+    # Optional: ``on_idle(now) -> list[Action]``, run every few tens of milliseconds.
     # Optional: how many timers the component has set so far (any count that grows with
     # each). An Op to a component that has it and left it unchanged set no timer, so the
     # loop need not ask every component for its next deadline again (``timers_moved``).
@@ -185,6 +186,17 @@ class BrokerCore:
         for component in self.components.values():
             actions += component.on_peer_lost(peer_id, now)
         del self.peers[peer_id]
+        return actions
+
+    def on_idle(self, now: float) -> list[Action]:
+        """What components do now and then, whether or not anything arrived: the object
+        table applies the writes processes left in shared memory (``_ring``)."""
+        self.timers_moved = True
+        actions: list[Action] = []
+        for component in self.components.values():
+            idle = getattr(component, "on_idle", None)
+            if idle is not None:
+                actions += idle(now)
         return actions
 
     # -- messages ---------------------------------------------------------------------------

@@ -68,15 +68,17 @@ from .._wire._messages import ErrorCode, Failure, Op, Reply
 from ._actions import WARNING, Action, Notify, Offload, Send
 from ._limits import MAX_OBJECTS, MAX_PARKED_PER_PEER, TooMany
 from ._natives import DATA, KEYED, KEYED_WRITES, NATIVE, READS, SYNC, Namespace, Value
+from ._lockcells import LockCells
+from ._ring import RingReader
 from ._versions import VersionTable
 from ._refs import (
     AttributeRef, NewRef, ProxyRef, Token, TypeSpec, grants, loading, public_methods, same_address,
 )
 from ._queues import Queue
-from ._sync import Condition, Lock
+from ._sync import Condition, Lock, SharedLock
 from ._waiters import PARKED, Effects, ParkingLot, Waiter
 
-__all__ = ["COMPONENT", "CUSTOM", "GRACE_S", "ObjectTable"]
+__all__ = ["COMPONENT", "CUSTOM", "GRACE_S", "RING_PEER", "ObjectTable"]
 
 COMPONENT: Final = "objects"
 CUSTOM: Final = 3
@@ -98,6 +100,10 @@ _NESTS: Final = frozenset({tuple, list, dict, set, frozenset, slice})
 ARGS_BUDGET: Final = 10_000
 HOLDS_BUDGET: Final = 256
 _QUEUE_PUTS: Final = frozenset({"put", "put_nowait"})
+# Who a write taken from the ring (``_ring``) comes from: nobody waits for its answer.
+RING_PEER: Final = -1
+# How soon a shared Lock whose cell was busy is looked at again (``_lockcells``).
+RETRY_S: Final = 0.001
 
 
 # -- the table ---------------------------------------------------------------------------
@@ -139,9 +145,15 @@ class ObjectTable:
 
     def __init__(self, *, left_cleanly: Callable[[int], bool] | None = None,
                  describe: Callable[[int], str] | None = None,
-                 versions: VersionTable | None = None) -> None:
+                 versions: VersionTable | None = None, ring: RingReader | None = None,
+                 cells: LockCells | None = None, pid_of: Callable[[int], int] | None = None) -> None:
         self._left_cleanly = left_cleanly
         self.versions = versions
+        self.ring = ring
+        # Lock cells in shared memory, and the pid of a peer (who holds a cell's lock).
+        self.cells = cells if pid_of is not None else None
+        self._pid_of = pid_of or (lambda peer: 0)
+        self._retry: set[SharedLock] = set()
         self._describe = describe or (lambda peer: f"peer {peer}")
         self.address: object = None          # set by the host's owner: to know our own tokens
         self.registry: dict[str, TypeSpec] = {}
@@ -160,12 +172,19 @@ class ObjectTable:
         self._ops: dict[str, Callable[[int, int, Any], list[Action]]] = {
             "call": self._call, "create": self._create, "incref": self._incref,
             "decref": self._decref, "grace": self._grace, "cancel": self._cancel,
-            "count": self._count, "debug": self._debug,
+            "count": self._count, "debug": self._debug, "drain": self._drained,
+            "wake": self._wake,
         }
 
     # -- Component protocol -----------------------------------------------------------------
 
     def on_op(self, peer: int, msg: Op, now: float) -> list[Action]:
+        ring = self.ring
+        if ring is not None and ring.pending():
+            return self.take_ring(now) + self._on_op(peer, msg, now)
+        return self._on_op(peer, msg, now)
+
+    def _on_op(self, peer: int, msg: Op, now: float) -> list[Action]:
         self.now = now
         if peer not in self._alive:
             self._alive.add(peer)
@@ -218,8 +237,46 @@ class ObjectTable:
                 self._release(oid, n, fx)
         return self._effects(fx) + notes + self._drain()
 
+    def on_idle(self, now: float) -> list[Action]:
+        ring = self.ring
+        actions = self.take_ring(now) if ring is not None and ring.pending() else []
+        if self._retry:
+            actions += self._retry_locks(now)
+        return actions
+
+    def _retry_locks(self, now: float) -> list[Action]:
+        self.now = now
+        fx = Effects()
+        locks, self._retry = self._retry, set()
+        for lock in locks:
+            lock.grant_next(fx)
+        return self._effects(fx)
+
+    def _on_retry(self, lock: SharedLock) -> None:
+        if lock not in self._retry:
+            self._retry.add(lock)
+            self.timers += 1
+
+    def take_ring(self, now: float) -> list[Action]:
+        """Apply the writes processes left in the ring, in their order (before anything
+        else may read what they wrote). Their answers go to nobody; what a write starts
+        off the loop (an object holding user values) is kept."""
+        if self.ring is None:
+            return []
+        actions: list[Action] = []
+        for payload in self.ring.take():
+            for action in self._on_op(RING_PEER, Op(0, -1.0, COMPONENT, "call", payload), now):
+                if type(action) is not Send or action.peer != RING_PEER:
+                    actions.append(action)
+        return actions
+
     def on_tick(self, now: float) -> list[Action]:
         self.now = now
+        if self._retry:
+            return self._retry_locks(now) + self._tick(now)
+        return self._tick(now)
+
+    def _tick(self, now: float) -> list[Action]:
         fx = Effects()
         for w in self.lot.expired(now):
             if w.owner is not None:
@@ -233,6 +290,11 @@ class ObjectTable:
         return self._effects(fx) + self._drain()
 
     def next_deadline(self) -> float | None:
+        soon = self.now + RETRY_S if self._retry else None
+        deadline = self._next_deadline()
+        return soon if deadline is None else deadline if soon is None else min(soon, deadline)
+
+    def _next_deadline(self) -> float | None:
         heap = self._grace_heap
         while heap and heap[0][1] not in self.graces:
             heapq.heappop(heap)
@@ -314,6 +376,20 @@ class ObjectTable:
         return finish
 
     # -- ops ------------------------------------------------------------------------------------
+
+    def _wake(self, peer: int, rid: int, args: Any) -> list[Action]:
+        """A process released a shared Lock that callers wait for here: grant the next."""
+        (oid,) = args
+        entry = self.objects.get(oid)
+        if entry is None or not isinstance(entry.obj, SharedLock):
+            return []
+        fx = Effects()
+        entry.obj.grant_next(fx)
+        return self._effects(fx)
+
+    def _drained(self, peer: int, rid: int, args: Any) -> list[Action]:
+        """A writer's nudge: the ring filled up (``on_op`` has emptied it)."""
+        return []
 
     def _call(self, peer: int, rid: int, args: Any) -> list[Action]:
         oid, method, a, kw, tid = args
@@ -602,6 +678,10 @@ class ObjectTable:
         """A registered type's method, on a worker thread; a foreign ``payload`` is read
         there too, its proxies real ones of this process."""
         obj, oid = entry.obj, entry.oid
+        if self.versions is not None:
+            # Which of a user's methods only read is unknown, and its object may change
+            # by itself: every call moves its version, so no process serves it a copy.
+            self.versions.wrote(oid)
         spec = entry.spec
         target = spec.method_to_typeid.get(method) if spec and spec.method_to_typeid else None
         target_spec = self.registry.get(target) if target else None
@@ -660,6 +740,10 @@ class ObjectTable:
         exposed = spec.exposed if spec is not None and spec.exposed else ntype.exposed
         entry = self._add(typeid, obj, ntype.kind, exposed, spec, peer, ntype.makes or None)
         entry.reads = READS.get(native, frozenset())
+        if native == "Lock" and self.cells is not None:
+            cell = self.cells.allocate(entry.oid)
+            if cell >= 0:
+                entry.obj = SharedLock(self.cells, cell, self._pid_of, self._on_retry)
         if user:
             entry.lane.user = True  # type: ignore[union-attr]
         if self.versions is not None:
@@ -717,6 +801,8 @@ class ObjectTable:
         entry = self.objects.get(lock.token.id) if isinstance(lock, ProxyRef) and lock.counted else None
         if entry is None or not isinstance(entry.obj, Lock):
             raise TypeError("a Manager's Condition takes a Lock or RLock of the same manager")
+        if isinstance(entry.obj, SharedLock):
+            entry.obj.to_broker()
         return Condition(entry.obj, keep=lock)
 
     def _add(self, typeid: str, obj: object, kind: int, exposed: tuple[str, ...] | frozenset[str],

@@ -23,11 +23,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import ClassVar
 
+from ._lockcells import BROKER, WAITING, LockCells
 from ._waiters import FOREVER, PARKED, Effects, Waiter, deadline_for
 
 __all__ = [
     "Barrier", "BoundedSemaphore", "BrokenBarrier", "Condition", "Event", "Lock", "Native",
-    "ObjectGone", "RLock", "Semaphore",
+    "ObjectGone", "RLock", "Semaphore", "SharedLock",
 ]
 
 
@@ -82,6 +83,16 @@ def _remove(queue: deque[Waiter] | list[Waiter], w: Waiter) -> None:
 
 # -- locks ---------------------------------------------------------------------------------
 
+def _lock_timeout(blocking: bool, timeout: float | None) -> float:
+    """``threading.Lock.acquire``'s checks of its arguments; the timeout (-1: none)."""
+    if timeout is None:
+        timeout = -1
+    if not blocking and timeout != -1:
+        raise ValueError("can't specify a timeout for a non-blocking call")
+    if timeout < 0 and timeout != -1:
+        raise ValueError("timeout value must be a non-negative number")
+    return timeout
+
 class Lock(Native):
     """``threading.Lock``: anyone may release it; its last acquirer owns it for
     ``drop_peer``."""
@@ -100,12 +111,7 @@ class Lock(Native):
 
     def op_acquire(self, w: Waiter, now: float, fx: Effects, blocking: bool = True,
                    timeout: float | None = -1) -> object:
-        if timeout is None:
-            timeout = -1
-        if not blocking and timeout != -1:
-            raise ValueError("can't specify a timeout for a non-blocking call")
-        if timeout < 0 and timeout != -1:
-            raise ValueError("timeout value must be a non-negative number")
+        timeout = _lock_timeout(blocking, timeout)
         if self.count == 0:
             self.owner, self.count = w.me, 1
             return True
@@ -178,6 +184,147 @@ class Lock(Native):
     def close(self, fx: Effects) -> None:
         while self.waiters:
             fx.fail(self.waiters.popleft(), ObjectGone("the lock was freed while waiting"))
+
+
+class SharedLock(Lock):
+    """A ``Lock`` whose state is a cell in shared memory (``_lockcells``): processes take
+    it free and release it there, with no round trip; here are only those who wait for it
+    (in order), a holder that died, and the cell's end. A Condition that uses it takes
+    its state back here for good (``to_broker``): from then on it is a ``Lock``.
+
+    The cell's mutex is only ever tried here, never waited for: a process inside its few
+    instructions (or stopped there) is left alone, and ``retry`` asks the table to come
+    back (``on_retry``) for what could not be done at once.
+    """
+
+    KIND = "Lock"
+    RELEASE_WAIT_S: ClassVar[float] = 0.5  # a release sent here waits this long for the cell
+
+    def __init__(self, cells: LockCells, cell: int, pid_of: Callable[[int], int],
+                 on_retry: Callable[[SharedLock], None]) -> None:
+        super().__init__()
+        self.cells, self.cell = cells, cell
+        self.pid_of = pid_of
+        self.on_retry = on_retry
+        self.shared = True
+        self.dead: set[int] = set()  # pids that died holding it, while the cell was busy
+
+    def __repr__(self) -> str:
+        if not self.shared:
+            return super().__repr__()
+        state = "locked" if self.cells.owner(self.cell) else "unlocked"
+        return f"<{state} _thread.lock object at {id(self):#x}>"
+
+    def op_acquire(self, w: Waiter, now: float, fx: Effects, blocking: bool = True,
+                   timeout: float | None = -1) -> object:
+        if not self.shared:
+            return super().op_acquire(w, now, fx, blocking, timeout)
+        timeout = _lock_timeout(blocking, timeout)
+        if not self.waiters:
+            held = self.cells.hold(self.cell, 0)
+            if held is not None:
+                try:
+                    if not self.cells.owner(self.cell):
+                        self.cells.put(self.cell, self.pid_of(w.peer))
+                        return True
+                finally:
+                    self.cells.let_go(self.cell, held)
+        if not blocking or timeout == 0:
+            return False
+        self.park(w, deadline_for(now, None if timeout == -1 else timeout), True, 1)
+        self.cells.set_flag(self.cell, WAITING, True)  # before the look at the owner (see _lockcells)
+        self.grant_next(fx)
+        return PARKED
+
+    def op_release(self, w: Waiter, now: float, fx: Effects) -> object:
+        if not self.shared:
+            return super().op_release(w, now, fx)
+        held = self.cells.hold(self.cell, self.RELEASE_WAIT_S)
+        if held is None:
+            raise RuntimeError("the lock's shared memory is held by a stopped process; try again")
+        try:
+            if not self.cells.owner(self.cell):
+                raise RuntimeError("release unlocked lock")
+            self.cells.put(self.cell, 0)
+            self._grant(fx)
+        finally:
+            self.cells.let_go(self.cell, held)
+        return None
+
+    def op_locked(self, w: Waiter, now: float, fx: Effects) -> object:
+        if not self.shared:
+            return super().op_locked(w, now, fx)
+        return self.cells.owner(self.cell) != 0
+
+    def grant_next(self, fx: Effects) -> None:
+        """Give the lock to the first waiter if it is free (a release told us, or a
+        caller just parked); come back later if the cell is busy."""
+        if not self.shared:
+            super().grant_next(fx)
+            return
+        held = self.cells.hold(self.cell, 0)
+        if held is None:
+            self.on_retry(self)
+            return
+        try:
+            self._grant(fx)
+        finally:
+            self.cells.let_go(self.cell, held)
+
+    def _grant(self, fx: Effects) -> None:
+        """``grant_next`` with the cell's mutex held."""
+        cells, cell = self.cells, self.cell
+        if self.dead and cells.owner(cell) in self.dead:
+            cells.put(cell, 0)
+        self.dead.clear()
+        if self.waiters and not cells.owner(cell):
+            w = self.waiters.popleft()
+            cells.put(cell, self.pid_of(w.peer))
+            fx.wake(w, True)
+        if not self.waiters:
+            cells.set_flag(cell, WAITING, False)
+
+    def expire(self, w: Waiter, now: float, fx: Effects) -> None:
+        super().expire(w, now, fx)
+        if self.shared and not self.waiters:
+            self.cells.set_flag(self.cell, WAITING, False)
+
+    def discard(self, w: Waiter, fx: Effects) -> None:
+        super().discard(w, fx)
+        if self.shared and not self.waiters:
+            self.cells.set_flag(self.cell, WAITING, False)
+
+    def drop_peer(self, peer: int, fx: Effects) -> bool:
+        if not self.shared:
+            return super().drop_peer(peer, fx)
+        pid = self.pid_of(peer)
+        if not pid or self.cells.owner(self.cell) != pid:
+            return False
+        # The holder died (the standard library would keep this lock held forever).
+        self.dead.add(pid)
+        self.grant_next(fx)
+        return True
+
+    def close(self, fx: Effects) -> None:
+        super().close(fx)
+        if self.shared:
+            self.shared = False
+            self.cells.free(self.cell)
+
+    def to_broker(self) -> None:
+        """Keep the lock's state here from now on (a Condition uses it)."""
+        if not self.shared:
+            return
+        held = self.cells.hold(self.cell, self.RELEASE_WAIT_S)
+        if held is None:
+            raise RuntimeError("the lock's shared memory is held by a stopped process; try again")
+        try:
+            self.cells.set_flag(self.cell, BROKER, True)
+            if self.cells.owner(self.cell):
+                self.count, self.owner = 1, None  # its holder releases it here
+            self.shared = False
+        finally:
+            self.cells.let_go(self.cell, held)
 
 
 class RLock(Lock):

@@ -11,8 +11,11 @@ Layout, in words::
     0           magic (a segment of this layout)
     1           lease: the broker's clock (ns) until which it vouches for the table
     2           closed: non-zero once the broker is gone (set by it, or by a peer that saw it go)
-    8 .. 8+N    versions, indexed by slot
+    8 .. 8+N    versions the broker bumps, indexed by slot
     8+N .. 8+2N last local read of each slot (ns), for LRU eviction that counts local hits
+    8+2N .. 8+3N versions that writing processes bump (``_ring``): a slot's version is
+                 the sum of its two words, each written by one party only, so neither
+                 can lose the other's bump
 
 Slots: every shared object (a Manager object by its oid, a mesh cache by its name) has a
 *whole* slot, bumped by every write, and a *bulk* slot, bumped by writes that touch many
@@ -29,17 +32,19 @@ import zlib
 from typing import Final
 
 __all__ = [
-    "ACCESS", "CLOSED", "LEASE", "MAGIC", "SLOTS", "TABLE_BYTES", "VERSIONS", "VersionTable",
+    "ACCESS", "CLOSED", "LEASE", "MAGIC", "SLOTS", "TABLE_BYTES", "VERSIONS", "VersionTable", "WRITERS",
     "bulk_slot", "cache_ident", "key_slot", "stable_hash", "whole_slot",
 ]
 
 SLOTS: Final = 1 << 16
-MAGIC: Final = 0x6D706D6573680001
+MAGIC: Final = 0x6D706D6573680002
 LEASE: Final = 1
 CLOSED: Final = 2
 VERSIONS: Final = 8
 ACCESS: Final = VERSIONS + SLOTS
-TABLE_BYTES: Final = (ACCESS + SLOTS) * 8
+# A slot's word in the writers' region is this many words after its broker word.
+WRITERS: Final = 2 * SLOTS
+TABLE_BYTES: Final = (ACCESS + 2 * SLOTS) * 8
 
 _MASK: Final = SLOTS - 1
 _U64: Final = (1 << 64) - 1

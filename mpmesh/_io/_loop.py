@@ -293,11 +293,16 @@ class BrokerLoop(Readers):
         self._combine()
 
     def _renew(self, deadline: float | None) -> float:
-        """Renew the version table's lease when due; the next deadline, renewal included."""
+        """Renew the version table's lease when due, and let the core do its idle work
+        (``on_idle``); the next deadline, renewal included."""
         now = time.monotonic()
         if now >= self._renew_at:
             self.segment.table.renew(int((now + LEASE_S) * 1e9))  # type: ignore[union-attr]
             self._renew_at = now + RENEW_S
+            with self.lock:
+                done = self._perform(self.core.on_idle(now))
+            self._deliver(*done)
+            self._combine()
         return self._renew_at if deadline is None else min(deadline, self._renew_at)
 
     # -- cross-thread entry points ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The memory segment holding a broker's version table (``_broker/_versions``).
+"""The memory segment holding a broker's version table (``_broker/_versions``) and its
+write ring (``_broker/_ring``).
 
 It is an anonymous memory file (``memfd``): it has no name anywhere, so nothing is left
 behind however its processes end; it goes away with the last process that maps it. The
@@ -14,11 +15,15 @@ import array
 import mmap
 import os
 import socket
+from collections.abc import Callable
 from typing import Final
 
+from .._broker._lockcells import SEGMENT_BYTES, LockCells
+from .._broker._ring import MUTEX_AT, RingReader, RingWriter
 from .._broker._versions import MAGIC, TABLE_BYTES, VersionTable
+from ._mutex import SharedMutex, available
 
-__all__ = ["Segment", "create", "map_received", "received_fd", "send_with_fd"]
+__all__ = ["Segment", "create", "lock_cells", "map_received", "received_fd", "ring_writer", "send_with_fd"]
 
 ANCILLARY_BYTES: Final = socket.CMSG_SPACE(array.array("i").itemsize)
 
@@ -29,7 +34,21 @@ class Segment:
     def __init__(self, fd: int, mm: mmap.mmap) -> None:
         self.fd = fd
         self.mm = mm
-        self.table = VersionTable(memoryview(mm))
+        self.table = VersionTable(memoryview(mm)[:TABLE_BYTES])
+        # The write ring, where processes can share a mutex (else writes are all sent).
+        self.ring: RingReader | None = None
+        # Manager Locks' cells, likewise.
+        self.cells: LockCells | None = None
+        self._mutex: SharedMutex | None = None
+        if available():
+            try:
+                self._mutex = SharedMutex.create(mm, MUTEX_AT)
+            except OSError:
+                pass
+            else:
+                self.ring = RingReader(memoryview(mm))
+                self.ring.open()
+                self.cells = LockCells(memoryview(mm), _mutex_maker(mm))
 
     def close(self) -> None:
         """Mark the table closed (readers stop trusting their copies) and let go of it;
@@ -38,9 +57,20 @@ class Segment:
             return
         table = self.table
         table.close()
+        if self.ring is not None:
+            self.ring.close()
+        if self._mutex is not None:
+            self._mutex.close()
+        if self.cells is not None:
+            self.cells.close()
+            self.cells = None
         shared, table.words = table.words, memoryview(bytearray(TABLE_BYTES)).cast("Q")
         shared.release()
-        self.mm.close()
+        self.ring = None
+        try:
+            self.mm.close()
+        except BufferError:  # a view of the ring is still held: the GC unmaps it
+            pass
         os.close(self.fd)
         self.fd = -1
 
@@ -55,7 +85,7 @@ def create() -> Segment | None:
     except OSError:
         return None
     try:
-        os.ftruncate(fd, TABLE_BYTES)
+        os.ftruncate(fd, SEGMENT_BYTES)
         mm = _map(fd)
     except OSError:
         os.close(fd)
@@ -66,9 +96,9 @@ def create() -> Segment | None:
 def _map(fd: int) -> mmap.mmap:
     """Map ``fd``; from Python 3.13 without the duplicate descriptor mmap keeps otherwise."""
     try:
-        return mmap.mmap(fd, TABLE_BYTES, trackfd=False)  # type: ignore[call-arg]
+        return mmap.mmap(fd, SEGMENT_BYTES, trackfd=False)  # type: ignore[call-arg]
     except TypeError:
-        return mmap.mmap(fd, TABLE_BYTES)
+        return mmap.mmap(fd, SEGMENT_BYTES)
 
 
 def send_with_fd(sock: socket.socket, data: bytes, fd: int) -> int:
@@ -90,7 +120,7 @@ def received_fd(ancdata: list[tuple[int, int, bytes]]) -> int:
 def map_received(fd: int) -> mmap.mmap | None:
     """Map a segment a broker sent (and close the descriptor); None if it is not one."""
     try:
-        if os.fstat(fd).st_size != TABLE_BYTES:
+        if os.fstat(fd).st_size != SEGMENT_BYTES:
             return None
         mm = _map(fd)
     except (OSError, ValueError):
@@ -101,3 +131,31 @@ def map_received(fd: int) -> mmap.mmap | None:
         mm.close()
         return None
     return mm
+
+
+def _mutex_maker(mm: mmap.mmap) -> Callable[[int, bool], SharedMutex]:
+    def mutex_at(offset: int, new: bool) -> SharedMutex:
+        return SharedMutex.create(mm, offset) if new else SharedMutex(mm, offset)
+    return mutex_at
+
+
+def lock_cells(mm: mmap.mmap) -> LockCells | None:
+    """This process's view of a received segment's lock cells (None: not usable here)."""
+    if not available():
+        return None
+    try:
+        return LockCells(memoryview(mm), _mutex_maker(mm))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def ring_writer(mm: mmap.mmap) -> RingWriter | None:
+    """This process's way to append to a received segment's ring; None where the broker
+    opened none or this process cannot share its mutex."""
+    if not available():
+        return None
+    try:
+        writer = RingWriter(memoryview(mm), SharedMutex(mm, MUTEX_AT))
+    except (OSError, ValueError, TypeError):
+        return None
+    return writer if writer.usable() else None

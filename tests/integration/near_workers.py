@@ -79,3 +79,118 @@ def hold_forever(child: Any) -> None:
         cache = child.cache("c")
         cache["k"]
         return cache["k"]  # type: ignore[no-any-return]
+
+
+class Point:
+    """A value of the user's own class: never left in the write ring."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and other.x == self.x
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def write_plainly(d: Any, ns: Any, v: Any, items: Any, n: int, out: Any) -> None:
+    """Plain writes of every kind the ring takes, each read back at once; then how many of
+    them this process left in the ring."""
+    from mpmesh import _near
+
+    before = _near.counters()["near_writes"]
+    for i in range(n):
+        d[f"k{i % 10}"] = i
+        assert d[f"k{i % 10}"] == i
+        ns.x = (i, "x")
+        assert ns.x == (i, "x")
+        v.value = float(i)
+        assert v.value == float(i)
+        items.append([i])
+    out.put(_near.counters()["near_writes"] - before)
+
+
+def write_in_order(d: Any, items: Any, out: Any) -> None:
+    """Writes left in the ring mixed with calls sent to the broker, each checked at once."""
+    from mpmesh import _near
+
+    before = _near.counters()["near_writes"]
+    seen = []
+    for i in range(200):
+        d["a"] = i                      # ring
+        seen.append(d.pop("a"))         # sent: after the write above
+        d["a"] = -i                     # ring: after the pop
+        d.update(b=i)                   # sent
+        d["b"] = d["b"] + 1             # ring, after a read that went to the broker
+        items.append(i)                 # ring
+        items.extend([i])               # sent
+        assert "a" in d and d["a"] == -i and d["b"] == i + 1 and items[-2:] == [i, i]
+    out.put((seen, _near.counters()["near_writes"] - before))
+
+
+def write_then_die(d: Any, n: int) -> None:
+    """Leave ``n`` writes in the ring, then die by SIGKILL before anything else."""
+    import os
+    import signal
+
+    for i in range(n):
+        d[i] = i
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_many(d: Any, n: int, out: Any) -> None:
+    """More writes than the ring holds at once (it fills: some are sent, none is lost)."""
+    from mpmesh import _near
+
+    before = _near.counters()["near_writes"]
+    blob = "x" * 200
+    for i in range(n):
+        d[i % 1000] = (i, blob)
+    out.put(_near.counters()["near_writes"] - before)
+
+
+def count_under_lock(lock: Any, d: Any, rounds: int, out: Any) -> None:
+    """``with lock: d["n"] += 1``, ``rounds`` times; then how many lock operations this
+    process did through the lock's cell."""
+    from mpmesh._broker import _lockcells
+
+    before = _lockcells.fast[0]
+    for _ in range(rounds):
+        with lock:
+            d["n"] = d["n"] + 1
+    out.put(_lockcells.fast[0] - before)
+
+
+def hold_and_die(lock: Any, conn: Any) -> None:
+    """Take the lock, say so (through a Pipe: nothing is left unsent), and die by SIGKILL
+    holding it."""
+    import os
+    import signal
+
+    assert lock.acquire(timeout=5)
+    conn.send("holding")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold_and_exit(lock: Any, out: Any) -> None:
+    """Take the lock, say so, and exit cleanly holding it."""
+    assert lock.acquire(timeout=5)
+    out.put("holding")
+
+
+def wait_for_lock(lock: Any, out: Any) -> None:
+    """Say "waiting", then take the lock (however long it takes) and report the time."""
+    out.put("waiting")
+    start = time.monotonic()
+    got = lock.acquire(timeout=30)
+    out.put((got, time.monotonic() - start))
+    if got:
+        lock.release()
+
+
+def notify_under(cond: Any, d: Any, out: Any) -> None:
+    """Wait on ``cond`` until d["go"] is set, then say so."""
+    with cond:
+        out.put("waiting")
+        ok = cond.wait_for(lambda: d.get("go"), timeout=20)
+    out.put(ok)

@@ -104,6 +104,8 @@ def test_a_killed_broker_is_a_clear_error_for_everyone() -> None:
         assert ready.get(timeout=LONG) == "parked"
         assert m._broker_proc is not None
         m._broker_proc.kill()
+        # Once it is gone, every call fails (a write racing the kill may be taken).
+        m._broker_proc.join(LONG)
         with pytest.raises(mpmesh.BrokerUnavailable):
             d["x"] = 1
         proc.join(LONG)  # its parked wait fails too, instead of hanging

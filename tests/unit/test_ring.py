@@ -1,0 +1,192 @@
+"""The write ring (``_broker/_ring``) on plain memory, and its process-shared mutex
+(``_io/_mutex``) across real processes."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import threading
+
+import pytest
+
+from mpmesh._broker import _ring
+from mpmesh._broker._ring import CAPACITY, MAX_ENTRY, MUTEX_AT, POKE_AT, RING_END, RingReader, RingWriter
+from mpmesh._broker._versions import VERSIONS, WRITERS
+from mpmesh._io import _mutex
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class ThreadMutex:
+    """A stand-in for the shared mutex: a thread lock, or one never had (``busy``)."""
+
+    def __init__(self, busy: bool = False) -> None:
+        self.lock = threading.Lock()
+        self.busy = busy
+        self.closed = False
+
+    def acquire(self) -> object:
+        if self.busy:
+            return None
+        self.lock.acquire()
+        return self.lock
+
+    def release(self, held: object) -> None:
+        assert held is self.lock
+        self.lock.release()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def ring(busy: bool = False) -> tuple[RingReader, RingWriter, memoryview]:
+    memory = memoryview(bytearray(RING_END))
+    reader = RingReader(memory)
+    reader.open()
+    return reader, RingWriter(memory, ThreadMutex(busy)), memory
+
+
+def test_entries_come_out_whole_and_in_order_across_the_wrap() -> None:
+    reader, writer, _ = ring()
+    sent = []
+    for i in range(3 * CAPACITY // 1000):  # laps the ring three times
+        payload = bytes([i % 251]) * (997 + i % 7)
+        assert writer.append(payload, VERSIONS, VERSIONS) >= 0
+        sent.append(payload)
+        if i % 50 == 49:
+            assert reader.take() == sent
+            sent = []
+    assert reader.take() == sent
+    assert not reader.pending() and reader.take() == []
+
+
+def test_a_write_bumps_its_slots_in_the_writers_region_only() -> None:
+    _, writer, memory = ring()
+    words = memory.cast("Q")
+    assert writer.append(b"x", VERSIONS + 5, VERSIONS + 9) == 0
+    assert writer.append(b"y", VERSIONS + 5, VERSIONS + 5) == 0
+    assert words[VERSIONS + 5 + WRITERS] == 2 and words[VERSIONS + 9 + WRITERS] == 1
+    assert words[VERSIONS + 5] == 0 and words[VERSIONS + 9] == 0  # the broker's words
+
+
+def test_a_full_ring_a_large_entry_a_closed_ring_and_a_busy_mutex_say_send_it() -> None:
+    reader, writer, memory = ring()
+    assert writer.append(b"x" * (MAX_ENTRY + 1), VERSIONS, VERSIONS) == -1
+    chunk = b"x" * (MAX_ENTRY - 8)
+    results = [writer.append(chunk, VERSIONS, VERSIONS) for _ in range(CAPACITY // MAX_ENTRY + 1)]
+    assert results[-1] == -1 and all(r >= 0 for r in results[:-1])
+    assert results.count(1) == 1  # it asked for the ring to be emptied once, at POKE_AT
+    assert results.index(1) == POKE_AT // MAX_ENTRY - 1
+    assert len(reader.take()) == len(results) - 1
+    assert writer.append(chunk, VERSIONS, VERSIONS) == 0  # room again
+    reader.close()
+    assert writer.append(b"x", VERSIONS, VERSIONS) == -1
+    assert not reader.pending() and reader.take() == []
+    _, busy, _ = ring(busy=True)
+    assert busy.append(b"x", VERSIONS, VERSIONS) == -1
+
+
+def test_garbage_in_the_ring_drops_what_is_left_and_nothing_else() -> None:
+    reader, writer, memory = ring()
+    writer.append(b"good", VERSIONS, VERSIONS)
+    writer.append(b"bad!", VERSIONS, VERSIONS)
+    data_at = RING_END - CAPACITY
+    memory[data_at + 8:data_at + 12] = (MAX_ENTRY + 1).to_bytes(4, "little")  # the second's length
+    assert reader.take() == [b"good"]
+    assert not reader.pending()
+    writer.append(b"next", VERSIONS, VERSIONS)
+    assert reader.take() == [b"next"]
+
+
+def test_threads_appending_at_once_lose_nothing() -> None:
+    reader, writer, _ = ring()
+    taken: list[bytes] = []
+
+    def append(tag: int) -> None:
+        for i in range(2000):
+            while writer.append(f"{tag}:{i}".encode(), VERSIONS, VERSIONS) < 0:
+                pass  # full: the taker below empties it
+
+    threads = [threading.Thread(target=append, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        taken += reader.take()
+    taken += reader.take()
+    assert len(taken) == 8000
+    for tag in range(4):  # each thread's writes in its own order
+        mine = [int(e.split(b":")[1]) for e in taken if e.startswith(f"{tag}:".encode())]
+        assert mine == list(range(2000))
+
+
+def test_a_closed_writer_lets_go_of_the_memory_and_says_send_it() -> None:
+    _, writer, _ = ring()
+    mutex = writer._mutex
+    writer.close()
+    assert isinstance(mutex, ThreadMutex) and mutex.closed
+    assert writer.append(b"x", VERSIONS, VERSIONS) == -1
+
+
+# -- the shared mutex, across processes ------------------------------------------------------
+
+needs_mutex = pytest.mark.skipif(not _mutex.available(), reason="no process-shared robust mutex here")
+
+
+@needs_mutex
+def test_the_shared_mutex_excludes_another_process_and_is_freed_when_its_holder_is_killed() -> None:
+    mm = mmap.mmap(-1, RING_END)
+    mutex = _mutex.SharedMutex.create(mm, MUTEX_AT)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            _mutex.SharedMutex(mm, MUTEX_AT).acquire()
+            os.write(w, b"held")
+            signal.pause()
+        finally:
+            os._exit(1)
+    try:
+        os.close(w)
+        assert os.read(r, 4) == b"held"
+        assert mutex.acquire() is None  # held by the child: not had within WAIT_S
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        held = mutex.acquire()  # its holder died: the next taker has it
+        assert held is not None
+        mutex.release(held)
+        held = mutex.acquire()
+        assert held is not None
+        mutex.release(held)
+        del held  # it keeps the mapping exported
+    finally:
+        os.close(r)
+        mutex.close()
+        mm.close()
+
+
+@needs_mutex
+def test_a_writer_killed_while_holding_the_ring_leaves_it_whole_for_the_next() -> None:
+    mm = mmap.mmap(-1, RING_END)
+    _mutex.SharedMutex.create(mm, MUTEX_AT)
+    reader = RingReader(memoryview(mm))
+    reader.open()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        writer = RingWriter(memoryview(mm), _mutex.SharedMutex(mm, MUTEX_AT))
+        writer.append(b"before", VERSIONS, VERSIONS)
+        _mutex.SharedMutex(mm, MUTEX_AT).acquire()  # and dies holding it
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    writer = RingWriter(memoryview(mm), _mutex.SharedMutex(mm, MUTEX_AT))
+    assert writer.append(b"after", VERSIONS, VERSIONS) == 0
+    assert reader.take() == [b"before", b"after"]
+    writer.close()
+    reader.close()
+
+
+def test_the_counter_of_appended_writes_grows() -> None:
+    _, writer, _ = ring()
+    before = _ring.appended[0]
+    writer.append(b"x", VERSIONS, VERSIONS)
+    assert _ring.appended[0] == before + 1
