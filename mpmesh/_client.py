@@ -204,6 +204,14 @@ class ClientBase:
             raise
         return call
 
+    def post_op(self, component: str, op: str, args: object = None, timeout: float = -1.0) -> None:
+        """An operation that gets no answer (request id 0); quietly skipped if the
+        connection is closed (what needed it fails on its own)."""
+        try:
+            self._send(Op(0, timeout, component, op, _codec.dumps(args)))
+        except (MeshError, OSError):
+            pass
+
     def call_op(self, component: str, op: str, payload: bytes,
                 withdraw: Callable[[ClientBase, int], None] | None = None) -> object:
         """A blocking ``op`` with no timeout: its value, or its error raised here. If the

@@ -38,11 +38,12 @@ from . import _binding, _deadline
 from ._broker._objects import COMPONENT
 from ._broker._refs import Token, install_proxy_builder, rebuild_ref
 from ._broker._versions import bulk_slot, key_slot, stable_hash, whole_slot
+from ._near import ETERNAL, immutable
 from ._client import GUARD_SLACK_S, ClientBase, SocketClient, make_hello
 from ._futures import Call
-from ._errors import BrokerUnavailable, MeshError, SerializationError
+from ._errors import BrokerUnavailable, SerializationError
 from ._wire import _codec
-from ._wire._messages import Op, Reply, Role
+from ._wire._messages import Reply, Role
 
 __all__ = [
     "AutoProxy", "BaseProxy", "MakeProxyType", "Token", "client_for", "create_proxy",
@@ -158,11 +159,8 @@ def pack(call: object) -> bytes:
 
 
 def _post(client: ClientBase, op: str, args: object, timeout: float = -1.0) -> None:
-    """Send an op that gets no answer (request id 0); quietly skip a closed client."""
-    try:
-        client._send(Op(0, timeout, COMPONENT, op, _dumps(args)))
-    except (MeshError, OSError):
-        pass
+    """Send an objects op that gets no answer (request id 0); quietly skip a closed client."""
+    client.post_op(COMPONENT, op, args, timeout)
 
 
 # -- releasing references ----------------------------------------------------------------
@@ -275,26 +273,36 @@ class BaseProxy:
         return client.call_op(COMPONENT, "call", pack((self._id, methodname, args, kwds or {}, _get_ident())),
                               _withdraw)
 
-    def _write(self, methodname: str, args: tuple[Any, ...], key: Any = _WHOLE) -> None:
+    def _write(self, methodname: str, args: tuple[Any, ...], key: Any = _WHOLE,
+               reads: tuple[str, tuple[Any, ...], Any] | None = None) -> None:
         """``_callmethod`` for a write that returns nothing and cannot fail when its
         arguments are plain (``d[k] = v``, ``ns.x = v``, ``value.set(v)``, ``l.append(v)``):
         left in the write ring, with no round trip, where this process has one (see
-        ``_broker/_ring``); sent as any call otherwise. ``key``: the key it writes."""
+        ``_broker/_ring``); sent as any call otherwise. ``key``: the key it writes.
+        ``reads``: ``(method, args, value)``, a read that now returns ``value`` (of
+        ``key``, or of the whole object): kept as this process's copy, so reading back
+        what it wrote costs no round trip either."""
         client = self._client if self._pid == _getpid() else self._rebind()
         ring = client.ring
         if (ring is not None and self._token.typeid in _RING_TYPEIDS and _plain(args)
                 and client.segment_usable()):
             if self._wslot < 0:
                 self._find_slots()
-            s1 = s2 = self._wslot
+            s1 = s2 = n2 = self._wslot
             khash = None if key is _WHOLE else stable_hash(key)
             if khash is not None:
-                s1 = key_slot(self._id, khash)
+                s1, n2 = key_slot(self._id, khash), self._bslot
             if khash is not None or key is _WHOLE:
-                done = ring.append(pack((self._id, methodname, args, {}, 0)), s1, s2)
+                done, v1, v2 = ring.append_noting(pack((self._id, methodname, args, {}, 0)), s1, s2, s1, n2)
                 if done >= 0:
                     if done:
                         _post(client, "drain", None)
+                    near = client.near
+                    if reads is not None and near is not None and immutable(reads[2]):
+                        try:
+                            near.keep((self._id, reads[0], reads[1]), v1, v2, ETERNAL, reads[2], None)
+                        except TypeError:  # an unhashable argument: nothing to keep
+                            pass
                     return
         self._callmethod(methodname, args)
 

@@ -22,7 +22,9 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 
 from ._broker._lockcells import LockCells
 from ._broker._sync import BrokenBarrier
-from ._proxies import BaseProxy, _post
+from ._near import immutable
+from ._proxies import BaseProxy, _post, pack
+from ._wire import _codec
 
 __all__ = [
     "AcquirerProxy", "ArrayProxy", "BarrierProxy", "ConditionProxy", "DictProxy", "EventProxy",
@@ -246,7 +248,7 @@ class NamespaceProxy(BaseProxy):
             object.__setattr__(self, key, value)
             return
         write = object.__getattribute__(self, "_write")
-        write("__setattr__", (key, value), key)
+        write("__setattr__", (key, value), key, ("__getattribute__", (key,), value))
 
     def __delattr__(self, key: str) -> None:
         if key[0] == "_":
@@ -263,7 +265,7 @@ class ValueProxy(BaseProxy, Generic[T]):
         return self._near_read("get")  # type: ignore[no-any-return]
 
     def set(self, value: T) -> None:
-        self._write("set", (value,))
+        self._write("set", (value,), reads=("get", (), value))
 
     value = property(get, set)
 
@@ -388,7 +390,7 @@ class DictProxy(BaseProxy, Generic[K, V]):
         return self._near_read("__len__")  # type: ignore[no-any-return]
 
     def __setitem__(self, key: K, value: V) -> None:
-        self._write("__setitem__", (key, value), key)
+        self._write("__setitem__", (key, value), key, ("__getitem__", (key,), value))
 
     def clear(self) -> None:
         self._callmethod("clear")
@@ -399,6 +401,17 @@ class DictProxy(BaseProxy, Generic[K, V]):
     def get(self, *args: Any) -> V | None:
         if len(args) not in (1, 2):
             return self._callmethod("get", args)  # type: ignore[no-any-return]
+        if self._token.typeid == "dict":
+            # A built-in dict's get is its [] with a default: one copy serves both. The
+            # default comes back as a copy, as the broker's answer would be.
+            default: Any = args[1] if len(args) == 2 else None
+            blob = None if immutable(default) else pack(default)  # raises as a sent call would
+            try:
+                return self._near_read("__getitem__", args[:1], args[0])  # type: ignore[no-any-return]
+            except KeyError:
+                if blob is not None:
+                    default = _codec.loads(blob)
+                return default  # type: ignore[no-any-return]
         return self._near_read("get", args, args[0])  # type: ignore[no-any-return]
 
     def items(self) -> list[tuple[K, V]]:

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, final
 
 from . import _binding
+from ._broker._cache import ENTRY_OVERHEAD_BYTES
 from ._broker._payload import MISSING, pack
+from ._broker._ring import CACHE
 from ._broker._versions import bulk_slot, cache_ident, key_slot, stable_hash, whole_slot
 from ._errors import NotFound
 from ._near import ETERNAL, NearCache
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Cache", "open_cache"]
 
 _NOTHING: Any = object()
+_TIMES: Any = (int, float)
 _WHOLE: Any = ("#whole",)  # in the copy key of keys() and len(), which no cache key equals
 
 
@@ -170,7 +174,36 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` under ``key``, expiring after ``ttl`` seconds (None: the cache's TTL)."""
         blob = _codec.dumps(value)
-        self._op("set", pack((self.name, key, ttl), blob))
+        if not self._leave(key, value, blob, ttl):
+            self._op("set", pack((self.name, key, ttl), blob))
+
+    def _leave(self, key: Any, value: Any, blob: bytes, ttl: float | None) -> bool:
+        """Leave a ``set`` that cannot fail in the broker's write ring (``_broker/_ring``),
+        keeping what it wrote as this process's copy; False if it must be sent."""
+        client = self._bound()
+        ring = client.ring
+        if ring is None or not self.options.get("near", True) or not client.segment_usable():
+            return False
+        khash = stable_hash(key)
+        if khash is None or (ttl is not None and (type(ttl) not in _TIMES or not 0 <= ttl < math.inf)):
+            return False
+        maxbytes = self.options.get("maxbytes")
+        if maxbytes is not None and len(blob) + ENTRY_OVERHEAD_BYTES > maxbytes:
+            return False  # too large for it: the broker says so
+        s1 = key_slot(self._ident, khash)
+        at = time.monotonic()
+        done, v1, v2 = ring.append_noting(pack((self.name, key, ttl, at), blob), s1, self._whole,
+                                          s1, self._bulk, CACHE)
+        if done < 0:
+            return False
+        if done:
+            client.post_op("objects", "drain")
+        near = client.near
+        if near is not None:
+            lasts = self.options.get("ttl") if ttl is None else ttl
+            expires = ETERNAL if lasts is None else int((at + lasts) * 1e9)
+            near.keep((self.name, key), v1, v2, expires, value, blob, access_slot=s1)
+        return True
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.set(key, value)

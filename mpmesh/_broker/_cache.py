@@ -112,10 +112,11 @@ class _Cache:
         entry.used = self.clock()
         return entry
 
-    def put(self, key: object, entry: Entry) -> None:
+    def put(self, key: object, entry: Entry, at: float | None = None) -> None:
+        """Store ``entry``, written at ``at`` (None: now)."""
         store = self.store
         new = key not in store
-        entry.used = self.clock()
+        entry.used = self.clock() if at is None else at
         store[key] = entry
         self.wrote(key)
         if entry.expires != math.inf:
@@ -191,7 +192,8 @@ class CacheStore:
         self._next_sweep: float | None = None
         self.ops = 0
         self._ops: dict[str, Callable[[_Cache, int, object, bytes, float], Action]] = {
-            "get": self._get, "set": self._set, "delete": self._delete, "contains": self._contains,
+            "get": self._get, "set": self._set, "rset": self._rset, "delete": self._delete,
+            "contains": self._contains,
             "mget": self._mget, "mset": self._mset, "incr": self._incr, "cas": self._cas,
             "keys": self._keys, "items": self._items, "len": self._len, "clear": self._clear,
             "pop": self._pop, "setdefault": self._setdefault,
@@ -278,6 +280,16 @@ class CacheStore:
     def _set(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
         _, key, ttl = head
         cache.put(key, Entry(tail, cache.expires(_check_ttl(ttl), now)))
+        return reply(rid, None)  # type: ignore[return-value]
+
+    def _rset(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:
+        """A ``set`` a process left in the write ring (``_ring``) at ``at`` (its monotonic
+        clock, which is this one): its TTL runs from then, not from when it is applied."""
+        _, key, ttl, at = head
+        if isinstance(at, bool) or not isinstance(at, NUMBERS) or not math.isfinite(at):
+            raise ValueError(f"a write's time must be a finite number, not {at!r}")
+        at = min(float(at), now)
+        cache.put(key, Entry(tail, cache.expires(_check_ttl(ttl), at)), at)
         return reply(rid, None)  # type: ignore[return-value]
 
     def _delete(self, cache: _Cache, rid: int, head: Any, tail: bytes, now: float) -> Action:

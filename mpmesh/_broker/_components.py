@@ -18,7 +18,6 @@ from ._lockcells import LockCells
 from ._locks import LockTable
 from ._objects import ObjectTable
 from ._pubsub import PubSub
-from ._ring import RingReader
 from ._rpc import RpcPools
 from ._versions import VersionTable
 
@@ -30,7 +29,6 @@ __all__ = ["default_components"]
 
 def default_components(core: BrokerCore | None = None, *,
                        versions: VersionTable | None = None,
-                       ring: RingReader | None = None,
                        cells: LockCells | None = None) -> dict[str, Component]:
     """Fresh instances of every built-in component, for a new broker.
 
@@ -38,7 +36,6 @@ def default_components(core: BrokerCore | None = None, *,
     ``objects`` to name a lost peer and learn whether it said Goodbye) get ``core``;
     without it, ``admin`` is left out. ``versions``: the table that ``cache`` and
     ``objects`` bump as they apply writes, for processes that keep copies (``_versions``);
-    ``ring``: where other processes leave plain writes to Manager objects (``_ring``);
     ``cells``: where Manager Locks keep their state (``_lockcells``; needs ``core``).
     """
     components: dict[str, Component] = {}
@@ -46,8 +43,8 @@ def default_components(core: BrokerCore | None = None, *,
     components["locks"] = locks
     components["cache"] = CacheStore(fence=locks.valid, versions=versions)
     components["pubsub"] = PubSub()
-    components["objects"] = ObjectTable(versions=versions, ring=ring) if core is None else ObjectTable(
-        left_cleanly=_goodbye_said(core), describe=_describer(core), versions=versions, ring=ring,
+    components["objects"] = ObjectTable(versions=versions) if core is None else ObjectTable(
+        left_cleanly=_goodbye_said(core), describe=_describer(core), versions=versions,
         cells=cells, pid_of=_pid_of(core))
     components["rpc"] = RpcPools(describe=None if core is None else _describer(core))
     if core is not None:

@@ -19,12 +19,15 @@ from .._wire._messages import (
     Request, Role, Serve,
 )
 from ._actions import WARNING, Action, Close, Notify, Send
+from ._ring import KINDS, RingReader
 from ._routing import STRATEGIES, UNLIMITED, Group, Router, Worker, WorkerState
 
 __all__ = ["LOCAL_PEER", "BrokerCore", "Component", "Peer"]
 
 # The peer id of the in-process host (a Master's own client). Socket peers start at 1.
 LOCAL_PEER: Final = 0
+# Who a write taken from the write ring comes from: nobody waits for its answer.
+RING_PEER: Final = -1
 
 
 class Component(Protocol):
@@ -74,6 +77,8 @@ class BrokerCore:
         self.components: dict[str, Component] = {}
         self._instances = itertools.count(1)
         self.ops = 0
+        # Where local processes leave plain writes (``_ring``); the owner sets it.
+        self.ring: RingReader | None = None
         # (deadline, peer): a peer that has not said Hello by then is closed (stale
         # entries, of peers gone or introduced, are skipped).
         self._hello_due: list[tuple[float, int]] = []
@@ -192,7 +197,7 @@ class BrokerCore:
         """What components do now and then, whether or not anything arrived: the object
         table applies the writes processes left in shared memory (``_ring``)."""
         self.timers_moved = True
-        actions: list[Action] = []
+        actions = self.take_ring(now) if self.ring is not None and self.ring.pending() else []
         for component in self.components.values():
             idle = getattr(component, "on_idle", None)
             if idle is not None:
@@ -262,13 +267,35 @@ class BrokerCore:
         return self.router.submit(peer.id, req, where, now)
 
     def _op(self, peer: Peer, msg: Op, now: float) -> list[Action]:
+        ring = self.ring
+        if ring is not None and ring.pending():
+            return self.take_ring(now) + self._to_component(peer.id, msg, now)
+        return self._to_component(peer.id, msg, now)
+
+    def take_ring(self, now: float) -> list[Action]:
+        """Apply the writes processes left in the write ring (``_ring``), in their order:
+        before any operation, so none can read around them. Their answers go to nobody;
+        what a write starts off the loop (an object holding user values) is kept."""
+        actions: list[Action] = []
+        if self.ring is None:
+            return actions
+        for kind, payload in self.ring.take():
+            where = KINDS.get(kind)
+            if where is None:
+                continue
+            for action in self._to_component(RING_PEER, Op(0, -1.0, where[0], where[1], payload), now):
+                if type(action) is not Send or action.peer != RING_PEER:
+                    actions.append(action)
+        return actions
+
+    def _to_component(self, peer_id: int, msg: Op, now: float) -> list[Action]:
         self.ops += 1
         component = self.components.get(msg.component)
         if component is None:
-            return [Send(peer.id, Failure(msg.rid, ErrorCode.NOT_FOUND,
+            return [Send(peer_id, Failure(msg.rid, ErrorCode.NOT_FOUND,
                                           f"this broker has no {msg.component!r} component", b""))]
         timers = getattr(component, "timers", None)
-        actions = component.on_op(peer.id, msg, now)
+        actions = component.on_op(peer_id, msg, now)
         if timers is None or timers != component.timers:  # type: ignore[attr-defined]
             self.timers_moved = True
         return actions

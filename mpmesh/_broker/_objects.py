@@ -69,7 +69,6 @@ from ._actions import WARNING, Action, Notify, Offload, Send
 from ._limits import MAX_OBJECTS, MAX_PARKED_PER_PEER, TooMany
 from ._natives import DATA, KEYED, KEYED_WRITES, NATIVE, READS, SYNC, Namespace, Value
 from ._lockcells import LockCells
-from ._ring import RingReader
 from ._versions import VersionTable
 from ._refs import (
     AttributeRef, NewRef, ProxyRef, Token, TypeSpec, grants, loading, public_methods, same_address,
@@ -78,7 +77,7 @@ from ._queues import Queue
 from ._sync import Condition, Lock, SharedLock
 from ._waiters import PARKED, Effects, ParkingLot, Waiter
 
-__all__ = ["COMPONENT", "CUSTOM", "GRACE_S", "RING_PEER", "ObjectTable"]
+__all__ = ["COMPONENT", "CUSTOM", "GRACE_S", "ObjectTable"]
 
 COMPONENT: Final = "objects"
 CUSTOM: Final = 3
@@ -100,8 +99,6 @@ _NESTS: Final = frozenset({tuple, list, dict, set, frozenset, slice})
 ARGS_BUDGET: Final = 10_000
 HOLDS_BUDGET: Final = 256
 _QUEUE_PUTS: Final = frozenset({"put", "put_nowait"})
-# Who a write taken from the ring (``_ring``) comes from: nobody waits for its answer.
-RING_PEER: Final = -1
 # How soon a shared Lock whose cell was busy is looked at again (``_lockcells``).
 RETRY_S: Final = 0.001
 
@@ -145,11 +142,9 @@ class ObjectTable:
 
     def __init__(self, *, left_cleanly: Callable[[int], bool] | None = None,
                  describe: Callable[[int], str] | None = None,
-                 versions: VersionTable | None = None, ring: RingReader | None = None,
-                 cells: LockCells | None = None, pid_of: Callable[[int], int] | None = None) -> None:
+                 versions: VersionTable | None = None, cells: LockCells | None = None, pid_of: Callable[[int], int] | None = None) -> None:
         self._left_cleanly = left_cleanly
         self.versions = versions
-        self.ring = ring
         # Lock cells in shared memory, and the pid of a peer (who holds a cell's lock).
         self.cells = cells if pid_of is not None else None
         self._pid_of = pid_of or (lambda peer: 0)
@@ -179,12 +174,6 @@ class ObjectTable:
     # -- Component protocol -----------------------------------------------------------------
 
     def on_op(self, peer: int, msg: Op, now: float) -> list[Action]:
-        ring = self.ring
-        if ring is not None and ring.pending():
-            return self.take_ring(now) + self._on_op(peer, msg, now)
-        return self._on_op(peer, msg, now)
-
-    def _on_op(self, peer: int, msg: Op, now: float) -> list[Action]:
         self.now = now
         if peer not in self._alive:
             self._alive.add(peer)
@@ -238,11 +227,7 @@ class ObjectTable:
         return self._effects(fx) + notes + self._drain()
 
     def on_idle(self, now: float) -> list[Action]:
-        ring = self.ring
-        actions = self.take_ring(now) if ring is not None and ring.pending() else []
-        if self._retry:
-            actions += self._retry_locks(now)
-        return actions
+        return self._retry_locks(now) if self._retry else []
 
     def _retry_locks(self, now: float) -> list[Action]:
         self.now = now
@@ -256,19 +241,6 @@ class ObjectTable:
         if lock not in self._retry:
             self._retry.add(lock)
             self.timers += 1
-
-    def take_ring(self, now: float) -> list[Action]:
-        """Apply the writes processes left in the ring, in their order (before anything
-        else may read what they wrote). Their answers go to nobody; what a write starts
-        off the loop (an object holding user values) is kept."""
-        if self.ring is None:
-            return []
-        actions: list[Action] = []
-        for payload in self.ring.take():
-            for action in self._on_op(RING_PEER, Op(0, -1.0, COMPONENT, "call", payload), now):
-                if type(action) is not Send or action.peer != RING_PEER:
-                    actions.append(action)
-        return actions
 
     def on_tick(self, now: float) -> list[Action]:
         self.now = now
@@ -388,7 +360,7 @@ class ObjectTable:
         return self._effects(fx)
 
     def _drained(self, peer: int, rid: int, args: Any) -> list[Action]:
-        """A writer's nudge: the ring filled up (``on_op`` has emptied it)."""
+        """A writer's nudge: the ring filled up (the core emptied it before this op)."""
         return []
 
     def _call(self, peer: int, rid: int, args: Any) -> list[Action]:

@@ -24,8 +24,9 @@ Layout, after the version table (``TABLE_BYTES``)::
 
     +0      the mutex (``MUTEX_BYTES``)
     +64     head (bytes taken by the broker, ever), tail (bytes appended, ever), open flag
-    +128    entries: u32 length, the call's pickle, padded to 8 bytes; a length of
-            ``_SKIP`` says the next entry starts at the beginning again
+    +128    entries: u32 length, u32 kind (``OBJECTS``: a Manager object's call;
+            ``CACHE``: a mesh cache's ``set``), the op's payload, padded to 8 bytes; a
+            length of ``_SKIP`` says the next entry starts at the beginning again
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Final, Protocol
 from ._versions import TABLE_BYTES, WRITERS
 
 __all__ = [
-    "CAPACITY", "appended", "MAX_ENTRY", "MUTEX_AT", "MUTEX_BYTES", "POKE_AT", "RingReader", "RingWriter",
+    "CACHE", "CAPACITY", "KINDS", "OBJECTS", "appended", "MAX_ENTRY", "MUTEX_AT", "MUTEX_BYTES", "POKE_AT", "RingReader", "RingWriter",
     "RING_END",
 ]
 
@@ -54,11 +55,18 @@ POKE_AT: Final = CAPACITY // 4
 # Writes this process left in a ring, any broker's (``stats()``'s ``near_writes``).
 appended = [0]
 
+# What an entry is: the component and op its payload is for.
+OBJECTS: Final = 0
+CACHE: Final = 1
+KINDS: Final = {OBJECTS: ("objects", "call"), CACHE: ("cache", "rset")}
+
+_NOT_DONE: Final = (-1, 0, 0)
 _HEAD: Final = 0
 _TAIL: Final = 1
 _OPEN: Final = 2
 _SKIP: Final = 0xFFFFFFFF
 _LEN: Final = struct.Struct("<I")
+_HEADER: Final = struct.Struct("<II")  # length, kind
 
 
 class Mutex(Protocol):
@@ -111,26 +119,26 @@ class RingReader:
         ctl = self._ctl
         return not self._closed and ctl[_TAIL] != ctl[_HEAD]
 
-    def take(self) -> list[bytes]:
-        """The entries appended since the last take, oldest first; their room is free
-        again. An entry that cannot be one (a peer that wrote garbage) ends the take and
-        drops the rest."""
+    def take(self) -> list[tuple[int, bytes]]:
+        """The entries appended since the last take, oldest first, as (kind, payload);
+        their room is free again. An entry that cannot be one (a peer that wrote garbage)
+        ends the take and drops the rest."""
         if self._closed:
             return []
         ctl, data = self._ctl, self._data
         head, tail = ctl[_HEAD], ctl[_TAIL]
-        out: list[bytes] = []
+        out: list[tuple[int, bytes]] = []
         while head < tail:
             pos = head % CAPACITY
             (n,) = _LEN.unpack_from(data, pos)
             if n == _SKIP:
                 head += CAPACITY - pos
                 continue
-            if n > MAX_ENTRY or pos + 4 + n > CAPACITY:
+            if n > MAX_ENTRY or pos + 8 + n > CAPACITY:
                 head = tail
                 break
-            out.append(bytes(data[pos + 4:pos + 4 + n]))
-            head += (n + 11) & ~7
+            out.append((_LEN.unpack_from(data, pos + 4)[0], bytes(data[pos + 8:pos + 8 + n])))
+            head += (n + 15) & ~7
         ctl[_HEAD] = head
         return out
 
@@ -161,43 +169,56 @@ class RingWriter:
             except BufferError:  # a racing append has a slice of it: the GC frees it
                 pass
 
-    def append(self, payload: bytes, s1: int, s2: int) -> int:
+    def append(self, payload: bytes, s1: int, s2: int, kind: int = OBJECTS) -> int:
         """Append ``payload`` and bump slots ``s1`` and ``s2``: 0 if done; 1 if done and
         the ring just became ``POKE_AT`` full (ask the broker to empty it); -1 if it was
         not appended (too large, the ring full or closed, or the mutex not had in time):
         then the call must be sent instead."""
+        return self.append_noting(payload, s1, s2, s1, s1, kind)[0]
+
+    def append_noting(self, payload: bytes, s1: int, s2: int, n1: int, n2: int,
+                      kind: int = OBJECTS) -> tuple[int, int, int]:
+        """``append``, and the versions that slots ``n1`` and ``n2`` show right after it if
+        nothing else changed them meanwhile: a copy of what this write wrote, kept with
+        them, is current exactly while they still show those.
+
+        They are read before the entry becomes visible: a write the broker applies after
+        this one, whatever slots it bumps afterwards, then changes one of them; one it
+        applied before only costs the copy a needless refresh."""
         n = len(payload)
-        need = (n + 11) & ~7
+        need = (n + 15) & ~7
         if need > MAX_ENTRY:
-            return -1
+            return _NOT_DONE
         mutex = self._mutex
         held = mutex.acquire()
         if held is None:
-            return -1
+            return _NOT_DONE
         try:
             ctl = self._ctl
             if not ctl[_OPEN]:
-                return -1
+                return _NOT_DONE
             tail = ctl[_TAIL]
             pos = tail % CAPACITY
             pad = CAPACITY - pos if pos + need > CAPACITY else 0
             used = tail + pad + need - ctl[_HEAD]
             if used > CAPACITY:
-                return -1
+                return _NOT_DONE
             data = self._data
             if pad:
                 _LEN.pack_into(data, pos, _SKIP)
                 pos = 0
-            _LEN.pack_into(data, pos, n)
-            data[pos + 4:pos + 4 + n] = payload
-            ctl[_TAIL] = tail + pad + need  # the commit: the entry is whole before this
+            _HEADER.pack_into(data, pos, n, kind)
+            data[pos + 8:pos + 8 + n] = payload
             words = self._words
+            v1 = words[n1] + words[n1 + WRITERS] + (n1 == s1) + (n1 == s2 != s1)
+            v2 = words[n2] + words[n2 + WRITERS] + (n2 == s1) + (n2 == s2 != s1)
+            ctl[_TAIL] = tail + pad + need  # the commit: the entry is whole before this
             words[s1 + WRITERS] += 1
             if s2 != s1:
                 words[s2 + WRITERS] += 1
             appended[0] += 1
-            return 1 if used >= POKE_AT > used - pad - need else 0
+            return (1 if used >= POKE_AT > used - pad - need else 0), v1, v2
         except ValueError:  # closed meanwhile (``close``)
-            return -1
+            return _NOT_DONE
         finally:
             mutex.release(held)

@@ -76,9 +76,9 @@ class BrokerHost:
         # The version table local peers read shared state through (not over TCP).
         self.segment = _segment.create() if near_cache and isinstance(self.address, str) else None
         versions = self.segment.table if self.segment is not None else None
-        ring = self.segment.ring if self.segment is not None else None
         cells = self.segment.cells if self.segment is not None else None
-        self.core.components.update(default_components(self.core, versions=versions, ring=ring, cells=cells)
+        self.core.ring = self.segment.ring if self.segment is not None else None
+        self.core.components.update(default_components(self.core, versions=versions, cells=cells)
                                     if components is None else components)
         self.client = LocalClient(None)  # type: ignore[arg-type]
         self._on_notify = on_notify or (lambda notes: None)

@@ -194,3 +194,19 @@ def notify_under(cond: Any, d: Any, out: Any) -> None:
         out.put("waiting")
         ok = cond.wait_for(lambda: d.get("go"), timeout=20)
     out.put(ok)
+
+
+def cache_writes(name: str, n: int, out: Any) -> None:
+    """Set keys of mesh cache ``name`` through a ``connect()``ed handle, reading each back
+    at once; then how many writes went through the ring and how many reads were copies."""
+    import mpmesh
+    from mpmesh import _near
+
+    with mpmesh.connect(name, autospawn=False) as h:
+        cache = h.cache("c")
+        before = _near.counters()
+        for i in range(n):
+            cache[f"k{i % 10}"] = i
+            assert cache[f"k{i % 10}"] == i
+        after = _near.counters()
+        out.put((after["near_writes"] - before["near_writes"], after["near_hits"] - before["near_hits"]))

@@ -55,6 +55,7 @@ def test_a_killed_state_broker_is_a_clear_error() -> None:
         cache["k"] = 1
         assert m._state_proc is not None
         m._state_proc.kill()
+        m._state_proc.join(10)  # once it is gone, every call fails (a write racing the kill may be taken)
         with pytest.raises(mpmesh.BrokerUnavailable):
             cache["k"] = 2
 

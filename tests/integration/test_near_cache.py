@@ -353,7 +353,7 @@ def test_stats_count_this_processs_near_reads_and_the_budget_bounds_its_copies()
             cache = master.cache("c")
             before = master.stats()
             for i in range(20):
-                cache[f"k{i}"] = [i] * 100   # ~300 bytes pickled
+                cache.mset({f"k{i}": [i] * 100})   # ~300 bytes pickled; sent, so not kept here
                 assert cache[f"k{i}"] == [i] * 100
                 assert cache[f"k{i}"] == [i] * 100
             after = master.stats()

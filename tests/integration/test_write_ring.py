@@ -6,6 +6,7 @@ killed right after."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from typing import Any
 
 import pytest
@@ -131,3 +132,46 @@ def test_no_ring_without_near_copies_or_over_tcp() -> None:
         d = m.dict()
         d["k"] = 1
         assert d["k"] == 1 and _near.counters()["near_writes"] == before
+
+
+# -- mesh caches ---------------------------------------------------------------------------------
+
+def test_cache_sets_go_through_the_ring_and_are_read_back_from_the_writers_copy() -> None:
+    with mpmesh.Master() as m:
+        cache = m.cache("c")
+        left, hits = run(near_workers.cache_writes, m.name, 200)
+        assert left == 200 and hits >= 200  # every set left in the ring, every read-back a copy
+        assert {k: cache[k] for k in cache.keys()} == {f"k{i}": 190 + i for i in range(10)}
+
+
+def test_a_cache_set_left_in_the_ring_keeps_its_ttl_and_its_order_with_sent_calls() -> None:
+    with mpmesh.Master() as m:
+        cache = m.cache("t")
+        before = _near.counters()["near_writes"]
+        cache.set("soon", 1, ttl=0.3)
+        cache["k"] = 1
+        del cache["k"]               # sent: after the set
+        assert "k" not in cache and cache.get("k") is None
+        cache["k"] = 2
+        assert cache.incr("k") == 3  # sent: after the set
+        assert cache["k"] == 3
+        assert _near.counters()["near_writes"] - before == 3
+        assert cache["soon"] == 1
+        deadline = time.monotonic() + 5
+        while "soon" in cache and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "soon" not in cache and m.cache("t").get("soon") is None
+
+
+def test_a_cache_set_the_broker_would_refuse_is_sent_and_refused() -> None:
+    with mpmesh.Master() as m:
+        small = m.cache("small", maxbytes=1000)
+        before = _near.counters()["near_writes"]
+        with pytest.raises(ValueError):
+            small["big"] = "x" * 5000
+        with pytest.raises(ValueError):
+            small.set("k", 1, ttl=-1)
+        with pytest.raises(TypeError):
+            small[[1]] = 1
+        assert _near.counters()["near_writes"] == before
+        assert "big" not in small

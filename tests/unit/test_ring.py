@@ -40,6 +40,13 @@ class ThreadMutex:
         self.closed = True
 
 
+def taken(reader: RingReader) -> list[bytes]:
+    """What ``take`` gave, payloads only (every test entry is an objects call)."""
+    entries = reader.take()
+    assert all(kind == _ring.OBJECTS for kind, _ in entries)
+    return [payload for _, payload in entries]
+
+
 def ring(busy: bool = False) -> tuple[RingReader, RingWriter, memoryview]:
     memory = memoryview(bytearray(RING_END))
     reader = RingReader(memory)
@@ -55,10 +62,10 @@ def test_entries_come_out_whole_and_in_order_across_the_wrap() -> None:
         assert writer.append(payload, VERSIONS, VERSIONS) >= 0
         sent.append(payload)
         if i % 50 == 49:
-            assert reader.take() == sent
+            assert taken(reader) == sent
             sent = []
-    assert reader.take() == sent
-    assert not reader.pending() and reader.take() == []
+    assert taken(reader) == sent
+    assert not reader.pending() and taken(reader) == []
 
 
 def test_a_write_bumps_its_slots_in_the_writers_region_only() -> None:
@@ -78,11 +85,11 @@ def test_a_full_ring_a_large_entry_a_closed_ring_and_a_busy_mutex_say_send_it() 
     assert results[-1] == -1 and all(r >= 0 for r in results[:-1])
     assert results.count(1) == 1  # it asked for the ring to be emptied once, at POKE_AT
     assert results.index(1) == POKE_AT // MAX_ENTRY - 1
-    assert len(reader.take()) == len(results) - 1
+    assert len(taken(reader)) == len(results) - 1
     assert writer.append(chunk, VERSIONS, VERSIONS) == 0  # room again
     reader.close()
     assert writer.append(b"x", VERSIONS, VERSIONS) == -1
-    assert not reader.pending() and reader.take() == []
+    assert not reader.pending() and taken(reader) == []
     _, busy, _ = ring(busy=True)
     assert busy.append(b"x", VERSIONS, VERSIONS) == -1
 
@@ -92,16 +99,16 @@ def test_garbage_in_the_ring_drops_what_is_left_and_nothing_else() -> None:
     writer.append(b"good", VERSIONS, VERSIONS)
     writer.append(b"bad!", VERSIONS, VERSIONS)
     data_at = RING_END - CAPACITY
-    memory[data_at + 8:data_at + 12] = (MAX_ENTRY + 1).to_bytes(4, "little")  # the second's length
-    assert reader.take() == [b"good"]
+    memory[data_at + 16:data_at + 20] = (MAX_ENTRY + 1).to_bytes(4, "little")  # the second's length
+    assert taken(reader) == [b"good"]
     assert not reader.pending()
     writer.append(b"next", VERSIONS, VERSIONS)
-    assert reader.take() == [b"next"]
+    assert taken(reader) == [b"next"]
 
 
 def test_threads_appending_at_once_lose_nothing() -> None:
     reader, writer, _ = ring()
-    taken: list[bytes] = []
+    got: list[bytes] = []
 
     def append(tag: int) -> None:
         for i in range(2000):
@@ -112,11 +119,11 @@ def test_threads_appending_at_once_lose_nothing() -> None:
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
-        taken += reader.take()
-    taken += reader.take()
-    assert len(taken) == 8000
+        got += taken(reader)
+    got += taken(reader)
+    assert len(got) == 8000
     for tag in range(4):  # each thread's writes in its own order
-        mine = [int(e.split(b":")[1]) for e in taken if e.startswith(f"{tag}:".encode())]
+        mine = [int(e.split(b":")[1]) for e in got if e.startswith(f"{tag}:".encode())]
         assert mine == list(range(2000))
 
 
@@ -180,7 +187,7 @@ def test_a_writer_killed_while_holding_the_ring_leaves_it_whole_for_the_next() -
     os.waitpid(pid, 0)
     writer = RingWriter(memoryview(mm), _mutex.SharedMutex(mm, MUTEX_AT))
     assert writer.append(b"after", VERSIONS, VERSIONS) == 0
-    assert reader.take() == [b"before", b"after"]
+    assert taken(reader) == [b"before", b"after"]
     writer.close()
     reader.close()
 
@@ -190,3 +197,14 @@ def test_the_counter_of_appended_writes_grows() -> None:
     before = _ring.appended[0]
     writer.append(b"x", VERSIONS, VERSIONS)
     assert _ring.appended[0] == before + 1
+
+
+def test_an_entry_keeps_its_kind_and_the_noted_versions_are_those_after_it() -> None:
+    reader, writer, memory = ring()
+    words = memory.cast("Q")
+    words[VERSIONS + 3] = 10  # the broker's word of the noted slot
+    done, v1, v2 = writer.append_noting(b"c", VERSIONS + 3, VERSIONS + 4, VERSIONS + 3, VERSIONS + 5,
+                                        _ring.CACHE)
+    assert done == 0 and v1 == 11 and v2 == 0  # slot 3 bumped once by this write; 5 not
+    assert words[VERSIONS + 3] + words[VERSIONS + 3 + WRITERS] == v1
+    assert reader.take() == [(_ring.CACHE, b"c")]
