@@ -478,7 +478,8 @@ def test_frozen_child_misses_heartbeats_is_killed_and_replaced() -> None:
             missed = events.wait("heartbeat-missed", name="frozen")
             assert missed[0]["pid"] == pid
             assert missed[0]["silent_for"] >= HB_S * HB_MISSES
-            assert time.monotonic() - frozen_at >= HB_S * HB_MISSES
+            # Its last beat may have come up to one interval before the freeze.
+            assert time.monotonic() - frozen_at >= HB_S * (HB_MISSES - 1)
             new_pid = wait_replaced(events, "frozen", pid)
         finally:
             if not gone(pid):
