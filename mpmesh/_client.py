@@ -63,7 +63,7 @@ from ._io import _segment
 from ._broker._lockcells import LockCells
 from ._broker._ring import RingWriter
 from ._near import NearCache
-from ._wire import _codec
+from ._wire import _codec, _frames
 from ._wire._connection import Connection, Phase, Side
 from ._wire._messages import (
     Cancel, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, check_size, encode,
@@ -79,12 +79,7 @@ log = logging.getLogger("mpmesh.client")
 
 _T = TypeVar("_T")
 
-RECV_BYTES: Final = 64 * 1024
 CONNECT_TIMEOUT_S: Final = 10.0
-# Slack added to the client's own guard over a request's total time, so the broker's
-# precise RequestTimeout normally wins the race and the client's guard only catches a
-# broker that stopped answering.
-GUARD_SLACK_S: Final = 2.0
 # The ``timeout`` of a connection whose owner sets none: how long an operation waits for
 # its answer, and how long a broker may stay silent while a call waits (see above). Long
 # enough for a broker busy with a large value; short enough that a stopped one is noticed.
@@ -242,7 +237,7 @@ class ClientBase:
     def guard_deadline(timeout: float | None, retries: int, retry_delay: float) -> float:
         if timeout is None:
             return _deadline.FOREVER
-        return _deadline.after(timeout * (retries + 1) + retry_delay * retries + GUARD_SLACK_S)
+        return _deadline.after(timeout * (retries + 1) + retry_delay * retries + _deadline.GUARD_SLACK_S)
 
     def _resolve(self, msg: Reply | Failure) -> None:
         fut = self._pending.pop(msg.rid, None)
@@ -371,7 +366,7 @@ class SocketClient(ClientBase):
         else:
             self._conn = Connection.trusted(Side.PEER)
         self._sock = sock
-        self._buf = bytearray(RECV_BYTES)
+        self._buf = bytearray(_frames.RECV_BYTES)
         self._view = memoryview(self._buf)
         self._send_lock = threading.Lock()
         self._outq: collections.deque[bytes] = collections.deque()

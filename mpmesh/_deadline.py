@@ -11,9 +11,13 @@ import math
 import time
 from typing import Final
 
-__all__ = ["FOREVER", "after", "check_timeout", "expired", "remaining"]
+__all__ = ["FOREVER", "GUARD_SLACK_S", "after", "check_timeout", "expired", "remaining"]
 
 FOREVER: Final = math.inf
+# Slack a client adds to its own guard over a wait the broker times (a request's
+# timeout, a lock's wait), so the broker's precise RequestTimeout or LockTimeout normally
+# wins the race and the guard only catches a broker that stopped answering.
+GUARD_SLACK_S: Final = 2.0
 
 
 def check_timeout(timeout: float | None, what: str = "timeout") -> None:

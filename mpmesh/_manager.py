@@ -45,6 +45,7 @@ from ._errors import BrokerUnavailable, MeshClosed
 from . import _near
 from ._futures import dispatcher
 from ._io import _broker_process, _paths
+from ._io._forking import stop_in_turn
 from ._io._host import BrokerHost
 from ._proxies import (
     AutoProxy, _wait, create_proxy, flush_releases, pack, register_client, unregister_client,
@@ -420,7 +421,7 @@ class BaseManager:
         for this process is the caller's to drop (standard-library helper)."""
         client = self._client_here()
         fut = client.op(COMPONENT, "create", payload=pack((typeid, args, kwds)))
-        oid, exposed = _wait(client, fut, _FOREVER)
+        oid, exposed = _wait(client, fut, _deadline.FOREVER)
         return Token(typeid, self._address, oid), tuple(exposed)
 
     def _new_object(self, typeid: str, args: tuple[Any, ...], kwargs: builtins.dict[str, Any]) -> Any:
@@ -434,12 +435,12 @@ class BaseManager:
         """How many shared objects the broker holds."""
         flush_releases()
         client = self._client_here()
-        return _wait(client, client.op(COMPONENT, "count"), _FOREVER)  # type: ignore[no-any-return]
+        return _wait(client, client.op(COMPONENT, "count"), _deadline.FOREVER)  # type: ignore[no-any-return]
 
     def _debug_info(self) -> str:
         flush_releases()
         client = self._client_here()
-        return _wait(client, client.op(COMPONENT, "debug"), _FOREVER)  # type: ignore[no-any-return]
+        return _wait(client, client.op(COMPONENT, "debug"), _deadline.FOREVER)  # type: ignore[no-any-return]
 
     @classmethod
     def register(cls, typeid: str, callable: Callable[..., object] | None = None,  # noqa: A002
@@ -484,7 +485,6 @@ def _factory_method(typeid: str) -> Callable[..., Any]:
     return create
 
 
-_FOREVER: Final = float("inf")
 
 
 def _close_client(address: object, client: ClientBase, pid: int) -> None:
@@ -512,12 +512,13 @@ def _stop_server(address: object, client: ClientBase, proc: Any, timeout: float,
 
 def _end_process(proc: Any, timeout: float) -> None:
     """SIGTERM ``proc`` (a stopped one too), then SIGKILL if it lives on after ``timeout``."""
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+    def gone(wait: float) -> bool:
+        proc.join(wait)
+        return not proc.is_alive()
+
+    if proc.is_alive() and not stop_in_turn(
+            lambda sig: proc.terminate() if sig == signal.SIGTERM else proc.kill(), gone, timeout):
+        proc.join()  # as Process.kill() leaves it: it ends
 
 
 class SyncManager(ObjectFactories, BaseManager):

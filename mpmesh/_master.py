@@ -31,6 +31,7 @@ from ._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
 from ._handlers import AsyncRunner, HandlerRegistry, invoke
 from ._client import ClientBase, SocketClient, make_hello
 from ._io import _broker_process, _paths
+from ._io._forking import stop_in_turn
 from ._io._host import BrokerHost, listen, write_key
 from ._manager import SharedObjects
 from ._shared import SharedState, state_address
@@ -42,8 +43,6 @@ __all__ = ["EVENTS", "GroupStats", "Master", "ProcessStats"]
 F = TypeVar("F", bound=Callable[..., Any])
 EVENTS: Final = ("child-started", "child-exit", "heartbeat-missed", "auto-restart", "request-retry",
                   "heartbeat-resumed")
-# After SIGTERM, how long a child gets before SIGKILL during shutdown.
-TERMINATE_GRACE_S: Final = 1.0
 # Threads serving children's requests to the master (each handler call holds one).
 MASTER_HANDLER_THREADS: Final = 32
 
@@ -677,13 +676,14 @@ class Master(SharedState, SharedObjects):
         live = [n for n in names if self._supervisor.alive(n)]
         if self._supervisor.wait_exited(live, timeout):
             return
-        for sig_name in ("SIGTERM", "SIGKILL"):
-            import signal
+        sup = self._supervisor
 
-            for n in live:
-                self._supervisor.kill(n, getattr(signal, sig_name))
-            if self._supervisor.wait_exited(live, TERMINATE_GRACE_S if sig_name == "SIGTERM" else 10.0):
-                return
+        def send(sig: int) -> None:
+            for name in live:
+                sup.kill(name, sig)
+
+        if stop_in_turn(send, lambda t: sup.wait_exited(live, t)):
+            return
         self.log.error("children %s did not exit after SIGKILL", [n for n in live if self._supervisor.alive(n)])
 
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -39,7 +39,7 @@ from ._broker._objects import COMPONENT
 from ._broker._refs import Token, install_proxy_builder, rebuild_ref
 from ._broker._versions import bulk_slot, key_slot, stable_hash, whole_slot
 from ._near import ETERNAL, immutable
-from ._client import GUARD_SLACK_S, ClientBase, SocketClient, make_hello
+from ._client import ClientBase, SocketClient, make_hello
 from ._futures import Call
 from ._errors import BrokerUnavailable, SerializationError
 from ._wire import _codec
@@ -316,7 +316,7 @@ class BaseProxy:
             flush_releases()
         fut = client.op(COMPONENT, "call", timeout=max(0.0, timeout), payload=pack(
             (self._id, methodname, args, kwds or {}, _get_ident())))
-        return _wait(client, fut, time.monotonic() + max(0.0, timeout) + GUARD_SLACK_S)
+        return _wait(client, fut, time.monotonic() + max(0.0, timeout) + _deadline.GUARD_SLACK_S)
 
     def _callmethod_waking(self, methodname: str, args: tuple[Any, ...] = ()) -> Any:
         """``_callmethod`` for a call that may wait until a deadline only the broker knows

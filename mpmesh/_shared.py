@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast, final
+from typing import TYPE_CHECKING, Any, cast, final
 
 from . import _binding, _deadline, _near
 from ._broker._payload import pack
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
     from ._client import ClientBase
 
 __all__ = ["Cache", "LockGrant", "Node", "SharedState", "Subscription"]
-
-# Slack on the client's own guard over a lock wait or a call's timeout, so the broker's
-# precise LockTimeout / RequestTimeout normally wins the race.
-GUARD_SLACK_S: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -238,7 +234,7 @@ class SharedState:
         client = self._state_conn
         payload = pack((name, ttl, wait))
         fut = client.op("locks", "acquire", payload=payload)
-        guard = _deadline.FOREVER if wait is None else _deadline.after(wait + GUARD_SLACK_S)
+        guard = _deadline.FOREVER if wait is None else _deadline.after(wait + _deadline.GUARD_SLACK_S)
         try:
             result = client.wait(fut, guard)
         except LockTimeout:
@@ -319,7 +315,7 @@ class SharedState:
         if timeout is None:
             timeout = self._shared_timeout()
         payload = pack_call(name, _codec.dumps((args, kwargs)))
-        guard = _deadline.FOREVER if timeout is None else _deadline.after(timeout + GUARD_SLACK_S)
+        guard = _deadline.FOREVER if timeout is None else _deadline.after(timeout + _deadline.GUARD_SLACK_S)
         return self._run("rpc", "call", payload, timeout=timeout, deadline=guard)
 
     # -- the mesh ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""When this process may fork, and reaping what it forked with a deadline.
+"""When this process may fork, and ending and reaping what it forked with a deadline.
 
 Forking a process that runs threads can deadlock the child (Python 3.12+ warns), so
 mpmesh forks only while the process is single-threaded, and execs a fresh interpreter
@@ -12,8 +12,29 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Final
 
-__all__ = ["exited", "fork_is_safe", "reap", "threads_in_process"]
+__all__ = ["KILL_WAIT_S", "TERM_GRACE_S", "exited", "fork_is_safe", "reap", "stop_in_turn", "threads_in_process"]
+
+# After SIGTERM, how long processes get to exit before SIGKILL (they clean up in time).
+TERM_GRACE_S: Final = 1.0
+# After SIGKILL, how long to wait for the kernel to end them before giving up on it.
+KILL_WAIT_S: Final = 10.0
+
+
+def stop_in_turn(send: Callable[[int], None], gone: Callable[[float], bool],
+                 grace: float = TERM_GRACE_S, kill_wait: float = KILL_WAIT_S) -> bool:
+    """End processes politely, then not: ``send(SIGTERM)``, wait ``gone(grace)``; if they
+    live on, ``send(SIGKILL)`` and wait ``gone(kill_wait)``. Whether they ended.
+
+    ``send(sig)`` signals every process still to end; ``gone(timeout)`` waits up to
+    ``timeout`` for all of them and says whether they are gone."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        send(sig)
+        if gone(wait):
+            return True
+    return False
 
 
 def threads_in_process() -> int:

@@ -39,7 +39,7 @@ from .._broker._core import LOCAL_PEER, BrokerCore
 from .._broker._payload import fail
 from .._errors import AuthenticationError, MessageTooLarge, RemoteProtocolError
 from .._wire._connection import Connection, Phase, Side
-from .._wire._frames import HEADER, MAX_HANDSHAKE_FRAME_BYTES
+from .._wire._frames import HEADER, MAX_HANDSHAKE_FRAME_BYTES, RECV_BYTES
 from .._wire._messages import MAX_MESSAGE_BYTES, Failure, Message, Op, Ready, Reply, Request, encode
 from ._readers import Reader, Readers, drain_pipe
 from ._segment import Segment, send_with_fd
@@ -48,7 +48,6 @@ __all__ = ["BrokerLoop", "Lease", "peer_pid"]
 
 log = logging.getLogger("mpmesh.broker")
 
-RECV_BYTES: Final = 256 * 1024  # one reusable buffer; recv_into never allocates per call
 # A peer whose unsent output passes this and who took none of it for OUTBOUND_STALL_S
 # is not reading: disconnect it rather than let the broker grow without bound (pub/sub
 # drops messages well before this; see _pubsub). One that takes bytes may run past it

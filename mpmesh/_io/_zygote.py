@@ -43,6 +43,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final, NoReturn
 
+from ._forking import TERM_GRACE_S, stop_in_turn
+
 __all__ = ["CONFIG_FD_ENV", "FileId", "channel", "identify", "main", "read_frames", "read_report",
            "serve", "take_config", "write_frame"]
 
@@ -51,8 +53,6 @@ _LEN: Final = struct.Struct("!I")
 CONFIG_FD_ENV: Final = "MPMESH_CHILD_FD"
 # A file to remove at the end, as it was when named: (path, device, inode).
 FileId = tuple[str, int, int]
-# After SIGTERM, how long children of a vanished master get before SIGKILL.
-TERM_GRACE_S: Final = 1.0
 
 
 @contextlib.contextmanager
@@ -253,23 +253,7 @@ class _Zygote:
 
     def _finish(self) -> NoReturn:
         """The master is gone or done: no child outlives it."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in list(self.children):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    self.children.discard(pid)
-            deadline = time.monotonic() + TERM_GRACE_S
-            while self.children and time.monotonic() < deadline:
-                try:
-                    pid, _ = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    self.children.clear()
-                    break
-                if pid:
-                    self.children.discard(pid)
-                else:
-                    time.sleep(0.01)
+        stop_in_turn(self._signal_children, self._reap_children, kill_wait=TERM_GRACE_S)
         for path, dev, ino in self.cleanup:
             try:
                 info = os.lstat(path)
@@ -278,6 +262,29 @@ class _Zygote:
             except OSError:
                 pass
         os._exit(0)
+
+
+    def _signal_children(self, sig: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                self.children.discard(pid)
+
+    def _reap_children(self, timeout: float) -> bool:
+        """Reap children for up to ``timeout``; whether none is left."""
+        deadline = time.monotonic() + timeout
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                break
+            if pid:
+                self.children.discard(pid)
+            else:
+                time.sleep(0.01)
+        return not self.children
 
 
 def identify(paths: list[str]) -> list[FileId]:

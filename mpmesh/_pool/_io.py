@@ -30,6 +30,7 @@ from typing import Final
 
 from .._errors import MeshClosed
 from .._io._readers import Reader, Readers
+from .._wire._frames import RECV_BYTES
 from . import _protocol as P
 from ._tasks import PoolWorker, WState
 
@@ -37,7 +38,6 @@ __all__ = ["ChannelIO", "listen_channel", "peer_credentials"]
 
 log = logging.getLogger("mpmesh.pool")
 
-RECV_BYTES: Final = 256 * 1024
 # A connection that has not said HELLO by then is dropped (a worker sends it right after
 # connecting, before it runs the initializer).
 HELLO_TIMEOUT_S: Final = 5.0

@@ -34,8 +34,9 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
+from .._io._forking import stop_in_turn
 from .._supervisor import ChildSpec, ReaderLoop, Supervisor
 from . import _worker
 
@@ -48,8 +49,6 @@ __all__ = ["WorkerHandle", "WorkerProcesses", "standalone_supervisor"]
 log = logging.getLogger("mpmesh.pool")
 
 _group_ids = itertools.count(1)
-# How long ``terminate()`` gives workers after SIGTERM before SIGKILL.
-TERMINATE_GRACE_S: Final = 1.0
 
 
 def standalone_supervisor(start_method: str, private_fds: tuple[int, ...] = ()) -> Supervisor:
@@ -179,11 +178,12 @@ class WorkerProcesses:
     def terminate(self, names: list[str]) -> None:
         """Stop the named workers now: SIGTERM, then SIGKILL (as ``Pool.terminate``)."""
         live = [n for n in names if self._sup.alive(n)]
-        for sig, grace in ((signal.SIGTERM, TERMINATE_GRACE_S), (signal.SIGKILL, 10.0)):
+
+        def send(sig: int) -> None:
             for name in live:
                 self.kill(name, sig)
-            if self._sup.wait_exited(live, grace):
-                break
+
+        stop_in_turn(send, lambda t: self._sup.wait_exited(live, t))
 
     def on_own_thread(self) -> bool:
         """Whether the caller is the lifecycle thread."""

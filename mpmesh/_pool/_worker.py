@@ -29,12 +29,12 @@ from typing import Any, Final
 from .._child import RDHUP, Child, Detached, keep
 from .._errors import SerializationError
 from .._wire import _codec
+from .._wire._frames import RECV_BYTES
 from .._wire._messages import Goodbye, Message, Shutdown
 from . import _protocol as P
 
 __all__ = ["main"]
 
-RECV_BYTES: Final = 256 * 1024
 # Functions already unpickled here, by their pickled bytes: the pool sends the same bytes
 # for every batch of a function, and unpickling one sent by value (dill) is slow.
 FNS_KEPT: Final = 64

@@ -12,13 +12,16 @@ from typing import Final
 
 from .._errors import RemoteProtocolError
 
-__all__ = ["HEADER", "MAX_FRAME_BYTES", "MAX_HANDSHAKE_FRAME_BYTES", "FrameDecoder"]
+__all__ = ["HEADER", "MAX_FRAME_BYTES", "MAX_HANDSHAKE_FRAME_BYTES", "RECV_BYTES", "FrameDecoder"]
 
 HEADER: Final = struct.Struct("!IB")
 # Larger payloads belong in shared memory or a file; this only guards against garbage.
 MAX_FRAME_BYTES: Final = 1 << 30
 # Before a peer has proven the authkey it may only send tiny, fixed-format frames.
 MAX_HANDSHAKE_FRAME_BYTES: Final = 512
+# How much one read of a connection asks for, into a buffer each reader keeps (so no
+# read allocates): every reader of frames, the broker's, a client's, a pool's.
+RECV_BYTES: Final = 256 * 1024
 
 
 class FrameDecoder:
