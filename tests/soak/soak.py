@@ -5,7 +5,9 @@ Run: ``python -m tests.soak.soak --minutes 2 --seed 1`` (exit status 1 on any vi
 One ``mpmesh.Master`` runs a group of concurrent children (auto-restart on) and a thread
 of mixed traffic; client processes (``multiprocessing`` spawn, joined with
 ``mpmesh.connect``) run the same mix: mesh cache ``incr``/``set``/``get``, a TTL'd
-``lock``, a Manager dict (``m.dict()``) and requests to the group. A chaos thread
+``lock``, a Manager dict (``m.dict()``), a counter in that dict bumped under a Manager
+``Lock`` (``m.Lock()``: a lost increment means two processes held it at once) and
+requests to the group. A chaos thread
 SIGKILLs a random child or client every ~100 ms and restarts killed clients.
 
 Every process appends a line to its own log *before* each call (``S``) and another when
@@ -45,6 +47,7 @@ GROUP = "soak"
 CACHE = "soak"
 CLIENT_COUNTER = "client-incr"   # incremented by clients and the driver thread directly
 GROUP_COUNTER = "group-bumps"    # incremented by the group's handler, once per request that ran
+LOCKED_COUNTER = "locked-bumps"  # a key of the Manager dict, incremented under the Manager Lock
 LOCK = "soak-lock"
 HOLDER = "lock-holder"
 
@@ -57,8 +60,9 @@ MESH_GUARD_SLACK = 2.0    # mpmesh's own client-side guard over a lock wait
 BOUNDS: dict[str, float] = {
     "connect": 10.0, "open": OP_BOUND, "incr": OP_BOUND, "cache": 2 * OP_BOUND, "dict": 2 * OP_BOUND,
     "lock": LOCK_WAIT + MESH_GUARD_SLACK + 3 * OP_BOUND, "req": REQ_TIMEOUT,
+    "mlock": 4 * OP_BOUND,
 }
-MIX: dict[str, int] = {"incr": 30, "cache": 20, "dict": 20, "lock": 15, "req": 15}
+MIX: dict[str, int] = {"incr": 25, "cache": 20, "dict": 20, "lock": 15, "req": 15, "mlock": 10}
 # Failures that chaos may legitimately cause, per kind of call.
 ALLOWED: dict[str, tuple[str, ...]] = {
     "lock": ("LockTimeout",),
@@ -126,6 +130,7 @@ class Traffic:
         self.seq = 0
         self.kinds, self.weights = list(MIX), list(MIX.values())
         self.cache: Any = None
+        self.mlock: Any = None
         self.call("open", self._open)
 
     def step(self) -> None:
@@ -154,6 +159,12 @@ class Traffic:
         got = self.shared.get(self.key)
         if got != self.seq:
             self.log.violation(f"{self.tag} dict: read {got!r} after writing {self.seq}")
+
+    def _mlock(self) -> None:
+        if self.mlock is None:
+            self.mlock = self.shared["mlock"]
+        with self.mlock:
+            self.shared[LOCKED_COUNTER] = self.shared.get(LOCKED_COUNTER, 0) + 1
 
     def _lock(self) -> None:
         grant = self.mesh.lock(LOCK, ttl=LOCK_TTL, wait=LOCK_WAIT)
@@ -554,6 +565,7 @@ class Soak:
 
             self.children = m.spawn_group(GROUP, this.soak_worker, size=args.children, mode="concurrent")
             self.shared = m.dict()
+            self.shared["mlock"] = m.Lock()
             m.cache(CACHE)
             self.broker_pid = int(m.stats()["broker_pid"])
             self.driver_reader = LogReader(os.path.join(self.workdir, "driver.log"), "driver")
@@ -616,10 +628,11 @@ class Soak:
         cache = m.cache(CACHE)
         report.counters[CLIENT_COUNTER] = (int(cache.get(CLIENT_COUNTER) or 0), 0, 0)
         report.counters[GROUP_COUNTER] = (int(cache.get(GROUP_COUNTER) or 0), 0, 0)
+        report.counters[LOCKED_COUNTER] = (int(self.shared.get(LOCKED_COUNTER, 0)), 0, 0)
 
     def _check_counters(self) -> None:
         report = self.report
-        for name, kind in ((CLIENT_COUNTER, "incr"), (GROUP_COUNTER, "req")):
+        for name, kind in ((CLIENT_COUNTER, "incr"), (GROUP_COUNTER, "req"), (LOCKED_COUNTER, "mlock")):
             acked = report.ops.get(kind, collections.Counter())["ok"]
             attempted = self.started[kind]
             final = report.counters[name][0]
