@@ -182,8 +182,8 @@ class Master(SharedState, SharedObjects):
         self._loop = self._host.loop
         self._client = self._host.client
         self._client.on_incoming = self._on_incoming
-        self._core.router.enable_heartbeats(heartbeat_interval, heartbeat_miss_threshold, time.monotonic(),
-                                            busy=_on_cpu)
+        self._core.enable_heartbeats(heartbeat_interval, heartbeat_miss_threshold, time.monotonic(),
+                                     busy=_on_cpu)
         self._supervisor.attach(self._loop, adopt=self._loop.adopt)
         self._host.start_thread()
         self._atexit = _make_atexit(weakref.ref(self))
@@ -287,7 +287,7 @@ class Master(SharedState, SharedObjects):
         spec = ChildSpec(name, target, mode, group, capacity, tuple(args), dict(kwargs or {}),
                          dict(env) if env else None, auto_restart, self.start_method)
         with self._loop.locked():
-            if group is not None and group not in self._core.router.groups:
+            if group is not None and self._core.group(group) is None:
                 self._core.declare_group(group, "round-robin")
             self._core.declare_child(name, group, capacity)
             self._specs[name] = spec  # with the router's record: readers see both or neither
@@ -322,9 +322,7 @@ class Master(SharedState, SharedObjects):
     def _forget(self, name: str) -> None:
         with self._loop.locked():
             self._specs.pop(name, None)
-            worker = self._core.router.workers.get(name)
-            if worker is not None:
-                self._core.router.forget(worker)
+            self._core.forget_child(name)
 
     def spawn_group(self, group: str, target: Callable[..., Any] | str, size: int,
                     mode: str = "concurrent", strategy: str = "round-robin", **child_opts: Any) -> list[str]:
@@ -336,7 +334,7 @@ class Master(SharedState, SharedObjects):
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
         check_mode(mode, child_opts.get("max_concurrency"))
         with self._loop.locked():
-            if group in self._core.router.groups:
+            if self._core.group(group) is not None:
                 raise ValueError(f"group {group!r} already exists")
             self._core.declare_group(group, strategy)
         names = [f"{group}-{i}" for i in range(size)]
@@ -362,18 +360,15 @@ class Master(SharedState, SharedObjects):
             raise ValueError(f"max_concurrency must be a positive int, not {max_concurrency!r}")
 
         def change(now: float) -> list[Any]:
-            g = self._core.router.groups.get(group)
-            if g is None:
-                raise NotFound(f"no group named {group!r}")
-            if strategy is not None:
-                g.strategy = strategy
-            if max_concurrency is not None:
-                g.max_concurrency = max_concurrency
+            try:
+                actions = self._core.configure_group(group, now, strategy=strategy, max_concurrency=max_concurrency)
+            except KeyError:
+                raise NotFound(f"no group named {group!r}") from None
             if auto_restart is not None:
                 for spec in self._specs.values():
                     if spec.group == group:
                         spec.auto_restart = auto_restart
-            return self._core.router._pump_group(g, now)
+            return actions
 
         self._loop.run_core(change)
 
@@ -518,7 +513,7 @@ class Master(SharedState, SharedObjects):
         """A child process ended (broker thread): restart it, or mark it down for good."""
         how = describe_exit(exitcode)
         spec = self._specs.get(name)
-        worker = self._core.router.workers.get(name)
+        worker = self._core.child(name)
         stopping = worker is None or worker.state is WorkerState.STOPPING
         delay: float | None = None
         if spec is not None and spec.auto_restart and not self._closed and not stopping:
@@ -536,15 +531,9 @@ class Master(SharedState, SharedObjects):
             self._emit("auto-restart", {"name": name, "given_up": True, "reason": why})
             how = f"{how}; not restarted: {why}"
 
-        def down(now: float) -> list[Any]:
-            w = self._core.router.workers.get(name)
-            if w is None:
-                return []
-            return self._core.router.worker_down(w, how, now, restarting=restarting)
-
         if worker is not None and worker.peer is not None:
             self._loop.drain(worker.peer)  # its last replies first
-        self._loop.run_core(down)
+        self._loop.run_core(lambda now: self._core.child_down(name, how, now, restarting=restarting))
         if restarting:
             assert delay is not None
             timer = threading.Timer(delay, self._restart, (name, delay, how))
@@ -554,7 +543,7 @@ class Master(SharedState, SharedObjects):
     def _restart(self, name: str, delay: float, how: str) -> None:
         """Start child ``name`` again from its original spec (on a timer thread)."""
         spec = self._specs.get(name)
-        worker = self._core.router.workers.get(name)
+        worker = self._core.child(name)
         if (self._closed or spec is None or not spec.auto_restart or worker is None
                 or worker.state is not WorkerState.STARTING):
             return
@@ -565,7 +554,7 @@ class Master(SharedState, SharedObjects):
                 return
             self.log.error("could not restart child %r: %s", name, exc)
             reason = f"{how}; restart failed: {exc}"
-            self._loop.run_core(lambda now: self._core.router.worker_down(worker, reason, now))
+            self._loop.run_core(lambda now: self._core.child_down(name, reason, now))
             return
         worker.restarts += 1
         self.log.warning("restarted child %r as pid %d (restart %d, after %.2f s)", name, pid, worker.restarts, delay)
@@ -577,7 +566,7 @@ class Master(SharedState, SharedObjects):
     def children(self) -> list[str]:
         """Names of the children that are running or being restarted, in spawn order."""
         with self._loop.locked():  # a Pool's thread may add or forget children meanwhile
-            workers = self._core.router.workers
+            workers = self._core.children()
             return [n for n in self._specs
                     if (w := workers.get(n)) is not None and w.state is not WorkerState.DOWN]
 
@@ -596,7 +585,7 @@ class Master(SharedState, SharedObjects):
 
     def _unhealthy(self) -> list[str]:
         """``unhealthy()`` with the core lock held."""
-        return [n for n, w in self._core.router.workers.items()
+        return [n for n, w in self._core.children().items()
                 if n in self._specs and not w.healthy and w.state is not WorkerState.DOWN]
 
     def process_stats(self, name: str) -> ProcessStats:
@@ -619,14 +608,13 @@ class Master(SharedState, SharedObjects):
     def stats(self) -> dict[str, Any]:
         """A snapshot of the whole mesh (cheap enough to poll every second)."""
         with self._loop.locked():
-            router = self._core.router
-            children = {n: self._process_stats(w) for n, w in router.workers.items() if n in self._specs}
-            groups = list(router.groups)
-            pending = sum(len(w.queue) for w in router.workers.values()) + sum(
-                len(g.queue) for g in router.groups.values())
+            core = self._core
+            children = {n: self._process_stats(w) for n, w in core.children().items() if n in self._specs}
+            groups = list(core.groups())
+            queued, in_flight = core.requests()
             snapshot: dict[str, Any] = {
                 "mesh": self.name, "address": self.address, "children": children,
-                "requests_queued": pending, "requests_in_flight": len(router.jobs) - pending,
+                "requests_queued": queued, "requests_in_flight": in_flight,
                 "connections": len(self._core.peers) - 1, "unhealthy": self._unhealthy(),
             }
         snapshot["groups"] = {g: self.group_stats(g) for g in groups}
@@ -637,13 +625,13 @@ class Master(SharedState, SharedObjects):
         return shared
 
     def _worker(self, name: str) -> Worker:
-        worker = self._core.router.workers.get(name)
+        worker = self._core.child(name)
         if worker is None or name not in self._specs:
             raise NotFound(f"no child named {name!r}")
         return worker
 
     def _group(self, group: str) -> Any:
-        g = self._core.router.groups.get(group)
+        g = self._core.group(group)
         if g is None:
             raise NotFound(f"no group named {group!r}")
         return g
@@ -654,25 +642,14 @@ class Master(SharedState, SharedObjects):
         """Stop child ``name`` for good: let it finish what it holds, then terminate, then kill."""
         _deadline.check_timeout(timeout)
         self._check_open()
-        worker = self._worker(name)
+        self._worker(name)
         self._specs[name].auto_restart = False
         self._stop([name], timeout)
         if not self._supervisor.alive(name):
-            self._loop.run_core(lambda now: self._core.router.worker_down(worker, "was shut down", now)
-                                if worker.state is not WorkerState.DOWN else [])
+            self._loop.run_core(lambda now: self._core.child_down(name, "was shut down", now, unless_down=True))
 
     def _stop(self, names: list[str], timeout: float | None) -> None:
-        router = self._core.router
-
-        def ask(now: float) -> list[Any]:
-            actions: list[Any] = []
-            for n in names:
-                worker = router.workers.get(n)
-                if worker is not None:  # not forgotten meanwhile
-                    actions += router.stop_worker(worker, timeout if timeout is not None else -1.0)
-            return actions
-
-        self._loop.run_core(ask)
+        self._loop.run_core(lambda now: self._core.stop_children(names, timeout))
         live = [n for n in names if self._supervisor.alive(n)]
         if self._supervisor.wait_exited(live, timeout):
             return
@@ -706,7 +683,7 @@ class Master(SharedState, SharedObjects):
             for spec in specs:
                 spec.auto_restart = False
             self._stop([spec.name for spec in specs], timeout)
-            self._loop.run_core(lambda now: self._core.router.fail_all(ErrorCode.CLOSED, "the mesh was shut down"))
+            self._loop.run_core(lambda now: self._core.fail_all(ErrorCode.CLOSED, "the mesh was shut down"))
         finally:
             self._host.close()
             self._supervisor.close()

@@ -12,6 +12,7 @@ import heapq
 import itertools
 import random
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from .._wire._messages import (
@@ -350,6 +351,80 @@ class BrokerCore:
             raise ValueError("a child needs a non-empty name")
         self.timers_moved = True
         return self.router.declare_worker(name, group, capacity)
+
+    # -- control: what the mesh's owner (a Master) asks of its children's records -----------
+    # Reads return the records themselves (the owner reads them under the core's lock);
+    # changes return the actions they caused.
+
+    def enable_heartbeats(self, interval: float | None, misses: int, now: float,
+                          busy: Callable[[int], bool] | None = None) -> None:
+        """Watch children's heartbeats (see ``Router.enable_heartbeats``)."""
+        self.timers_moved = True
+        self.router.enable_heartbeats(interval, misses, now, busy=busy)  # type: ignore[arg-type]
+
+    def child(self, name: str) -> Worker | None:
+        return self.router.workers.get(name)
+
+    def children(self) -> dict[str, Worker]:
+        return self.router.workers
+
+    def group(self, name: str) -> Group | None:
+        return self.router.groups.get(name)
+
+    def groups(self) -> dict[str, Group]:
+        return self.router.groups
+
+    def requests(self) -> tuple[int, int]:
+        """Requests queued (for a child or a group) and in flight."""
+        router = self.router
+        queued = sum(len(w.queue) for w in router.workers.values()) + sum(
+            len(g.queue) for g in router.groups.values())
+        return queued, len(router.jobs) - queued
+
+    def forget_child(self, name: str) -> None:
+        """Drop child ``name``'s record (it never started)."""
+        worker = self.router.workers.get(name)
+        if worker is not None:
+            self.timers_moved = True
+            self.router.forget(worker)
+
+    def configure_group(self, name: str, now: float, *, strategy: str | None = None,
+                        max_concurrency: int | None = None) -> list[Action]:
+        """Change a group's strategy or cap; what it may now start. KeyError: no group."""
+        group = self.router.groups[name]
+        if strategy is not None:
+            if strategy not in STRATEGIES:
+                raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+            group.strategy = strategy
+        if max_concurrency is not None:
+            group.max_concurrency = max_concurrency
+        self.timers_moved = True
+        return self.router._pump_group(group, now)
+
+    def child_down(self, name: str, how: str, now: float, *, restarting: bool = False,
+                   unless_down: bool = False) -> list[Action]:
+        """Child ``name``'s process is gone (``how`` says how); it is started again if
+        ``restarting``. ``unless_down``: nothing if its record already says so."""
+        worker = self.router.workers.get(name)
+        if worker is None or (unless_down and worker.state is WorkerState.DOWN):
+            return []
+        self.timers_moved = True
+        return self.router.worker_down(worker, how, now, restarting=restarting)
+
+    def stop_children(self, names: list[str], timeout: float | None) -> list[Action]:
+        """Ask children to finish what they hold and exit (``timeout``: None, no limit)."""
+        self.timers_moved = True
+        actions: list[Action] = []
+        for name in names:
+            worker = self.router.workers.get(name)
+            if worker is not None:  # not forgotten meanwhile
+                actions += self.router.stop_worker(worker, timeout if timeout is not None else -1.0)
+        return actions
+
+    def fail_all(self, code: ErrorCode, message: str) -> list[Action]:
+        """Fail every request still held (the mesh is shutting down)."""
+        self.timers_moved = True
+        return self.router.fail_all(code, message)
 
 
 def _refuse(peer: Peer, msg: Hello, why: str) -> list[Action]:

@@ -117,7 +117,7 @@ class WorkerProcesses:
         if self.master is None:
             self.group = "pool"
         else:
-            taken = set(self.master._core.router.groups) | set(self.master._core.router.workers)
+            taken = set(self.master._core.groups()) | set(self.master._core.children())
             self.group = next(g for g in (f"pool{n}" for n in _group_ids) if g not in taken)
         self._thread: threading.Thread | None = None
 
