@@ -80,15 +80,14 @@ class BrokerHost:
         self.core.ring = self.segment.ring if self.segment is not None else None
         self.core.components.update(default_components(self.core, versions=versions, cells=cells)
                                     if components is None else components)
-        self.client = LocalClient(None)  # type: ignore[arg-type]
         self._on_notify = on_notify or (lambda notes: None)
         # Its threads start only when used.
         self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
         self._offload_lock = threading.Lock()  # jobs come from any thread that delivers
         self._offloaded = 0  # jobs running or queued, pooled or not
-        self.loop = BrokerLoop(self.core, listener, authkey, on_local=self.client.deliver,
-                               on_notify=self._notes)
-        self.client._loop = self.loop
+        self.loop = BrokerLoop(self.core, listener, authkey, on_notify=self._notes)
+        self.client = LocalClient(self.loop)  # the in-process host's: what the core answers it
+        self.loop.on_local = self.client.deliver
         self.loop.segment = self.segment
         self.core.add_local(host_name, os.getpid(), socket.gethostname(), time.monotonic())
         self._closed = False

@@ -177,18 +177,23 @@ LocalSink = Callable[[list[Message]], None]
 NotifySink = Callable[[list[Notify]], None]
 
 
+def _no_local(msgs: list[Message]) -> None:
+    """Messages for an in-process host that has none."""
+
+
 class BrokerLoop(Readers):
     """Runs the broker on a selector; start it on a thread with ``start()``."""
 
     _sel: _Selector
 
     def __init__(self, core: BrokerCore, listener: socket.socket, authkey: bytes, *,
-                 on_local: LocalSink, on_notify: NotifySink) -> None:
+                 on_local: LocalSink | None = None, on_notify: NotifySink) -> None:
         self.core = core
         self.lock = threading.Lock()
         self._listener = listener
         self._authkey = authkey
-        self._on_local = on_local
+        # Where messages for the in-process host go (its ``LocalClient``, made with us).
+        self.on_local: LocalSink = on_local or _no_local
         self._on_notify = on_notify
         self._sel = _Selector()
         self._conns: dict[int, _Conn] = {}
@@ -842,7 +847,7 @@ class BrokerLoop(Readers):
 
     def _deliver(self, local: list[Message], notes: list[Notify]) -> None:
         if local:
-            self._on_local(local)
+            self.on_local(local)
         if notes:
             self._on_notify(notes)
 
