@@ -5,7 +5,9 @@ It is the C library's own (``pthread_mutex_t``, called through ``ctypes``), set 
 no system call unless another holds it, and a holder that dies, even by SIGKILL, leaves
 it to the next taker (the kernel marks it; ``EOWNERDEAD``), so a killed process never
 leaves the others waiting. A taker waits at most ``WAIT_S`` (a holder stopped by a
-signal, say); a caller that gives up takes the slow path instead.
+signal, say); a caller that gives up takes the slow path instead, and for ``STUCK_S``
+after that this process only tries the mutex, without waiting, so a stopped holder
+costs it one wait, not one per call.
 
 Only where the writes of one process reach the others in the order it made them without
 barriers of ours (x86-64), and where the C library has robust mutexes (glibc); elsewhere
@@ -24,6 +26,7 @@ from typing import Any, Final
 __all__ = ["SharedMutex", "available"]
 
 WAIT_S: Final = 0.05
+STUCK_S: Final = 1.0
 _BYTES: Final = 64  # room reserved per mutex (glibc's is 40 on x86-64)
 
 
@@ -64,7 +67,7 @@ class SharedMutex:
     """The mutex at ``offset`` of ``mm``. It keeps the mapping exported while it lives, so
     the mapping cannot be closed under a thread that is taking it."""
 
-    __slots__ = ("_cell", "_trylock", "_unlock")
+    __slots__ = ("_cell", "_trylock", "_unlock", "_stuck_until")
 
     def __init__(self, mm: mmap.mmap, offset: int) -> None:
         if _libc is None:
@@ -72,6 +75,7 @@ class SharedMutex:
         self._cell: Any = (ctypes.c_char * _BYTES).from_buffer(mm, offset)
         self._trylock = _libc.pthread_mutex_trylock
         self._unlock = _libc.pthread_mutex_unlock
+        self._stuck_until = 0.0  # after a wait that failed: only try, until then
 
     @classmethod
     def create(cls, mm: mmap.mmap, offset: int) -> SharedMutex:
@@ -93,11 +97,13 @@ class SharedMutex:
         if cell is None:
             return None
         rc = self._trylock(ctypes.byref(cell))
-        if rc == errno.EBUSY and wait > 0:
+        if rc == errno.EBUSY and wait > 0 and time.monotonic() >= self._stuck_until:
             deadline = time.time() + wait
             sec = int(deadline)
             rc = _libc.pthread_mutex_timedlock(ctypes.byref(cell), ctypes.byref(
                 _Timespec(sec, int((deadline - sec) * 1e9))))
+            if rc == errno.ETIMEDOUT:
+                self._stuck_until = time.monotonic() + STUCK_S
         if rc == 0:
             return cell
         if rc == errno.EOWNERDEAD:  # its holder died: what it guarded is whole (see _ring)

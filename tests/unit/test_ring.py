@@ -7,6 +7,7 @@ import mmap
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -208,3 +209,35 @@ def test_an_entry_keeps_its_kind_and_the_noted_versions_are_those_after_it() -> 
     assert done == 0 and v1 == 11 and v2 == 0  # slot 3 bumped once by this write; 5 not
     assert words[VERSIONS + 3] + words[VERSIONS + 3 + WRITERS] == v1
     assert reader.take() == [(_ring.CACHE, b"c")]
+
+
+@needs_mutex
+def test_after_one_wait_for_a_stuck_holder_the_mutex_is_only_tried() -> None:
+    mm = mmap.mmap(-1, RING_END)
+    mutex = _mutex.SharedMutex.create(mm, MUTEX_AT)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: takes it and stops there
+        try:
+            _mutex.SharedMutex(mm, MUTEX_AT).acquire()
+            os.write(w, b"held")
+            signal.pause()
+        finally:
+            os._exit(1)
+    try:
+        os.close(w)
+        assert os.read(r, 4) == b"held"
+        start = time.monotonic()
+        assert mutex.acquire() is None
+        waited = time.monotonic() - start
+        assert waited >= _mutex.WAIT_S * 0.9
+        start = time.monotonic()
+        for _ in range(20):
+            assert mutex.acquire() is None
+        assert time.monotonic() - start < _mutex.WAIT_S  # 20 tries, no waits
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        mutex.close()
+        mm.close()
