@@ -219,6 +219,19 @@ class ClientBase:
                 withdraw(self, call._rid)
             raise
 
+    def fetch_op(self, component: str, op: str, payload: bytes,
+                 withdraw: Callable[[ClientBase, int], None] | None = None) -> tuple[object, bytes | None]:
+        """``call_op``, and the pickle its value came as (what a near copy keeps)."""
+        call = self.op(component, op, payload=payload)
+        try:
+            value = self.wait(call, _deadline.FOREVER)
+        except BaseException:
+            if withdraw is not None and not call.done():
+                withdraw(self, call._rid)
+            raise
+        msg = call._msg
+        return value, (msg.payload if type(msg) is Reply else None)
+
     def call(self, action: str, target: str | int, data: object = None, *,
              timeout: float | None = None, priority: int = 0, retries: int = 0,
              retry_delay: float = 0.0) -> object:
@@ -588,13 +601,32 @@ class SocketClient(ClientBase):
 
     def call_op(self, component: str, op: str, payload: bytes,
                 withdraw: Callable[[ClientBase, int], None] | None = None) -> object:
-        # The short path: when no other thread reads the socket, this one sends the op
-        # and reads its own answer, with no Call record and no pending entry (nobody
-        # else can take the answer); what else arrives meanwhile is dispatched as usual.
+        answer = self._short_op(component, op, payload, withdraw)
+        if answer is None:
+            return super().call_op(component, op, payload, withdraw)
+        if type(answer) is bytes:
+            return _codec.loads(answer)
+        raise error_for(answer)  # type: ignore[arg-type]
+
+    def fetch_op(self, component: str, op: str, payload: bytes,
+                 withdraw: Callable[[ClientBase, int], None] | None = None) -> tuple[object, bytes | None]:
+        answer = self._short_op(component, op, payload, withdraw)
+        if answer is None:
+            return super().fetch_op(component, op, payload, withdraw)
+        if type(answer) is bytes:
+            return _codec.loads(answer), answer
+        raise error_for(answer)  # type: ignore[arg-type]
+
+    def _short_op(self, component: str, op: str, payload: bytes,
+                  withdraw: Callable[[ClientBase, int], None] | None) -> bytes | Failure | None:
+        """The short path: when no other thread reads the socket, this one sends the op
+        and reads its own answer (a Reply's payload, or the Failure), with no Call record
+        and no pending entry (nobody else can take the answer); what else arrives
+        meanwhile is dispatched as usual. None: another thread reads, take the long path."""
         lock = self._read_lock
         if (self._leader is not None or self._early or self._closed is not None or self._silent
                 or not lock.acquire(False)):
-            return super().call_op(component, op, payload, withdraw)
+            return None
         self._leader = threading.get_ident()
         try:
             rid = next(self._rids)
@@ -610,9 +642,7 @@ class SocketClient(ClientBase):
             lock.release()
             if self._followers:
                 self._wake_followers()
-        if type(answer) is bytes:
-            return _codec.loads(answer)
-        raise error_for(answer)  # type: ignore[arg-type]
+        return answer
 
     def _read_answer(self, rid: int) -> bytes | Failure:
         """Read until the answer to ``rid`` comes (read lock held): a Reply's payload or

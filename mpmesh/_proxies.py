@@ -43,7 +43,7 @@ from ._client import ClientBase, SocketClient, make_hello
 from ._futures import Call
 from ._errors import BrokerUnavailable, SerializationError
 from ._wire import _codec
-from ._wire._messages import Reply, Role
+from ._wire._messages import Role
 
 __all__ = [
     "AutoProxy", "BaseProxy", "MakeProxyType", "Token", "client_for", "create_proxy",
@@ -362,10 +362,8 @@ class BaseProxy:
         """Call a reading method; its result and the pickle it came as."""
         if _releases:
             flush_releases()
-        fut = client.op(COMPONENT, "call", payload=pack((self._id, methodname, args, {}, _get_ident())))
-        value = _wait(client, fut, FOREVER)
-        msg = fut._msg
-        return value, (msg.payload if type(msg) is Reply else None)
+        return client.fetch_op(COMPONENT, "call", pack((self._id, methodname, args, {}, _get_ident())),
+                               _withdraw)
 
     def _whole_version(self) -> int | None:
         """The object's whole version in this process's table (None: no table)."""
