@@ -183,7 +183,7 @@ class Master(SharedState, SharedObjects):
         self._client = self._host.client
         self._client.on_incoming = self._on_incoming
         self._core.enable_heartbeats(heartbeat_interval, heartbeat_miss_threshold, time.monotonic(),
-                                     busy=_on_cpu)
+                                     inspect=True)
         self._supervisor.attach(self._loop, adopt=self._loop.adopt)
         self._host.start_thread()
         self._atexit = _make_atexit(weakref.ref(self))
@@ -759,19 +759,6 @@ def _listening(address: str) -> bool:
     finally:
         probe.close()
     return True
-
-
-def _on_cpu(pid: int) -> bool:
-    """Whether ``pid`` is running or runnable right now (Linux; False where unknown).
-
-    A child whose heartbeat thread is starved by one long C call holding the GIL is on
-    the CPU; a frozen (SIGSTOP) or wedged one is not.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
-    except (OSError, IndexError):
-        return False
 
 
 def _make_atexit(ref: weakref.ref[Master]) -> Callable[[], None]:

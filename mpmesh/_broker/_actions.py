@@ -9,7 +9,7 @@ from typing import Union
 from .._wire._messages import Message
 from .._wire._record import record
 
-__all__ = ["WARNING", "Action", "Close", "Notify", "Offload", "Send"]
+__all__ = ["WARNING", "Action", "Close", "Inspect", "Notify", "Offload", "Send"]
 
 # The event of a ``Notify`` the host logs as a warning (``info["message"]``) instead of
 # passing it on: something a process did that its user should hear about.
@@ -54,4 +54,13 @@ class Offload:
     done: Callable[[object, float], list[Action]]
 
 
-Action = Union[Send, Close, Notify, Offload]
+@record
+class Inspect:
+    """Say which of these processes are on a CPU now (running or runnable): the driver
+    looks, and answers with ``BrokerCore.on_running`` (children silent past their
+    heartbeats: one starved by a long GIL-holding call is busy, not stuck)."""
+
+    pids: tuple[int, ...]
+
+
+Action = Union[Send, Close, Notify, Offload, Inspect]

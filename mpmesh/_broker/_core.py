@@ -12,7 +12,6 @@ import heapq
 import itertools
 import random
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Final, Protocol
 
 from .._wire._messages import (
@@ -357,10 +356,15 @@ class BrokerCore:
     # changes return the actions they caused.
 
     def enable_heartbeats(self, interval: float | None, misses: int, now: float,
-                          busy: Callable[[int], bool] | None = None) -> None:
+                          inspect: bool = False) -> None:
         """Watch children's heartbeats (see ``Router.enable_heartbeats``)."""
         self.timers_moved = True
-        self.router.enable_heartbeats(interval, misses, now, busy=busy)  # type: ignore[arg-type]
+        self.router.enable_heartbeats(interval, misses, now, inspect)  # type: ignore[arg-type]
+
+    def on_running(self, running: set[int], now: float) -> list[Action]:
+        """The driver's answer to ``Inspect``: which of the pids it named are on a CPU."""
+        self.timers_moved = True
+        return self.router.on_running(running, now)
 
     def child(self, name: str) -> Worker | None:
         return self.router.workers.get(name)

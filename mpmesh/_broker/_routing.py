@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .._wire._messages import Cancel, ErrorCode, Failure, Reply, Request, Shutdown
-from ._actions import Action, Notify, Send
+from ._actions import Action, Inspect, Notify, Send
 from ._limits import MAX_IN_FLIGHT_PER_PEER
 
 __all__ = ["STRATEGIES", "Group", "Job", "JobState", "Router", "Worker", "WorkerState"]
@@ -260,7 +260,8 @@ class Router:
         self.heartbeat_timeout: float | None = None           # silence that makes a worker unhealthy
         self.heartbeat_interval = 1.0
         self._next_health_check = float("inf")
-        self._busy: Callable[[int], bool] | None = None  # see enable_heartbeats
+        self._inspect = False  # see enable_heartbeats
+        self._inspecting: set[Worker] = set()  # silent workers asked about (``Inspect``)
         self._brids = itertools.count(1)
         self._seqs = itertools.count()
         self.host: Worker | None = None
@@ -578,14 +579,34 @@ class Router:
             if (worker.supervised and worker.peer is not None and worker.healthy
                     and worker.state in (W_READY, W_STOPPING)
                     and now - worker.last_beat > limit):
-                if worker.pid and self._busy is not None and self._busy(worker.pid):
-                    worker.last_beat = now  # on a CPU: busy in a long call, not stuck
+                if worker.pid and self._inspect:
+                    self._inspecting.add(worker)  # is it on a CPU? (``on_running``)
                     continue
-                worker.healthy = False
-                actions.append(Notify("heartbeat-missed", {
-                    "name": worker.name, "pid": worker.pid, "silent_for": now - worker.last_beat,
-                    "group": worker.group.name if worker.group else None}))
+                actions.append(self._missed(worker, now))
+        if self._inspecting:
+            actions.append(Inspect(tuple(sorted({w.pid for w in self._inspecting}))))
         return actions
+
+    def on_running(self, running: set[int], now: float) -> list[Action]:
+        """The answer to ``Inspect``: of the silent workers, those whose process is on a
+        CPU are busy in a long call, not stuck; the others missed their heartbeats."""
+        actions: list[Action] = []
+        asked, self._inspecting = self._inspecting, set()
+        for worker in asked:
+            if (not worker.healthy or worker.peer is None or worker.state not in (W_READY, W_STOPPING)
+                    or now - worker.last_beat <= (self.heartbeat_timeout or 0.0)):
+                continue  # beat meanwhile, already marked, or gone
+            if worker.pid in running:
+                worker.last_beat = now
+            else:
+                actions.append(self._missed(worker, now))
+        return actions
+
+    def _missed(self, worker: Worker, now: float) -> Notify:
+        worker.healthy = False
+        return Notify("heartbeat-missed", {
+            "name": worker.name, "pid": worker.pid, "silent_for": now - worker.last_beat,
+            "group": worker.group.name if worker.group else None})
 
     def on_beat(self, worker: Worker, now: float) -> list[Action]:
         """Any message from a worker proves it alive."""
@@ -595,15 +616,15 @@ class Router:
         worker.healthy = True
         return [Notify("heartbeat-resumed", {"name": worker.name, "pid": worker.pid})]
 
-    def enable_heartbeats(self, interval: float, misses: int, now: float,
-                          busy: Callable[[int], bool] | None = None) -> None:
+    def enable_heartbeats(self, interval: float, misses: int, now: float, inspect: bool = False) -> None:
         """Check heartbeats every ``interval``; a worker silent for ``misses`` of them is
-        unhealthy, unless ``busy(pid)`` says its process is running (a handler inside one
-        long C call that holds the GIL starves the thread that beats)."""
+        unhealthy. With ``inspect``, the driver is asked first whether its process is on
+        a CPU (``Inspect``; a handler inside one long C call that holds the GIL starves
+        the thread that beats), and one that is counts as busy, not stuck."""
         self.heartbeat_interval = interval
         self.heartbeat_timeout = interval * misses
         self._next_health_check = now + interval
-        self._busy = busy
+        self._inspect = inspect
 
     # -- peers going away ---------------------------------------------------------------------
 

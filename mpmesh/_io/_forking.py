@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["KILL_WAIT_S", "TERM_GRACE_S", "exited", "fork_is_safe", "reap", "stop_in_turn", "threads_in_process"]
+__all__ = [
+    "KILL_WAIT_S", "TERM_GRACE_S", "exited", "fork_is_safe", "on_cpu", "reap", "stop_in_turn", "threads_in_process",
+]
 
 # After SIGTERM, how long processes get to exit before SIGKILL (they clean up in time).
 TERM_GRACE_S: Final = 1.0
@@ -35,6 +37,19 @@ def stop_in_turn(send: Callable[[int], None], gone: Callable[[float], bool],
         if gone(wait):
             return True
     return False
+
+
+def on_cpu(pid: int) -> bool:
+    """Whether ``pid`` is running or runnable right now (Linux; False where unknown).
+
+    A child whose heartbeat thread is starved by one long C call holding the GIL is on
+    the CPU; a frozen (SIGSTOP) or wedged one is not.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+    except (OSError, IndexError):
+        return False
 
 
 def threads_in_process() -> int:

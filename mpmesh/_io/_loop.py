@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterator
 from typing import Final
 
 from .. import _deadline
-from .._broker._actions import Action, Close, Notify, Send
+from .._broker._actions import Action, Close, Inspect, Notify, Send
+from ._forking import on_cpu
 from .._broker._core import LOCAL_PEER, BrokerCore
 from .._broker._payload import fail
 from .._errors import AuthenticationError, MessageTooLarge, RemoteProtocolError
@@ -752,6 +753,12 @@ class BrokerLoop(Readers):
                 if conn is not None:
                     conn.closing = action.reason  # type: ignore[union-attr]
                     touched[conn.id] = conn
+            elif cls is Inspect:
+                # The core asks which of these processes are on a CPU: look, and answer.
+                running = {pid for pid in action.pids if on_cpu(pid)}  # type: ignore[union-attr]
+                more_local, more_notes = self._perform(self.core.on_running(running, time.monotonic()))
+                local += more_local
+                notes += more_notes
             else:
                 notes.append(action)  # type: ignore[arg-type]
         on_loop = threading.get_ident() == self._loop_ident

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mpmesh._broker._actions import Send
+from mpmesh._broker._actions import Inspect, Send
 from mpmesh._broker._routing import LOST_GRACE_S
 from mpmesh._wire._messages import Cancel, ErrorCode, Reply
 
@@ -325,18 +325,33 @@ def test_nothing_is_left_after_a_busy_schedule() -> None:
 
 def test_a_silent_worker_whose_process_runs_is_busy_not_unhealthy() -> None:
     # A handler inside one long C call that holds the GIL starves the thread that beats;
-    # its process is still running, and the router asks before it calls the worker
-    # unhealthy (never marking it, not even for a moment).
+    # its process is still running, and the router asks (``Inspect``) before it calls
+    # the worker unhealthy (never marking it, not even for a moment).
     h = Harness()
     h.client()
-    running: set[int] = set()
-    h.router.enable_heartbeats(1.0, 3, 0.0, busy=running.__contains__)
+    h.core.enable_heartbeats(1.0, 3, 0.0, inspect=True)
     busy, stuck = h.child("busy", 1), h.child("stuck", 2)
-    running.add(busy.pid)
     out = h.tick(4.0)  # silent for 4 s: past three missed beats
+    [ask] = [a for a in out if isinstance(a, Inspect)]
+    assert sorted(ask.pids) == sorted([busy.pid, stuck.pid])
+    assert not notes(out, "heartbeat-missed") and busy.healthy and stuck.healthy  # not yet: asked
+    out = h.core.on_running({busy.pid}, 4.0)
     assert [n.info["name"] for n in notes(out, "heartbeat-missed")] == ["stuck"]
     assert busy.healthy and not stuck.healthy
-    running.clear()  # the busy one stops running and stays silent
-    out = h.tick(7.5)
+    out = h.tick(7.5)  # the busy one stays silent, and now it is not running
+    [ask] = [a for a in out if isinstance(a, Inspect)]
+    assert ask.pids == (busy.pid,)
+    out = h.core.on_running(set(), 7.5)
     assert [n.info["name"] for n in notes(out, "heartbeat-missed")] == ["busy"]
     assert not busy.healthy
+    assert h.core.on_running({busy.pid}, 8.0) == []  # an answer nobody asked for changes nothing
+
+
+def test_without_inspecting_a_silent_worker_is_unhealthy_at_once() -> None:
+    h = Harness()
+    h.client()
+    h.core.enable_heartbeats(1.0, 3, 0.0)
+    worker = h.child("w", 1)
+    out = h.tick(4.0)
+    assert [n.info["name"] for n in notes(out, "heartbeat-missed")] == ["w"]
+    assert not [a for a in out if isinstance(a, Inspect)] and not worker.healthy
