@@ -25,7 +25,7 @@ from ._errors import SerializationError as SerializationError
 from ._errors import WorkerLost as WorkerLost
 from ._manager import Manager as Manager
 from ._master import Master as Master
-from ._master import ProcessStats as ProcessStats
+from ._mesh_stats import ProcessStats as ProcessStats
 from ._pool import Pool as Pool
 from ._wire._messages import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 

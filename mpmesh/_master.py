@@ -9,7 +9,6 @@ requests children send to the master. Each public method is a few lines over the
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
 import concurrent.futures
 import logging
@@ -19,7 +18,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from . import _binding, _deadline, _near
@@ -34,6 +32,9 @@ from ._io import _broker_process, _paths
 from ._io._forking import stop_in_turn
 from ._io._host import BrokerHost, listen, write_key
 from ._manager import SharedObjects
+from ._mesh_stats import GroupStats, ProcessStats
+from ._restarts import RestartPolicy
+from ._retry_on import RetryOn
 from ._shared import SharedState, state_address
 from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
 from ._wire._messages import ErrorCode, Message, Request, Role
@@ -45,59 +46,6 @@ EVENTS: Final = ("child-started", "child-exit", "heartbeat-missed", "auto-restar
                   "heartbeat-resumed")
 # Threads serving children's requests to the master (each handler call holds one).
 MASTER_HANDLER_THREADS: Final = 32
-
-
-@dataclass(frozen=True)
-class ProcessStats:
-    """What one child has done so far (``Master.process_stats``).
-
-    ``average_response_time`` is an exponential moving average in seconds.
-    """
-
-    name: str
-    pid: int | None
-    alive: bool
-    requests_handled: int
-    requests_active: int
-    average_response_time: float
-    errors: int
-    restarts: int
-    healthy: bool
-    group: str | None
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    """Totals for one group (``Master.group_stats``)."""
-
-    name: str
-    strategy: str
-    members: list[str]
-    max_concurrency: int | None
-    queue_length: int
-    requests_active: int
-    requests_handled: int
-    errors: int
-    restarts: int
-
-
-class _RestartPolicy:
-    """Exponential back-off plus a storm guard: at most ``limit`` restarts per ``window``."""
-
-    def __init__(self, limit: int, window: float, backoff: float, backoff_max: float) -> None:
-        self.limit, self.window, self.backoff, self.backoff_max = limit, window, backoff, backoff_max
-        self._recent: dict[str, collections.deque[float]] = {}
-
-    def next_delay(self, name: str, now: float) -> float | None:
-        """Seconds to wait before restarting ``name``; None when it restarts too often."""
-        recent = self._recent.setdefault(name, collections.deque())
-        while recent and now - recent[0] > self.window:
-            recent.popleft()
-        if len(recent) >= self.limit:
-            return None
-        delay = 0.0 if not recent else min(self.backoff * 2 ** (len(recent) - 1), self.backoff_max)
-        recent.append(now + delay)
-        return delay
 
 
 class Master(SharedState, SharedObjects):
@@ -139,7 +87,7 @@ class Master(SharedState, SharedObjects):
         self.heartbeat_miss_threshold = heartbeat_miss_threshold
         self.start_method = method
         self.log = logger or logging.getLogger("mpmesh")
-        self._restarts = _RestartPolicy(restart_limit, restart_window, restart_backoff, restart_backoff_max)
+        self._restarts = RestartPolicy(restart_limit, restart_window, restart_backoff, restart_backoff_max)
         self._closed = False
         self._pid = os.getpid()  # a forked copy of this process never shuts the mesh down
         self._specs: dict[str, ChildSpec] = {}
@@ -389,7 +337,7 @@ class Master(SharedState, SharedObjects):
             # One budget for every cause: each attempt goes out alone, retried here.
             once = dict(options, retries=0, priority=priority)
             first = self._client.request(action, target, data, **once)
-            return _RetryOn(self, first, (*retry_on, WorkerLost, RequestTimeout),
+            return RetryOn(self, first, (*retry_on, WorkerLost, RequestTimeout),
                             (action, target, data), once, options["retries"]).outer
         return self._client.request(action, target, data, priority=priority, **options)
 
@@ -695,58 +643,6 @@ class Master(SharedState, SharedObjects):
     def _check_open(self) -> None:
         if self._closed:
             raise MeshClosed(f"mesh {self.name!r} was shut down")
-
-
-class _RetryOn:
-    """Re-send a request whose handler raised one of ``retry_on`` while attempts remain.
-
-    The broker retries lost workers and timeouts itself; a handler's exception is only
-    known as such in the caller, so this retry lives here.
-    """
-
-    def __init__(self, master: Master, first: MeshFuture, retry_on: tuple[type[BaseException], ...],
-                 call: tuple[str, str | int, object], options: dict[str, Any], retries: int) -> None:
-        self.outer = MeshFuture()
-        self._master, self._retry_on, self._call, self._options = master, retry_on, call, options
-        self._left = retries
-        self._attempts = retries + 1
-        self._watch(first)
-
-    def _watch(self, fut: MeshFuture) -> None:
-        concurrent.futures.Future.add_done_callback(fut, self._done)
-
-    def _done(self, fut: concurrent.futures.Future[Any]) -> None:
-        if self.outer.done():
-            return
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is not None and isinstance(exc, self._retry_on) and self._left > 0 and not self._master._closed:
-            self._left -= 1
-            delay = self._options["retry_delay"]
-            attempt = self._attempts - self._left
-            self._master.log.info("retrying %r (attempt %d of %d) after %s: %s", self._call[0],
-                                  attempt, self._attempts, type(exc).__name__, exc)
-            self._master._emit("request-retry", {
-                "action": self._call[0], "target": self._call[1], "attempt": attempt,
-                "attempts": self._attempts, "reason": f"{type(exc).__name__}: {exc}"})
-            timer = threading.Timer(delay, self._resend)
-            timer.daemon = True
-            timer.start()
-            return
-        if fut.cancelled():
-            self.outer.cancel()
-        elif exc is not None:
-            self.outer.set_exception(exc)
-        else:
-            self.outer.set_result(fut.result())
-
-    def _resend(self) -> None:
-        try:
-            fut = self._master._client.request(*self._call, **self._options)
-        except BaseException as exc:
-            if not self.outer.done():
-                self.outer.set_exception(exc)
-            return
-        self._watch(fut)
 
 
 def _listening(address: str) -> bool:
