@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from .._errors import MeshClosed
+from .._errors import MeshClosed, RemoteProtocolError
 from .._io._readers import Reader, Readers
-from .._wire._frames import RECV_BYTES
+from .._wire._frames import RECV_BYTES, FrameDecoder
 from . import _protocol as P
 from ._tasks import PoolWorker, WState
 
@@ -54,7 +54,7 @@ class _Pending:
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
-        self.reader = P.FrameReader(P.MAX_HELLO_FRAME_BYTES)
+        self.reader = FrameDecoder(P.MAX_HELLO_FRAME_BYTES)
         self.deadline = deadline
 
 
@@ -240,8 +240,9 @@ class ChannelIO(Readers):
             return
         try:
             # Only the first frame under the HELLO limit: a worker's next one may be larger.
-            frames = p.reader.feed(data, 1)
-        except ValueError as exc:
+            p.reader.feed(data)
+            frames = p.reader.frames(1)
+        except RemoteProtocolError as exc:
             log.debug("closed a connection to the pool that did not start with a HELLO: %s", exc)
             self._reject(p)
             return
@@ -299,8 +300,9 @@ class ChannelIO(Readers):
     def _feed_frames(self, w: PoolWorker, data: bytes | memoryview) -> None:
         """Feed ``data`` to ``w``'s frame reader and handle the frames it completes."""
         try:
-            frames = w.reader.feed(data)
-        except ValueError:
+            w.reader.feed(data)
+            frames = w.reader.frames()
+        except RemoteProtocolError:
             log.warning("%s sent a malformed frame; dropping it", w.describe())
             self._drop_conn(w)
             return

@@ -1,8 +1,9 @@
 """The Pool's direct channel between the pool and each worker: frame layout and decoding.
 
 Nothing here does I/O. Both ends are ours and the worker proves the pool's token in its
-first frame, before the pool unpickles anything it sends. A frame is a 5-byte header
-(body length, kind) and a body::
+first frame, before the pool unpickles anything it sends. A frame is the wire's
+(``_wire._frames``: a 5-byte header, body length and kind, then the body, read with its
+``FrameDecoder``), with kinds of its own::
 
     pool ──► worker   BATCH  u8 flags, u32 n, n × u64 chunk ids, pickle((functions, tasks))
                       STOP   (empty): finish the current task, then exit
@@ -23,6 +24,8 @@ import io
 import struct
 import threading
 from typing import Final
+
+from .._wire._frames import HEADER
 
 __all__ = [
     "BATCH",
@@ -50,7 +53,7 @@ __all__ = [
     "UNREADABLE",
     "UNSENDABLE",
     "Blob",
-    "FrameReader",
+    "HEADER",
     "error_payload",
     "frame",
     "pack_ids",
@@ -61,12 +64,12 @@ __all__ = [
     "unpack_ids",
 ]
 
-HEADER: Final = struct.Struct("!IB")
 RESULT_HEAD: Final = struct.Struct("!QBd")
 HELLO_HEAD: Final = struct.Struct("!32sI")
 _COUNT: Final = struct.Struct("!I")
 TOKEN_BYTES: Final = 32
-# A frame larger than this is a bug or an attack; the other side closes the channel.
+# A frame larger than this is a bug or an attack; the other side closes the channel. (A
+# pool's frames carry results, which may be larger than a broker's messages.)
 MAX_FRAME_BYTES: Final = 1 << 31
 # Until a connection has proven the token the pool reads only a HELLO: 36 bytes and a
 # worker's short name. Anything bigger is not one of our workers.
@@ -167,40 +170,3 @@ def split_error_payload(payload: bytes) -> tuple[bytes, str]:
     packed, raw = split_pair(payload)
     return packed, raw.decode("utf-8", "replace")
 
-
-class FrameReader:
-    """Feed bytes, get back ``(kind, body)`` for every complete frame.
-
-    A frame longer than ``max_frame`` raises ValueError as soon as its header arrives,
-    before its body is buffered; the pool raises the limit once a peer has proven the token.
-    """
-
-    __slots__ = ("_buf", "max_frame")
-
-    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
-        self._buf = bytearray()
-        self.max_frame = max_frame
-
-    def feed(self, data: bytes | memoryview, max_frames: int | None = None) -> list[tuple[int, bytes]]:
-        """Buffer ``data``; remove and return the complete frames (at most ``max_frames``)."""
-        buf = self._buf
-        buf += data
-        frames: list[tuple[int, bytes]] = []
-        size = len(buf)
-        pos = 0
-        unpack = HEADER.unpack_from
-        while size - pos >= 5 and (max_frames is None or len(frames) < max_frames):
-            length, kind = unpack(buf, pos)
-            if length > self.max_frame:
-                raise ValueError(f"frame of {length} bytes is larger than the {self.max_frame}-byte limit")
-            end = pos + 5 + length
-            if end > size:
-                break
-            frames.append((kind, bytes(buf[pos + 5:end])))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return frames
-
-    def __len__(self) -> int:
-        return len(self._buf)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .._errors import RemoteError, SerializationError
 from .._wire import _codec
+from .._wire._frames import FrameDecoder
 from . import _protocol as P
 from ._results import UnpicklableException, UnpicklableResult
 
@@ -127,7 +128,7 @@ class PoolWorker:
         self.name = name
         self.pid = 0
         self.sock: socket.socket | None = None
-        self.reader = P.FrameReader()
+        self.reader = FrameDecoder(P.MAX_FRAME_BYTES)
         self.out = bytearray()
         self.state = WState.STARTING
         self.inflight: collections.deque[Chunk] = collections.deque()

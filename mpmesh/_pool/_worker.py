@@ -29,7 +29,7 @@ from typing import Any, Final
 from .._child import RDHUP, Child, Detached, keep
 from .._errors import SerializationError
 from .._wire import _codec
-from .._wire._frames import RECV_BYTES
+from .._wire._frames import RECV_BYTES, FrameDecoder
 from .._wire._messages import Goodbye, Message, Shutdown
 from . import _protocol as P
 
@@ -109,7 +109,7 @@ def _send(sock: socket.socket, data: bytes) -> None:
 
 
 def _serve(sock: socket.socket, maxtasks: int | None) -> None:
-    reader = P.FrameReader()
+    reader = FrameDecoder(P.MAX_FRAME_BYTES)
     buf = bytearray(RECV_BYTES)
     done = 0
     while True:
@@ -119,7 +119,8 @@ def _serve(sock: socket.socket, maxtasks: int | None) -> None:
             return
         if n == 0:
             return
-        for kind, body in reader.feed(memoryview(buf)[:n]):
+        reader.feed(memoryview(buf)[:n])
+        for kind, body in reader.frames():
             if kind == P.STOP:
                 return
             if kind != P.BATCH:

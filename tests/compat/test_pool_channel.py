@@ -21,7 +21,9 @@ import pytest
 import mpmesh
 from mpmesh._pool import _io
 from mpmesh._pool import _protocol as P
+from mpmesh._errors import RemoteProtocolError
 from mpmesh._pool._results import MapResult
+from mpmesh._wire._frames import FrameDecoder
 from tests.conftest import wait_for
 from tests.integration import pool_workers as W
 
@@ -237,9 +239,12 @@ def test_the_hello_limit_holds_only_for_the_first_frame() -> None:
     # read together; the pool must not take the second for a stranger's oversized frame.
     hello = P.frame(P.HELLO, P.HELLO_HEAD.pack(bytes(P.TOKEN_BYTES), 1) + b"pool-0")
     failed = P.frame(P.INIT_FAILED, bytes(64 * 1024))
-    reader = P.FrameReader(P.MAX_HELLO_FRAME_BYTES)
-    assert [kind for kind, _ in reader.feed(hello + failed, 1)] == [P.HELLO]
+    reader = FrameDecoder(P.MAX_HELLO_FRAME_BYTES)
+    reader.feed(hello + failed)
+    assert [kind for kind, _ in reader.frames(1)] == [P.HELLO]
     reader.max_frame = P.MAX_FRAME_BYTES
-    assert reader.feed(b"") == [(P.INIT_FAILED, bytes(64 * 1024))]
-    with pytest.raises(ValueError, match="larger than the 4096-byte limit"):
-        P.FrameReader(P.MAX_HELLO_FRAME_BYTES).feed(failed)
+    assert reader.frames() == [(P.INIT_FAILED, bytes(64 * 1024))]
+    stranger = FrameDecoder(P.MAX_HELLO_FRAME_BYTES)
+    stranger.feed(failed)
+    with pytest.raises(RemoteProtocolError, match="exceeds the 4096-byte limit"):
+        stranger.frames()
