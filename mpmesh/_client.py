@@ -61,7 +61,7 @@ from ._futures import Call, MeshFuture, error_for
 from ._handlers import failure_from
 from ._io import _segment
 from ._broker._lockcells import LockCells
-from ._broker._ring import RingWriter
+from ._broker._ring import OBJECTS, RingWriter
 from ._near import NearCache
 from ._wire import _codec, _frames
 from ._wire._connection import Connection, Phase, Side
@@ -121,6 +121,14 @@ class ClientBase:
     def segment_usable(self) -> bool:
         """Whether the ring and the lock cells may be used now (``_proxies``)."""
         return False
+
+    def leave(self, payload: bytes, s1: int, s2: int, n1: int, n2: int,
+              kind: int = OBJECTS) -> tuple[int, int] | None:
+        """Leave a write in the broker's write ring instead of sending it (see
+        ``RingWriter.append``): the versions slots ``n1`` and ``n2`` show after it, for a
+        copy of what it wrote; None if it must be sent (no ring here, the broker gone or
+        silent, the ring full or busy, the write too large)."""
+        return None
 
     def due(self) -> float:
         """The deadline of an operation the broker answers at once, sent just now."""
@@ -459,6 +467,18 @@ class SocketClient(ClientBase):
             if near is not None:
                 near.close()
 
+    def leave(self, payload: bytes, s1: int, s2: int, n1: int, n2: int,
+              kind: int = OBJECTS) -> tuple[int, int] | None:
+        ring = self.ring
+        if ring is None or not self.segment_usable():
+            return None
+        done, v1, v2 = ring.append(payload, s1, s2, n1, n2, kind)
+        if done < 0:
+            return None
+        if done:  # a quarter full: any op makes the broker empty it first
+            self.post_op("objects", "drain")
+        return v1, v2
+
     def segment_usable(self) -> bool:
         # Only while the broker is there: its end of our socket is open (a broker that
         # died closed it: a write must fail as a sent one would), and it has not gone
@@ -484,8 +504,9 @@ class SocketClient(ClientBase):
             mm = _segment.map_received(fd)
             if mm is not None and self.near is None:
                 self.near = NearCache(mm)
-                self.ring = _segment.ring_writer(mm)
-                self.cells = _segment.lock_cells(mm) if self.ring is not None else None
+                shared = _segment.writers(mm)
+                if shared is not None:
+                    self.ring, self.cells = shared
                 self._hangup = threading.local()  # a poll object per thread (see segment_usable)
         return data
 

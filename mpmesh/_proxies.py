@@ -283,9 +283,7 @@ class BaseProxy:
         ``key``, or of the whole object): kept as this process's copy, so reading back
         what it wrote costs no round trip either."""
         client = self._client if self._pid == _getpid() else self._rebind()
-        ring = client.ring
-        if (ring is not None and self._token.typeid in _RING_TYPEIDS and _plain(args)
-                and client.segment_usable()):
+        if client.ring is not None and self._token.typeid in _RING_TYPEIDS and _plain(args):
             if self._wslot < 0:
                 self._find_slots()
             s1 = s2 = n2 = self._wslot
@@ -293,14 +291,12 @@ class BaseProxy:
             if khash is not None:
                 s1, n2 = key_slot(self._id, khash), self._bslot
             if khash is not None or key is _WHOLE:
-                done, v1, v2 = ring.append_noting(pack((self._id, methodname, args, {}, 0)), s1, s2, s1, n2)
-                if done >= 0:
-                    if done:
-                        _post(client, "drain", None)
+                left = client.leave(pack((self._id, methodname, args, {}, 0)), s1, s2, s1, n2)
+                if left is not None:
                     near = client.near
                     if reads is not None and near is not None and immutable(reads[2]):
                         try:
-                            near.keep((self._id, reads[0], reads[1]), v1, v2, ETERNAL, reads[2], None)
+                            near.keep((self._id, reads[0], reads[1]), *left, ETERNAL, reads[2], None)
                         except TypeError:  # an unhashable argument: nothing to keep
                             pass
                     return

@@ -181,8 +181,7 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
         """Leave a ``set`` that cannot fail in the broker's write ring (``_broker/_ring``),
         keeping what it wrote as this process's copy; False if it must be sent."""
         client = self._bound()
-        ring = client.ring
-        if ring is None or not self.options.get("near", True) or not client.segment_usable():
+        if client.ring is None or not self.options.get("near", True):
             return False
         khash = stable_hash(key)
         if khash is None or (ttl is not None and (type(ttl) not in _TIMES or not 0 <= ttl < math.inf)):
@@ -192,17 +191,14 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
             return False  # too large for it: the broker says so
         s1 = key_slot(self._ident, khash)
         at = time.monotonic()
-        done, v1, v2 = ring.append_noting(pack((self.name, key, ttl, at), blob), s1, self._whole,
-                                          s1, self._bulk, CACHE)
-        if done < 0:
+        left = client.leave(pack((self.name, key, ttl, at), blob), s1, self._whole, s1, self._bulk, CACHE)
+        if left is None:
             return False
-        if done:
-            client.post_op("objects", "drain")
         near = client.near
         if near is not None:
             lasts = self.options.get("ttl") if ttl is None else ttl
             expires = ETERNAL if lasts is None else int((at + lasts) * 1e9)
-            near.keep((self.name, key), v1, v2, expires, value, blob, access_slot=s1)
+            near.keep((self.name, key), *left, expires, value, blob, access_slot=s1)
         return True
 
     def __setitem__(self, key: Any, value: Any) -> None:

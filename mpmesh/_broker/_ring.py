@@ -169,22 +169,19 @@ class RingWriter:
             except BufferError:  # a racing append has a slice of it: the GC frees it
                 pass
 
-    def append(self, payload: bytes, s1: int, s2: int, kind: int = OBJECTS) -> int:
-        """Append ``payload`` and bump slots ``s1`` and ``s2``: 0 if done; 1 if done and
-        the ring just became ``POKE_AT`` full (ask the broker to empty it); -1 if it was
-        not appended (too large, the ring full or closed, or the mutex not had in time):
-        then the call must be sent instead."""
-        return self.append_noting(payload, s1, s2, s1, s1, kind)[0]
+    def append(self, payload: bytes, s1: int, s2: int, n1: int, n2: int,
+               kind: int = OBJECTS) -> tuple[int, int, int]:
+        """Append ``payload`` (an entry of ``kind``) and bump slots ``s1`` and ``s2``.
 
-    def append_noting(self, payload: bytes, s1: int, s2: int, n1: int, n2: int,
-                      kind: int = OBJECTS) -> tuple[int, int, int]:
-        """``append``, and the versions that slots ``n1`` and ``n2`` show right after it if
-        nothing else changed them meanwhile: a copy of what this write wrote, kept with
-        them, is current exactly while they still show those.
-
-        They are read before the entry becomes visible: a write the broker applies after
-        this one, whatever slots it bumps afterwards, then changes one of them; one it
-        applied before only costs the copy a needless refresh."""
+        Returns ``(status, v1, v2)``. ``status``: 0 if done; 1 if done and the ring just
+        became ``POKE_AT`` full (ask the broker to empty it); -1 if it was not appended
+        (too large, the ring full or closed, or the mutex not had in time): then the call
+        must be sent instead. ``v1``/``v2``: the versions slots ``n1`` and ``n2`` show
+        right after it if nothing else changed them meanwhile: a copy of what this write
+        wrote, kept with them, is current exactly while they still show those. They are
+        read before the entry becomes visible: a write the broker applies after this
+        one, whatever slots it bumps afterwards, then changes one of them; one it applied
+        before only costs the copy a needless refresh."""
         n = len(payload)
         need = (n + 15) & ~7
         if need > MAX_ENTRY:

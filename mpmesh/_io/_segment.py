@@ -1,5 +1,5 @@
-"""The memory segment holding a broker's version table (``_broker/_versions``) and its
-write ring (``_broker/_ring``).
+"""The memory segment holding a broker's version table (``_broker/_versions``), its
+write ring (``_broker/_ring``) and its Manager Locks' cells (``_broker/_lockcells``).
 
 It is an anonymous memory file (``memfd``): it has no name anywhere, so nothing is left
 behind however its processes end; it goes away with the last process that maps it. The
@@ -23,7 +23,7 @@ from .._broker._ring import MUTEX_AT, RingReader, RingWriter
 from .._broker._versions import MAGIC, TABLE_BYTES, VersionTable
 from ._mutex import SharedMutex, available
 
-__all__ = ["Segment", "create", "lock_cells", "map_received", "received_fd", "ring_writer", "send_with_fd"]
+__all__ = ["Segment", "create", "map_received", "received_fd", "send_with_fd", "writers"]
 
 ANCILLARY_BYTES: Final = socket.CMSG_SPACE(array.array("i").itemsize)
 
@@ -139,23 +139,15 @@ def _mutex_maker(mm: mmap.mmap) -> Callable[[int, bool], SharedMutex]:
     return mutex_at
 
 
-def lock_cells(mm: mmap.mmap) -> LockCells | None:
-    """This process's view of a received segment's lock cells (None: not usable here)."""
-    if not available():
-        return None
-    try:
-        return LockCells(memoryview(mm), _mutex_maker(mm))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def ring_writer(mm: mmap.mmap) -> RingWriter | None:
-    """This process's way to append to a received segment's ring; None where the broker
-    opened none or this process cannot share its mutex."""
+def writers(mm: mmap.mmap) -> tuple[RingWriter, LockCells] | None:
+    """This process's way to a received segment's write ring and lock cells; None where
+    the broker opened no ring or this process cannot share its mutexes."""
     if not available():
         return None
     try:
         writer = RingWriter(memoryview(mm), SharedMutex(mm, MUTEX_AT))
+        if not writer.usable():
+            return None
+        return writer, LockCells(memoryview(mm), _mutex_maker(mm))
     except (OSError, ValueError, TypeError):
         return None
-    return writer if writer.usable() else None

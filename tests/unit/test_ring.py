@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -48,6 +50,11 @@ def taken(reader: RingReader) -> list[bytes]:
     return [payload for _, payload in entries]
 
 
+def put(writer: RingWriter, payload: bytes, s1: int, s2: int) -> int:
+    """Append an objects entry noting nothing: its status (0, 1 or -1)."""
+    return writer.append(payload, s1, s2, s1, s1)[0]
+
+
 def ring(busy: bool = False) -> tuple[RingReader, RingWriter, memoryview]:
     memory = memoryview(bytearray(RING_END))
     reader = RingReader(memory)
@@ -60,7 +67,7 @@ def test_entries_come_out_whole_and_in_order_across_the_wrap() -> None:
     sent = []
     for i in range(3 * CAPACITY // 1000):  # laps the ring three times
         payload = bytes([i % 251]) * (997 + i % 7)
-        assert writer.append(payload, VERSIONS, VERSIONS) >= 0
+        assert put(writer, payload, VERSIONS, VERSIONS) >= 0
         sent.append(payload)
         if i % 50 == 49:
             assert taken(reader) == sent
@@ -72,38 +79,38 @@ def test_entries_come_out_whole_and_in_order_across_the_wrap() -> None:
 def test_a_write_bumps_its_slots_in_the_writers_region_only() -> None:
     _, writer, memory = ring()
     words = memory.cast("Q")
-    assert writer.append(b"x", VERSIONS + 5, VERSIONS + 9) == 0
-    assert writer.append(b"y", VERSIONS + 5, VERSIONS + 5) == 0
+    assert put(writer, b"x", VERSIONS + 5, VERSIONS + 9) == 0
+    assert put(writer, b"y", VERSIONS + 5, VERSIONS + 5) == 0
     assert words[VERSIONS + 5 + WRITERS] == 2 and words[VERSIONS + 9 + WRITERS] == 1
     assert words[VERSIONS + 5] == 0 and words[VERSIONS + 9] == 0  # the broker's words
 
 
 def test_a_full_ring_a_large_entry_a_closed_ring_and_a_busy_mutex_say_send_it() -> None:
     reader, writer, memory = ring()
-    assert writer.append(b"x" * (MAX_ENTRY + 1), VERSIONS, VERSIONS) == -1
+    assert put(writer, b"x" * (MAX_ENTRY + 1), VERSIONS, VERSIONS) == -1
     chunk = b"x" * (MAX_ENTRY - 8)
-    results = [writer.append(chunk, VERSIONS, VERSIONS) for _ in range(CAPACITY // MAX_ENTRY + 1)]
+    results = [put(writer, chunk, VERSIONS, VERSIONS) for _ in range(CAPACITY // MAX_ENTRY + 1)]
     assert results[-1] == -1 and all(r >= 0 for r in results[:-1])
     assert results.count(1) == 1  # it asked for the ring to be emptied once, at POKE_AT
     assert results.index(1) == POKE_AT // MAX_ENTRY - 1
     assert len(taken(reader)) == len(results) - 1
-    assert writer.append(chunk, VERSIONS, VERSIONS) == 0  # room again
+    assert put(writer, chunk, VERSIONS, VERSIONS) == 0  # room again
     reader.close()
-    assert writer.append(b"x", VERSIONS, VERSIONS) == -1
+    assert put(writer, b"x", VERSIONS, VERSIONS) == -1
     assert not reader.pending() and taken(reader) == []
     _, busy, _ = ring(busy=True)
-    assert busy.append(b"x", VERSIONS, VERSIONS) == -1
+    assert put(busy, b"x", VERSIONS, VERSIONS) == -1
 
 
 def test_garbage_in_the_ring_drops_what_is_left_and_nothing_else() -> None:
     reader, writer, memory = ring()
-    writer.append(b"good", VERSIONS, VERSIONS)
-    writer.append(b"bad!", VERSIONS, VERSIONS)
+    put(writer, b"good", VERSIONS, VERSIONS)
+    put(writer, b"bad!", VERSIONS, VERSIONS)
     data_at = RING_END - CAPACITY
     memory[data_at + 16:data_at + 20] = (MAX_ENTRY + 1).to_bytes(4, "little")  # the second's length
     assert taken(reader) == [b"good"]
     assert not reader.pending()
-    writer.append(b"next", VERSIONS, VERSIONS)
+    put(writer, b"next", VERSIONS, VERSIONS)
     assert taken(reader) == [b"next"]
 
 
@@ -113,7 +120,7 @@ def test_threads_appending_at_once_lose_nothing() -> None:
 
     def append(tag: int) -> None:
         for i in range(2000):
-            while writer.append(f"{tag}:{i}".encode(), VERSIONS, VERSIONS) < 0:
+            while put(writer, f"{tag}:{i}".encode(), VERSIONS, VERSIONS) < 0:
                 pass  # full: the taker below empties it
 
     threads = [threading.Thread(target=append, args=(t,)) for t in range(4)]
@@ -133,7 +140,7 @@ def test_a_closed_writer_lets_go_of_the_memory_and_says_send_it() -> None:
     mutex = writer._mutex
     writer.close()
     assert isinstance(mutex, ThreadMutex) and mutex.closed
-    assert writer.append(b"x", VERSIONS, VERSIONS) == -1
+    assert put(writer, b"x", VERSIONS, VERSIONS) == -1
 
 
 # -- the shared mutex, across processes ------------------------------------------------------
@@ -141,25 +148,41 @@ def test_a_closed_writer_lets_go_of_the_memory_and_says_send_it() -> None:
 needs_mutex = pytest.mark.skipif(not _mutex.available(), reason="no process-shared robust mutex here")
 
 
-@needs_mutex
-def test_the_shared_mutex_excludes_another_process_and_is_freed_when_its_holder_is_killed() -> None:
-    mm = mmap.mmap(-1, RING_END)
-    mutex = _mutex.SharedMutex.create(mm, MUTEX_AT)
+@contextlib.contextmanager
+def held_by_a_child(mm: mmap.mmap, then: Callable[[], object] = signal.pause) -> Iterator[int]:
+    """A forked child takes the mutex at ``MUTEX_AT`` of ``mm`` and runs ``then()``
+    holding it (by default: waits to be killed); yields its pid once it holds it. It is
+    gone at the end of the block, killed if need be."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
             _mutex.SharedMutex(mm, MUTEX_AT).acquire()
             os.write(w, b"held")
-            signal.pause()
+            then()
         finally:
             os._exit(1)
+    os.close(w)
     try:
-        os.close(w)
         assert os.read(r, 4) == b"held"
-        assert mutex.acquire() is None  # held by the child: not had within WAIT_S
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        yield pid
+    finally:
+        os.close(r)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+@needs_mutex
+def test_the_shared_mutex_excludes_another_process_and_is_freed_when_its_holder_is_killed() -> None:
+    mm = mmap.mmap(-1, RING_END)
+    mutex = _mutex.SharedMutex.create(mm, MUTEX_AT)
+    try:
+        with held_by_a_child(mm) as pid:
+            assert mutex.acquire() is None  # held by the child: not had within WAIT_S
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         held = mutex.acquire()  # its holder died: the next taker has it
         assert held is not None
         mutex.release(held)
@@ -168,7 +191,6 @@ def test_the_shared_mutex_excludes_another_process_and_is_freed_when_its_holder_
         mutex.release(held)
         del held  # it keeps the mapping exported
     finally:
-        os.close(r)
         mutex.close()
         mm.close()
 
@@ -179,15 +201,11 @@ def test_a_writer_killed_while_holding_the_ring_leaves_it_whole_for_the_next() -
     _mutex.SharedMutex.create(mm, MUTEX_AT)
     reader = RingReader(memoryview(mm))
     reader.open()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        writer = RingWriter(memoryview(mm), _mutex.SharedMutex(mm, MUTEX_AT))
-        writer.append(b"before", VERSIONS, VERSIONS)
-        _mutex.SharedMutex(mm, MUTEX_AT).acquire()  # and dies holding it
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.waitpid(pid, 0)
     writer = RingWriter(memoryview(mm), _mutex.SharedMutex(mm, MUTEX_AT))
-    assert writer.append(b"after", VERSIONS, VERSIONS) == 0
+    assert put(writer, b"before", VERSIONS, VERSIONS) == 0
+    with held_by_a_child(mm, then=lambda: os.kill(os.getpid(), signal.SIGKILL)):
+        pass  # the child took the ring's mutex and died holding it
+    assert put(writer, b"after", VERSIONS, VERSIONS) == 0
     assert taken(reader) == [b"before", b"after"]
     writer.close()
     reader.close()
@@ -196,7 +214,7 @@ def test_a_writer_killed_while_holding_the_ring_leaves_it_whole_for_the_next() -
 def test_the_counter_of_appended_writes_grows() -> None:
     _, writer, _ = ring()
     before = _ring.appended[0]
-    writer.append(b"x", VERSIONS, VERSIONS)
+    put(writer, b"x", VERSIONS, VERSIONS)
     assert _ring.appended[0] == before + 1
 
 
@@ -204,7 +222,7 @@ def test_an_entry_keeps_its_kind_and_the_noted_versions_are_those_after_it() -> 
     reader, writer, memory = ring()
     words = memory.cast("Q")
     words[VERSIONS + 3] = 10  # the broker's word of the noted slot
-    done, v1, v2 = writer.append_noting(b"c", VERSIONS + 3, VERSIONS + 4, VERSIONS + 3, VERSIONS + 5,
+    done, v1, v2 = writer.append(b"c", VERSIONS + 3, VERSIONS + 4, VERSIONS + 3, VERSIONS + 5,
                                         _ring.CACHE)
     assert done == 0 and v1 == 11 and v2 == 0  # slot 3 bumped once by this write; 5 not
     assert words[VERSIONS + 3] + words[VERSIONS + 3 + WRITERS] == v1
@@ -215,29 +233,15 @@ def test_an_entry_keeps_its_kind_and_the_noted_versions_are_those_after_it() -> 
 def test_after_one_wait_for_a_stuck_holder_the_mutex_is_only_tried() -> None:
     mm = mmap.mmap(-1, RING_END)
     mutex = _mutex.SharedMutex.create(mm, MUTEX_AT)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: takes it and stops there
-        try:
-            _mutex.SharedMutex(mm, MUTEX_AT).acquire()
-            os.write(w, b"held")
-            signal.pause()
-        finally:
-            os._exit(1)
     try:
-        os.close(w)
-        assert os.read(r, 4) == b"held"
-        start = time.monotonic()
-        assert mutex.acquire() is None
-        waited = time.monotonic() - start
-        assert waited >= _mutex.WAIT_S * 0.9
-        start = time.monotonic()
-        for _ in range(20):
+        with held_by_a_child(mm):
+            start = time.monotonic()
             assert mutex.acquire() is None
-        assert time.monotonic() - start < _mutex.WAIT_S  # 20 tries, no waits
+            assert time.monotonic() - start >= _mutex.WAIT_S * 0.9  # one wait
+            start = time.monotonic()
+            for _ in range(20):
+                assert mutex.acquire() is None
+            assert time.monotonic() - start < _mutex.WAIT_S  # 20 tries, no waits
     finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(r)
         mutex.close()
         mm.close()
