@@ -115,6 +115,10 @@ class LockCells:
     def owner(self, cell: int) -> int:
         return int(self._words[cell * 8 + _OWNER])
 
+    def waiting(self, cell: int) -> bool:
+        """Whether callers wait for the lock in the broker."""
+        return bool(self._words[cell * 8 + _FLAGS] & WAITING)
+
     def set_flag(self, cell: int, flag: int, on: bool) -> None:
         """Set or clear a flag (the broker alone writes them)."""
         i = cell * 8 + _FLAGS

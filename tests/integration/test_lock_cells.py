@@ -13,6 +13,8 @@ import pytest
 import mpmesh
 from mpmesh._broker import _lockcells
 from mpmesh._io import _mutex
+from mpmesh._proxy_types import SPIN_S
+from tests.conftest import wait_for
 from tests.integration import near_workers
 
 pytestmark = [
@@ -77,10 +79,14 @@ def test_a_held_lock_is_waited_for_in_the_broker_and_handed_over() -> None:
         p = ctx.Process(target=near_workers.wait_for_lock, args=(lock, out))
         p.start()
         assert out.get(timeout=WAIT_S) == "waiting"
-        time.sleep(0.3)  # the waiter spins 2 ms, then parks in the broker: give it time to
+        found = lock._cells()
+        assert found is not None
+        _, cells, cell = found
+        assert wait_for(lambda: cells.waiting(cell), WAIT_S)  # it spun, then queued in the broker
         lock.release()
         got, waited = out.get(timeout=WAIT_S)
-        assert got is True and waited >= 0.25
+        assert got is True and waited >= SPIN_S
+        assert not cells.waiting(cell)
         p.join(WAIT_S)
         assert p.exitcode == 0
         assert lock.acquire(timeout=5)  # it released it
