@@ -70,12 +70,14 @@ class Peer:
 class BrokerCore:
     """All broker state; pure: no I/O, no threads, no clock."""
 
-    def __init__(self, *, rng: random.Random | None = None) -> None:
+    def __init__(self, *, rng: random.Random | None = None, first_instance: int = 1) -> None:
+        """``first_instance``: the first instance id handed out (a host of a mesh across
+        hosts has a block of ids of its own)."""
         self.router = Router(rng or random.Random())
         self.peers: dict[int, Peer] = {}
         self.by_instance: dict[int, Peer] = {}
         self.components: dict[str, Component] = {}
-        self._instances = itertools.count(1)
+        self._instances = itertools.count(first_instance)
         self.ops = 0
         # Where local processes leave plain writes (``_ring``); the owner sets it.
         self.ring: RingReader | None = None
@@ -368,6 +370,39 @@ class BrokerCore:
 
     def child(self, name: str) -> Worker | None:
         return self.router.workers.get(name)
+
+    def instance_id(self, peer: int = LOCAL_PEER) -> int:
+        """The instance id of ``peer`` (by default the in-process host); -1 if unknown."""
+        found = self.peers.get(peer)
+        return found.instance_id if found is not None else -1
+
+    def serves(self, target: str | int, *, free_only: bool) -> bool:
+        """Whether this broker serves ``target`` (a node's instance id, a child or a
+        group) — with ``free_only``, whether a member could take a request now.
+
+        Safe to call without the core lock (it only reads, and tolerates a list that
+        grows meanwhile): the Master routes with it, and a stale answer only sends a
+        request to a queue instead of another host, or the other way round."""
+        if isinstance(target, int):
+            return target in self.by_instance
+        worker = self.router.workers.get(target)
+        if worker is not None:
+            return worker.state is not WorkerState.DOWN and (worker.free or not free_only)
+        group = self.router.groups.get(target)
+        if group is None:
+            return False
+        if not free_only:
+            return any(w.state is not WorkerState.DOWN for w in group.members)
+        return group.has_room and any(w.free for w in group.members)
+
+    def free_members(self) -> tuple[dict[str, int], dict[str, bool]]:
+        """Per group, how many members could take a request now; per child, whether it could."""
+        groups = {name: (sum(1 for w in g.members if w.free) if g.has_room else 0)
+                  for name, g in self.router.groups.items()
+                  if any(w.state is not WorkerState.DOWN for w in g.members)}
+        children = {name: w.free for name, w in self.router.workers.items()
+                    if w.supervised and w.state is not WorkerState.DOWN}
+        return groups, children
 
     def children(self) -> dict[str, Worker]:
         return self.router.workers

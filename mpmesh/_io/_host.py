@@ -49,10 +49,12 @@ class BrokerHost:
                  on_notify: Callable[[list[Notify]], None] | None = None,
                  components: dict[str, Component] | None = None,
                  address: str | tuple[str, int] | None = None,
-                 listener: socket.socket | None = None, near_cache: bool = True) -> None:
+                 listener: socket.socket | None = None, near_cache: bool = True,
+                 first_instance: int = 1) -> None:
         """``listener``: a socket already bound at ``address``, whose key file the caller
         wrote (a broker process started by a Master that must not wait for it).
-        ``near_cache``: hand local peers the version table, so they keep near copies."""
+        ``near_cache``: hand local peers the version table, so they keep near copies.
+        ``first_instance``: the first instance id the broker hands out."""
         self.name = name
         self.authkey = authkey
         # ``address``: another Unix socket path, or (host, port) to serve over TCP (a
@@ -72,7 +74,7 @@ class BrokerHost:
                 if isinstance(self.address, str):
                     os.unlink(self.address)
                 raise
-        self.core = BrokerCore(rng=random.Random())
+        self.core = BrokerCore(rng=random.Random(), first_instance=first_instance)
         # The version table local peers read shared state through (not over TCP).
         self.segment = _segment.create() if near_cache and isinstance(self.address, str) else None
         versions = self.segment.table if self.segment is not None else None
