@@ -126,6 +126,15 @@ class Child(SharedState):
         )
         self.instance_id: int = self._client.instance_id
         self._client.on_incoming = self._on_incoming
+        if config.get("backend"):
+            # A mesh across hosts: shared state is in Redis; this child's node (for
+            # ``register``/``call``) starts on first use.
+            from ._redis._link import Link
+            from ._redis._remote import Remote
+
+            link = Link(config["backend"], config["mesh"], config["authkey"], timeout=self._timeout)
+            self._remote = Remote(link, self.instance_id, role="child", name=self.name, group=self.group,
+                                  eager=False)
         self._beating = threading.Event()
         interval = config.get("heartbeat_interval")
         if interval or RDHUP:
@@ -292,6 +301,8 @@ class Child(SharedState):
     def close(self) -> None:
         """Leave the mesh: close the connection and stop helper threads."""
         self._beating.set()
+        if self._remote is not None:
+            self._remote.close()
         if self._workers is not None:
             self._workers.close()
         if self._async is not None:

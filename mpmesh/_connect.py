@@ -13,6 +13,7 @@ same socket. The broker runs until ``python -m mpmesh stop --name x``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import os
@@ -28,10 +29,12 @@ from ._binding import read_key
 from ._broker._admin import STOP_EVENT, Admin
 from ._broker._actions import Notify
 from ._client import DEFAULT_TIMEOUT_S, ClientBase, SocketClient, make_hello
-from ._futures import MeshFuture
 from ._errors import BrokerUnavailable
 from ._io import _paths
 from ._io._broker_process import read_line
+from ._redis._handle import RedisHandle
+from ._redis._link import Link, backend_from_env, shared_authkey
+from ._redis._remote import Remote
 from ._shared import SharedState
 from ._wire._messages import ErrorCode, Failure, Message, Request, Role
 
@@ -65,9 +68,14 @@ class MeshHandle(SharedState):
         self.pid = os.getpid()
 
     def request(self, action: str, target: str | int, data: object = None, *,
-                timeout: float | None = None, priority: int = 0) -> MeshFuture:
+                timeout: float | None = None, priority: int = 0) -> concurrent.futures.Future[Any]:
         """Send a request to a child, a group, a node's instance id, or ``""`` (the master)."""
         _deadline.check_timeout(timeout)
+        host = self._other_host(target)
+        if host is not None:
+            assert self._remote is not None
+            return self._remote.send(host, action, target, data, priority=priority,
+                                     timeout=self.timeout if timeout is None else timeout)
         return self._client.request(action, target, data, timeout=self.timeout if timeout is None else timeout,
                                     priority=priority)
 
@@ -75,6 +83,11 @@ class MeshHandle(SharedState):
                      timeout: float | None = None, priority: int = 0) -> object:
         """``request`` and wait for the result (errors as in ``Master.send_request``)."""
         _deadline.check_timeout(timeout)
+        host = self._other_host(target)
+        if host is not None:
+            assert self._remote is not None
+            return self._remote.ask(host, action, target, data, priority=priority,
+                                           timeout=self.timeout if timeout is None else timeout)
         return self._client.call(action, target, data, timeout=self.timeout if timeout is None else timeout,
                                  priority=priority)
 
@@ -84,8 +97,21 @@ class MeshHandle(SharedState):
         client.timeout = self.timeout
         return client
 
+    def _other_host(self, target: str | int) -> int | None:
+        """The node of another host a request for ``target`` goes to (a mesh across
+        hosts, and this host's Master does not serve it); None: this host's broker."""
+        remote = self._remote
+        if remote is None or target == "":
+            return None
+        here = remote.record_of(self.instance_id)
+        if here is not None and remote.serves(here, target):
+            return None
+        return remote.host_for(target, free_only=False)
+
     def close(self) -> None:
         """Leave the mesh (idempotent); locks this process holds are released."""
+        if self._remote is not None:
+            self._remote.close()
         self._client.close()
 
     def __enter__(self) -> MeshHandle:
@@ -99,7 +125,8 @@ class MeshHandle(SharedState):
 
 
 def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: bool = True,
-            timeout: float | None = DEFAULT_TIMEOUT_S, near_cache_bytes: int | None = None) -> MeshHandle:
+            timeout: float | None = DEFAULT_TIMEOUT_S, near_cache_bytes: int | None = None,
+            backend: str | None = None) -> MeshHandle | RedisHandle:
     """Join mesh ``name`` from any process of this user; start its broker if needed.
 
     ``timeout`` is the default of ``call`` and ``send_request`` on the handle, and of
@@ -108,6 +135,11 @@ def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: b
     with BrokerUnavailable if the broker stays silent that long (None: requests and
     operations wait as long as the broker is alive). ``near_cache_bytes`` bounds the
     copies of shared state this process keeps (64 MiB).
+
+    ``backend`` (or ``$MPMESH_BACKEND``): the Redis of a mesh across hosts. The handle
+    joins through this host's Master when one runs here, and through Redis alone when
+    none does (no broker is started then); its key is ``authkey``, else this host's
+    mesh's key file, else ``$MPMESH_AUTHKEY``.
 
     Raises:
         BrokerUnavailable: no broker answers (and ``autospawn`` is False).
@@ -121,6 +153,11 @@ def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: b
     if near_cache_bytes is not None:
         _near.set_budget(near_cache_bytes)
     address = _paths.socket_path(name)
+    backend = backend_from_env(backend)
+    if backend is not None:
+        if not os.path.exists(address):
+            return RedisHandle(name, backend, bytes(authkey) if authkey else shared_authkey(), timeout=timeout)
+        autospawn = False  # the mesh is this host's Master's
     try:
         client = _open(address, authkey, timeout)
         spawned = False
@@ -135,7 +172,16 @@ def connect(name: str = "default", *, authkey: bytes | None = None, autospawn: b
                 _spawn(name, authkey)
                 client = _open(address, authkey, timeout)
                 spawned = True
-    return MeshHandle(name, address, client, timeout=timeout, spawned=spawned)
+    handle = MeshHandle(name, address, client, timeout=timeout, spawned=spawned)
+    if backend is not None:
+        key = bytes(authkey) if authkey is not None else read_key(address)
+        try:
+            handle._remote = Remote(Link(backend, name, key, timeout=timeout), handle.instance_id,
+                                    role="client", name=client.name)
+        except BaseException:
+            client.close()
+            raise
+    return handle
 
 
 def _open(address: str, authkey: bytes | None, timeout: float | None) -> SocketClient:

@@ -35,6 +35,11 @@ from ._manager import SharedObjects
 from ._mesh_stats import GroupStats, ProcessStats
 from ._restarts import RestartPolicy
 from ._retry_on import RetryOn
+from ._redis._link import Link, backend_from_env, shared_authkey
+from ._redis._node import ID_BLOCK
+from ._redis._remote import Remote, reserve_ids
+from ._broker._payload import pack
+from ._errors import MeshError
 from ._shared import SharedState, state_address
 from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
 from ._wire._messages import ErrorCode, Message, Request, Role
@@ -43,7 +48,7 @@ __all__ = ["EVENTS", "GroupStats", "Master", "ProcessStats"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 EVENTS: Final = ("child-started", "child-exit", "heartbeat-missed", "auto-restart", "request-retry",
-                  "heartbeat-resumed")
+                  "heartbeat-resumed", "node-left")
 # Threads serving children's requests to the master (each handler call holds one).
 MASTER_HANDLER_THREADS: Final = 32
 
@@ -61,7 +66,7 @@ class Master(SharedState, SharedObjects):
                  restart_limit: int = 10, restart_window: float = 60.0,
                  restart_backoff: float = 0.1, restart_backoff_max: float = 10.0,
                  broker: str = "process", near_cache: bool = True,
-                 near_cache_bytes: int | None = None) -> None:
+                 near_cache_bytes: int | None = None, backend: str | None = None) -> None:
         _deadline.check_timeout(timeout)
         _deadline.check_timeout(retry_delay, "retry_delay")
         if retries < 0:
@@ -79,6 +84,11 @@ class Master(SharedState, SharedObjects):
             _near.set_budget(near_cache_bytes)
         self._near_cache = bool(near_cache)
         self.name = name or _paths.new_mesh_name()
+        self.backend = backend_from_env(backend)
+        if self.backend is not None:
+            if name is None:
+                raise ValueError("a mesh across hosts needs a name, the same on every host")
+            authkey = authkey or shared_authkey()
         self.authkey = bytes(authkey) if authkey else os.urandom(32)
         self.timeout = timeout
         self.retries = retries
@@ -109,9 +119,13 @@ class Master(SharedState, SharedObjects):
             self._start_state_broker()
         # No files for the zygote to remove yet: the socket and key file are the mesh's
         # only once it is bound (else they may be another Master's of the same name).
+        # A mesh across hosts: its instance ids come from one counter in Redis, a block
+        # of them for this host's broker (every host's ids differ).
+        link = Link(self.backend, self.name, self.authkey, timeout=timeout) if self.backend else None
+        first_instance = reserve_ids(link) if link is not None else 1
         self._supervisor = Supervisor(
             {"address": self.address, "authkey": self.authkey, "timeout": timeout,
-             "heartbeat_interval": heartbeat_interval},
+             "heartbeat_interval": heartbeat_interval, "mesh": self.name, "backend": self.backend},
             [], self._on_exit,
         )
         if method == "fork":
@@ -120,7 +134,7 @@ class Master(SharedState, SharedObjects):
         self._supervisor.ensure_zygote()  # otherwise exec one (it boots in the background)
         try:
             self._host = BrokerHost(self.name, self.authkey, on_notify=self._on_notify,
-                                    near_cache=self._near_cache)
+                                    near_cache=self._near_cache, first_instance=first_instance)
         except BaseException:
             self._supervisor.close()
             self._stop_state_broker()
@@ -134,8 +148,25 @@ class Master(SharedState, SharedObjects):
                                      inspect=True)
         self._supervisor.attach(self._loop, adopt=self._loop.adopt)
         self._host.start_thread()
+        self._remote = None
+        if link is not None:
+            try:
+                self._remote = Remote(link, self.instance_id, role="master", name="master",
+                                      record=self._record, serve=self._serve_remote,
+                                      on_left=self._node_left, id_floor=first_instance + ID_BLOCK - 1)
+            except BaseException:
+                self._closed = True
+                self._host.close()
+                self._supervisor.close()
+                self._stop_state_broker()
+                raise
         self._atexit = _make_atexit(weakref.ref(self))
         atexit.register(self._atexit)
+
+    @property
+    def instance_id(self) -> int:
+        """This Master's instance id (unique in the mesh for its lifetime)."""
+        return self._core.instance_id()
 
     def _start_state_broker(self) -> None:
         """Fork the state broker without waiting for it: its socket and key file are made
@@ -333,6 +364,9 @@ class Master(SharedState, SharedObjects):
         """
         self._check_open()
         options = self._options(timeout, retries, retry_delay)
+        host = self._other_host(target)
+        if host is not None:
+            return self._cross_host(host, action, target, data, priority=priority, retry_on=retry_on, **options)
         if retry_on and options["retries"]:
             # One budget for every cause: each attempt goes out alone, retried here.
             once = dict(options, retries=0, priority=priority)
@@ -354,6 +388,9 @@ class Master(SharedState, SharedObjects):
         """
         self._check_open()
         options = self._options(timeout, retries, retry_delay)
+        host = self._other_host(target)
+        if host is not None:
+            return self._ask_host(host, action, target, data, priority=priority, retry_on=retry_on, **options)
         if retry_on and options["retries"]:
             fut = self.request(action, target, data, priority=priority, retry_on=retry_on, **options)
             attempts = options["retries"] + 1
@@ -370,6 +407,136 @@ class Master(SharedState, SharedObjects):
         fut = self.request(action, target, data, timeout=timeout, retries=retries,
                            retry_delay=retry_delay, priority=priority)
         return await asyncio.wrap_future(fut)
+
+    # -- across hosts ---------------------------------------------------------------------------
+
+    def _other_host(self, target: str | int) -> int | None:
+        """The node of another host a request for ``target`` goes to; None: this host's.
+
+        This host's children come first; another host's when none here is free (or
+        none here serves ``target``), and this host's queue when no other has room.
+        """
+        remote = self._remote
+        if remote is None or target == "":
+            return None
+        # Read without the core lock: a routing hint, and the lock would cost the loop.
+        if self._core.serves(target, free_only=True):
+            return None
+        here = self._core.serves(target, free_only=False)
+        try:
+            return remote.host_for(target, free_only=here)
+        except MeshError:
+            if here:  # Redis is away: what this host serves still works
+                return None
+            raise
+
+    def _cross_host(self, host: int, action: str, target: str | int, data: object, *, timeout: float | None,
+                    retries: int, retry_delay: float, priority: int,
+                    retry_on: tuple[type[BaseException], ...]) -> MeshFuture:
+        """A request sent to another host's node, re-sent (to wherever ``target`` is
+        served then) after WorkerLost, RequestTimeout or ``retry_on``."""
+        assert self._remote is not None
+        remote = self._remote
+        outer = MeshFuture()
+        again: tuple[type[BaseException], ...] = (WorkerLost, RequestTimeout, *retry_on)
+
+        def attempt(number: int, to: int) -> None:
+            try:
+                fut = remote.send(to, action, target, data, timeout=timeout, priority=priority)
+            except BaseException as exc:
+                outer.set_exception(exc)
+                return
+            fut.add_done_callback(lambda done: settle(number, done))
+
+        def settle(number: int, done: concurrent.futures.Future[Any]) -> None:
+            exc = done.exception()
+            if exc is None:
+                outer.set_result(done.result())
+            elif isinstance(exc, again) and number < retries and not self._closed:
+                self._emit("request-retry", {"action": action, "target": target, "attempt": number + 2,
+                                             "attempts": retries + 1, "reason": str(exc)})
+                timer = threading.Timer(retry_delay, resend, (number + 1, exc))
+                timer.daemon = True
+                timer.start()
+            else:
+                outer.set_exception(exc)
+
+        def resend(number: int, last: BaseException) -> None:
+            try:
+                to = self._other_host(target)
+            except BaseException as exc:
+                outer.set_exception(exc)
+                return
+            if to is None:  # served here now
+                local = self._client.request(action, target, data, timeout=timeout, priority=priority,
+                                             retries=retries - number, retry_delay=retry_delay)
+                local.add_done_callback(lambda done: _copy(done, outer))
+            else:
+                attempt(number, to)
+
+        attempt(0, host)
+        return outer
+
+    def _ask_host(self, host: int, action: str, target: str | int, data: object, *, timeout: float | None,
+                  retries: int, retry_delay: float, priority: int,
+                  retry_on: tuple[type[BaseException], ...]) -> object:
+        """``_cross_host`` waited for in this thread (the reply comes straight to it)."""
+        assert self._remote is not None
+        again: tuple[type[BaseException], ...] = (WorkerLost, RequestTimeout, *retry_on)
+        number = 0
+        while True:
+            try:
+                return self._remote.ask(host, action, target, data, timeout=timeout, priority=priority)
+            except again as exc:
+                if number >= retries or self._closed:
+                    raise
+                number += 1
+                self._emit("request-retry", {"action": action, "target": target, "attempt": number + 1,
+                                             "attempts": retries + 1, "reason": str(exc)})
+            time.sleep(retry_delay)  # the retry delay the caller asked for
+            found = self._other_host(target)
+            if found is None:  # served here now
+                return self._client.call(action, target, data, timeout=timeout, priority=priority,
+                                         retries=retries - number, retry_delay=retry_delay)
+            host = found
+
+    def _serve_remote(self, action: str, target: str | int, data: object, priority: int,
+                      timeout: float | None) -> object:
+        """Run a request another host sent here.
+
+        One that a child here can take at once runs with no timeout: its caller keeps
+        waiting while this host beats for it, however long the handler takes. One that
+        must queue waits at most its caller's ``timeout``, and never runs once that passed.
+        """
+        self._check_open()
+        free = self._core.serves(target, free_only=True)  # a hint: see _other_host
+        return self._client.call(action, target, data, timeout=None if free else timeout, priority=priority)
+
+    def _record(self) -> dict[str, Any]:
+        """What this host's node says in the registry: its processes, and which of its
+        groups and children could take a request now."""
+        nodes = [list(row) for row in self._host_nodes()]
+        with self._loop.locked():
+            groups, children = self._core.free_members()
+        return {"iid": self.instance_id, "role": "master", "hostname": socket.gethostname(),
+                "nodes": nodes, "groups": groups, "children": children}
+
+    def _host_nodes(self) -> list[tuple[Any, ...]]:
+        """(instance_id, name, group, pid, hostname, role) of every process of this host."""
+        call = self._client.op("admin", "nodes", payload=pack(()))
+        found = self._client.wait(call, self._client.due())
+        return list(found[1])  # type: ignore[index]
+
+    def _node_left(self, record: dict[str, Any]) -> None:
+        from ._shared import Node
+
+        iid = record["iid"]
+        row = next((r for r in record["nodes"] if r[0] == iid), [iid, "", None, 0, record.get("hostname", ""),
+                                                                  record.get("role", "")])
+        node = Node(row[0], row[1], row[2], row[3], row[4], False, row[5])
+        self.log.warning("node %d on %s left the mesh", iid, node.hostname)
+        for callback in self._callbacks["node-left"]:
+            dispatcher.submit(callback, node)
 
     def _options(self, timeout: float | None, retries: int | None, retry_delay: float | None) -> dict[str, Any]:
         _deadline.check_timeout(timeout)
@@ -451,6 +618,8 @@ class Master(SharedState, SharedObjects):
             elif note.event == "request-retry":
                 self.log.info("retrying %r on %r (attempt %s of %s): %s", info["action"],
                               info["target"], info["attempt"], info["attempts"], info["reason"])
+            elif note.event == "child-started" and self._remote is not None:
+                self._remote.node().nudge()  # other hosts learn of it now, not at the next beat
             elif note.event == "heartbeat-resumed":
                 self.log.info("child %r is healthy again", info["name"])
             else:
@@ -633,6 +802,8 @@ class Master(SharedState, SharedObjects):
             self._stop([spec.name for spec in specs], timeout)
             self._loop.run_core(lambda now: self._core.fail_all(ErrorCode.CLOSED, "the mesh was shut down"))
         finally:
+            if self._remote is not None:
+                self._remote.close()
             self._host.close()
             self._supervisor.close()
             self._stop_state_broker()
@@ -663,3 +834,11 @@ def _make_atexit(ref: weakref.ref[Master]) -> Callable[[], None]:
         if master is not None:
             master.shutdown(timeout=2.0)
     return shutdown_at_exit
+
+
+def _copy(source: concurrent.futures.Future[Any], target: concurrent.futures.Future[Any]) -> None:
+    exc = source.exception()
+    if exc is None:
+        target.set_result(source.result())
+    else:
+        target.set_exception(exc)

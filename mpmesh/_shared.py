@@ -31,6 +31,7 @@ from ._wire._messages import Op
 
 if TYPE_CHECKING:
     from ._client import ClientBase
+    from ._redis._remote import Remote
 
 __all__ = ["Cache", "LockGrant", "Node", "SharedState", "Subscription"]
 
@@ -149,6 +150,16 @@ class SharedState:
         if address:
             _binding.bind(address, client)
 
+    @property
+    def _remote(self) -> Remote | None:
+        """The mesh-wide half of this process, when the mesh has a Redis backend: then
+        shared state lives in Redis, and every method below hands its call there."""
+        return self.__dict__.get("_redis_remote")
+
+    @_remote.setter
+    def _remote(self, remote: Remote | None) -> None:
+        self.__dict__["_redis_remote"] = remote
+
     def _mesh_address(self) -> str:
         return getattr(self._client, "address", None) or self.address  # type: ignore[attr-defined,no-any-return]
 
@@ -203,6 +214,8 @@ class SharedState:
             ValueError: it exists with different options, or an option is invalid.
         """
         _check_name("a cache name", name)
+        if self._remote is not None:
+            return self._remote.cache(name, maxsize, ttl, maxbytes)  # type: ignore[return-value]
         return open_cache(self._state_conn, self._state_address(), name, maxsize, ttl, maxbytes, near=near)
 
     # -- locks ----------------------------------------------------------------------------------
@@ -231,6 +244,8 @@ class SharedState:
         return self._acquire(name, ttl, 0.0)
 
     def _acquire(self, name: str, ttl: float | None, wait: float | None) -> LockGrant | None:
+        if self._remote is not None:
+            return self._remote.acquire(name, ttl, wait)  # type: ignore[return-value]
         client = self._state_conn
         payload = pack((name, ttl, wait))
         fut = client.op("locks", "acquire", payload=payload)
@@ -265,6 +280,8 @@ class SharedState:
         _check_name("a pattern", pattern)
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        if self._remote is not None:
+            return self._remote.subscribe(pattern, callback)  # type: ignore[return-value]
         return session_for(self._state_conn).subscribe(pattern, callback)
 
     def publish(self, channel: str, payload: object = None) -> int:
@@ -275,6 +292,8 @@ class SharedState:
         _check_name("a channel", channel)
         if channel.endswith("*"):
             raise ValueError(f"publish to a channel, not a pattern: {channel!r}")
+        if self._remote is not None:
+            return self._remote.publish(channel, payload)
         return int(self._run("pubsub", "publish", pack_publish(channel, _codec.dumps(payload))))
 
     # -- RPC pools -----------------------------------------------------------------------------
@@ -288,6 +307,8 @@ class SharedState:
         _check_name("an RPC name", name)
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if self._remote is not None:
+            return self._remote.register(name, fn)
         session = session_for(self._state_conn)
         session.fns[name] = fn
         try:
@@ -299,6 +320,8 @@ class SharedState:
     def unregister(self, name: str) -> bool:
         """Stop serving ``name`` from this process; whether it was registered here."""
         _check_name("an RPC name", name)
+        if self._remote is not None:
+            return self._remote.unregister(name)
         found = bool(self._run("rpc", "unregister", pack(name)))
         session_for(self._state_conn).fns.pop(name, None)
         return found
@@ -314,6 +337,8 @@ class SharedState:
         _deadline.check_timeout(timeout)
         if timeout is None:
             timeout = self._shared_timeout()
+        if self._remote is not None:
+            return self._remote.call(name, args, kwargs, timeout)
         payload = pack_call(name, _codec.dumps((args, kwargs)))
         guard = _deadline.FOREVER if timeout is None else _deadline.after(timeout + _deadline.GUARD_SLACK_S)
         return self._run("rpc", "call", payload, timeout=timeout, deadline=guard)
@@ -321,7 +346,10 @@ class SharedState:
     # -- the mesh ------------------------------------------------------------------------------
 
     def nodes(self) -> list[Node]:
-        """Every process connected to the mesh, this one included (``is_self``)."""
+        """Every process connected to the mesh, this one included (``is_self``); on
+        every host, when the mesh has a Redis backend."""
+        if self._remote is not None:
+            return self._remote.nodes()
         me, found = self._run("admin", "nodes", pack(()))
         return [Node(iid, name, group, pid, host, iid == me, role)
                 for iid, name, group, pid, host, role in found]
@@ -337,4 +365,6 @@ class SharedState:
         if pid:
             snapshot.update(process_usage(int(pid)))
         snapshot.update(_near.counters())  # this process's reads from its own copies
+        if self._remote is not None:
+            snapshot.update(self._remote.stats())
         return snapshot
