@@ -18,4 +18,4 @@ from __future__ import annotations
 __all__ = ["SUITES"]
 
 # In the order ``all`` runs them; a suite whose module does not exist yet is skipped.
-SUITES = ("core", "supervision", "shared", "manager", "pool", "near")
+SUITES = ("core", "supervision", "shared", "manager", "pool", "near", "hosts")
