@@ -79,7 +79,8 @@ class Link:
     def __init__(self, url: str, mesh: str, authkey: bytes, *, timeout: float | None = None) -> None:
         self.url = check_url(url)
         self.mesh = mesh
-        self._authkey = bytes(authkey)
+        # BLAKE2b takes a key of at most 64 bytes: the mesh's key, hashed to that size.
+        self._mac_key = hashlib.blake2b(bytes(authkey), digest_size=64, person=b"mpmesh-seal").digest()
         self.timeout = DEFAULT_COMMAND_TIMEOUT_S if timeout is None else max(timeout, 0.001)
         self.prefix = f"mpmesh:{{{mesh}}}:"
         self.redis = self._client(self.timeout)
@@ -114,10 +115,15 @@ class Link:
             return found
 
     def seal(self, blob: bytes) -> bytes:
-        """``blob`` with a MAC made with the mesh's key: what this mesh writes to Redis
+        """``blob`` with a MAC made with the mesh's key (keyed BLAKE2b): what this mesh writes to Redis
         and later unpickles. Anyone who can write to the server could otherwise make
         every host unpickle what they wrote."""
-        return SEALED + hmac.new(self._authkey, blob, hashlib.sha256).digest() + blob
+        return SEALED + self._mac(blob) + blob
+
+    def _mac(self, blob: bytes) -> bytes:
+        # Keyed BLAKE2b is a MAC by design, and several times faster than HMAC-SHA256
+        # for the small blobs of requests and replies.
+        return hashlib.blake2b(blob, key=self._mac_key, digest_size=MAC_BYTES).digest()
 
     def unseal(self, sealed: bytes) -> bytes:
         """The blob ``seal`` wrapped, once its MAC checks out.
@@ -127,7 +133,7 @@ class Link:
         """
         head = len(SEALED) + MAC_BYTES
         if len(sealed) < head or not sealed.startswith(SEALED) or not hmac.compare_digest(
-                sealed[len(SEALED):head], hmac.new(self._authkey, sealed[head:], hashlib.sha256).digest()):
+                sealed[len(SEALED):head], self._mac(sealed[head:])):
             raise AuthenticationError(f"a value in Redis at {self.url} was not written with this mesh's key")
         return sealed[head:]
 

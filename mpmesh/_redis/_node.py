@@ -113,12 +113,12 @@ end
 return out
 """
 
-# Queue request ARGV[3] in node ARGV[2]'s inbox if that node is in the registry (a
-# request pushed to a node already removed would wait for nobody). 1: queued.
-_PUSH = """
-if not redis.call('ZSCORE', ARGV[1] .. 'nodes', ARGV[2]) then return 0 end
-redis.call('LPUSH', ARGV[1] .. 'inbox:' .. ARGV[2], ARGV[3])
-return 1
+# Whether request ARGV[3], queued for node ARGV[2], is stranded: that node has left
+# the registry (removed before it was queued, so nobody answers it), and the request
+# was still in its inbox. Then it is taken back (it never runs): 1.
+_STRANDED = """
+if redis.call('ZSCORE', ARGV[1] .. 'nodes', ARGV[2]) then return 0 end
+return redis.call('LREM', ARGV[1] .. 'inbox:' .. ARGV[2], 1, ARGV[3])
 """
 
 # An RPC call to the least busy process that registered ARGV[2]: count it busy and
@@ -178,6 +178,7 @@ class Attempt:
     host: int
     envelope: bytes
     deadline: float | None            # time.monotonic(); None: no timeout
+    checked: float = field(default_factory=time.monotonic)  # when it was last found not stranded
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
 
 
@@ -231,7 +232,7 @@ class RedisNode:
         self._records_script = link.script(_RECORDS)
         self._answer_script = link.script(_ANSWER)
         self._running_script = link.script(_RUNNING)
-        self._push = link.script(_PUSH)
+        self._stranded_script = link.script(_STRANDED)
         self.leader = False
         self.redis_ok = True
         self._beat()  # registered before the constructor returns: nodes() sees us at once
@@ -324,10 +325,13 @@ class RedisNode:
         return attempt.future
 
     def _queue(self, host: int, envelope: bytes, action: str) -> None:
+        # A plain LPUSH (no script on the hot path): a request queued for a node that
+        # left meanwhile is found stranded a second later, and taken back.
         with self.link.errors(f"sending {action!r} to node {host}"):
-            queued = self._push(args=[self.link.prefix, host, envelope])
-        if not queued:
-            raise HostGone(f"node {host} is no longer in the mesh")
+            self.link.redis.lpush(self.link.key("inbox", host), envelope)
+
+    def _stranded(self, host: int, envelope: bytes) -> bool:
+        return bool(self._stranded_script(args=[self.link.prefix, host, envelope]))
 
     def ask(self, host: int, action: str, target: str | int, data: object, *,
             timeout: float | None, priority: int = 0) -> Any:
@@ -341,6 +345,7 @@ class RedisNode:
         reply = self.link.key("reply", rid)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._queue(host, envelope, action)
+        checked = time.monotonic()
         with self.link.errors(f"waiting for {action!r} from node {host}"):
             while True:
                 wait = LISTEN_S if deadline is None else min(LISTEN_S, deadline - time.monotonic())
@@ -349,6 +354,10 @@ class RedisNode:
                     return self._outcome(item[1], rid)
                 if self._closed.is_set():
                     raise MeshClosed("this process left the mesh")
+                if time.monotonic() - checked >= LISTEN_S:
+                    checked = time.monotonic()
+                    if self._stranded(host, envelope):
+                        raise HostGone(f"node {host} left the mesh before it took the request")
                 if deadline is None or time.monotonic() < deadline:
                     continue
                 if self._running_script(args=[self.link.prefix, rid, host, envelope]):
@@ -455,6 +464,19 @@ class RedisNode:
         now = time.monotonic()
         with self._lock:
             due = [a for a in self._waiting.values() if a.deadline is not None and a.deadline <= now]
+            old = [a for a in self._waiting.values() if a.host >= 0 and now - a.checked >= LISTEN_S]
+        hosts: dict[int, list[Attempt]] = {}
+        for attempt in old:
+            attempt.checked = now
+            hosts.setdefault(attempt.host, []).append(attempt)
+        for host, attempts in hosts.items():
+            if self.link.redis.zscore(self.link.key("nodes"), host) is not None:
+                continue
+            for attempt in attempts:
+                if (self.link.redis.lrem(self.link.key("inbox", host), 1, attempt.envelope)
+                        and self._forget(attempt.rid) is not None):
+                    attempt.future.set_exception(WorkerLost(f"node {host} left the mesh before it "
+                                                            "took the request"))
         for attempt in due:
             if self._running_script(args=[self.link.prefix, attempt.rid, attempt.host, attempt.envelope]):
                 attempt.deadline = now + self.beat_s  # still running: ask again later

@@ -358,13 +358,21 @@ class RedisCache(MutableMapping):  # type: ignore[type-arg]
 
     # -- single keys ----------------------------------------------------------------------
 
+    def _read(self, key: Any) -> bytes | None:
+        """``key``'s stored bytes. Without ``maxsize`` a read moves nothing (no LRU
+        order to keep), so it is a plain ``GET``: no script to run on the server."""
+        if self._maxsize:
+            return self._run("reading", "get", _key(key))  # type: ignore[no-any-return]
+        with self._link.errors(f"reading in cache {self.name!r}"):
+            return self._link.redis.get(self._base.encode() + _key(key))  # type: ignore[no-any-return]
+
     def get(self, key: Any, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` when it is missing (or expired)."""
-        raw = self._run("reading", "get", _key(key))
+        raw = self._read(key)
         return default if raw is None else self._load(raw)
 
     def __getitem__(self, key: Any) -> Any:
-        raw = self._run("reading", "get", _key(key))
+        raw = self._read(key)
         if raw is None:
             raise KeyError(key)
         return self._load(raw)
