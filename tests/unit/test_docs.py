@@ -83,10 +83,11 @@ def _text(output: str | bytes | None) -> str:
 
 def referenced_paths(markdown: str) -> set[str]:
     """Repository paths quoted in the prose (outside code blocks): ``docs/api.md``,
-    ``examples/x.py``; not placeholders (``<name>.sock``), variables or absolute paths."""
+    ``examples/x.py``; not placeholders (``<name>.sock``), variables, URLs or absolute paths."""
     prose = FENCE.sub("", markdown)
     return {quoted for quoted in re.findall(r"`([^`\s]+)`", prose)
-            if "/" in quoted and not quoted.startswith("/") and not re.search(r"[<>$*]", quoted)}
+            if "/" in quoted and not quoted.startswith("/") and "://" not in quoted
+            and not re.search(r"[<>$*]", quoted)}
 
 
 @pytest.mark.parametrize("document", ["docs/api.md", "docs/guide.md"])
@@ -108,6 +109,6 @@ def test_block_parser(markdown: str, expected: list[tuple[str, int, str]]) -> No
 
 
 def test_referenced_paths() -> None:
-    text = ("See `docs/x.md`, `<dir>/<name>.sock`, `/tmp/y`, `$HOME/z`, `a b/c`.\n"
+    text = ("See `docs/x.md`, `<dir>/<name>.sock`, `/tmp/y`, `$HOME/z`, `a b/c`, `redis://h:1/0`.\n"
             "```text\n`in/code.md`\n```\n")
     assert referenced_paths(text) == {"docs/x.md"}
