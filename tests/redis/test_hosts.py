@@ -301,18 +301,26 @@ def _answers(m: mpmesh.Master) -> bool:
 
 def test_a_paused_redis_is_a_timeout_not_a_hang(own_redis: object) -> None:
     server = own_redis
-    with mpmesh.Master(MESH, backend=server.url, authkey=KEY, timeout=1.0) as m:  # type: ignore[attr-defined]
-        cache = m.cache("c")
-        cache.set("k", 1)
-        server.pause()  # type: ignore[attr-defined]
-        try:
-            started = time.monotonic()
-            with pytest.raises(mpmesh.RequestTimeout):
-                cache.get("k")
-            assert time.monotonic() - started < 3.0
-        finally:
-            server.resume()  # type: ignore[attr-defined]
-        assert wait_for(lambda: _get(cache) == 1)
+    host = Host(server.url, MESH, "b")  # type: ignore[attr-defined]
+    try:
+        with mpmesh.Master(MESH, backend=server.url, authkey=KEY, timeout=1.0) as m:  # type: ignore[attr-defined]
+            assert wait_for(lambda: sees(m, host))
+            cache = m.cache("c")
+            cache.set("k", 1)
+            server.pause()  # type: ignore[attr-defined]
+            try:
+                for call in (lambda: cache.get("k"), lambda: m.send_request("where", "api"),
+                             lambda: m.request("where", "api").result(10)):
+                    started = time.monotonic()
+                    with pytest.raises(mpmesh.RequestTimeout):
+                        call()
+                    assert time.monotonic() - started < 4.0
+            finally:
+                server.resume()  # type: ignore[attr-defined]
+            assert wait_for(lambda: _get(cache) == 1)
+            assert wait_for(lambda: _answers(m), 15)
+    finally:
+        host.close()
 
 
 def _get(cache: object) -> object:
