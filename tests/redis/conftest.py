@@ -119,9 +119,8 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """This test process's redis-server (one per xdist worker)."""
+def _started_server() -> Iterator[RedisServer]:
+    """A started redis-server, destroyed at the end (or the test skips, saying why)."""
     if REDIS_SERVER is None:
         pytest.skip(NO_SERVER)
     pytest.importorskip("redis", reason=NO_CLIENT)
@@ -131,6 +130,12 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """This test process's redis-server (one per xdist worker)."""
+    yield from _started_server()
 
 
 @pytest.fixture
@@ -143,15 +148,7 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, for stopping, restarting and pausing."""
-    if REDIS_SERVER is None:
-        pytest.skip(NO_SERVER)
-    pytest.importorskip("redis", reason=NO_CLIENT)
-    server = RedisServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield from _started_server()
 
 
 @pytest.fixture

@@ -15,17 +15,9 @@ import pytest
 from mpmesh import BrokerUnavailable, MeshClosed, SerializationError
 from mpmesh._redis._link import Link
 from mpmesh._redis._pubsub import RedisPubSub
+from tests.conftest import wait_for
 
 Make = Callable[..., Any]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 class Inbox:
