@@ -36,7 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .._errors import BrokerUnavailable, MeshClosed, MeshError, NotFound, RemoteError, RequestTimeout, WorkerLost
+from .._errors import (
+    BrokerUnavailable, MeshClosed, MeshError, MessageTooLarge, NotFound, RemoteError, RequestTimeout, WorkerLost,
+)
 from .._wire import _codec
 from ._link import Link
 
@@ -59,6 +61,9 @@ LISTEN_S: Final = 1.0
 # Threads that take requests from this node's inbox and run them, each one at a time:
 # how many requests from other hosts a node runs at once (others wait in Redis).
 TAKERS: Final = 16
+# The largest request or reply sent through Redis: Redis's own limit on one value
+# (proto-max-bulk-len, 512 MiB by default), below the mesh's MAX_MESSAGE_BYTES.
+MAX_REDIS_VALUE_BYTES: Final = 512 * 1024 * 1024
 # After Redis failed, a listener or the beat tries again this often.
 RETRY_S: Final = 0.5
 
@@ -327,6 +332,9 @@ class RedisNode:
     def _queue(self, host: int, envelope: bytes, action: str) -> None:
         # A plain LPUSH (no script on the hot path): a request queued for a node that
         # left meanwhile is found stranded a second later, and taken back.
+        if len(envelope) > MAX_REDIS_VALUE_BYTES:
+            raise MessageTooLarge(f"request {action!r} is {len(envelope):,} bytes; a request to another "
+                                  f"host may be at most {MAX_REDIS_VALUE_BYTES:,} (what Redis keeps in one value)")
         with self.link.errors(f"sending {action!r} to node {host}"):
             self.link.redis.lpush(self.link.key("inbox", host), envelope)
 
@@ -555,6 +563,10 @@ class RedisNode:
     def _reply(self, reply_to: int, rid: str, ok: bool, value: object, *,
                running: Running | None = None) -> None:
         blob = self.link.seal(_outcome(rid, ok, value))
+        if len(blob) > MAX_REDIS_VALUE_BYTES:
+            blob = self.link.seal(_outcome(rid, False, MessageTooLarge(
+                f"the reply is {len(blob):,} bytes; a reply to another host may be at most "
+                f"{MAX_REDIS_VALUE_BYTES:,} (what Redis keeps in one value)")))
         envelope = running.envelope if running is not None else b""
         rpc = (running.rpc or "") if running is not None else ""
         with self.link.errors("a reply"):
