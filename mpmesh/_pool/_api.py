@@ -7,7 +7,7 @@ worker that dies fails (or retries) the task it was running instead of hanging t
 results that cannot be pickled fail their task; ``terminate()`` fails unfinished results
 with ``MeshClosed`` instead of leaving them waiting forever; ``imap`` reads its input
 lazily; functions travel by value when they must (lambdas, closures, ``__main__``).
-See ``_engine.py`` for how tasks move.
+See ``_engine.py`` for how tasks move, ``_io.py`` for the threads and sockets around it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .._supervisor import START_METHODS, Supervisor, default_start_method
 from . import _protocol as P
 from ._engine import Engine, Source, State
 from ._feeder import LazySource, chunked
-from ._io import listen_channel
+from ._io import ChannelIO, listen_channel
 from ._processes import WorkerHandle, WorkerProcesses, standalone_supervisor
 from ._progress import check_mode, make_bar
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
@@ -120,20 +120,20 @@ class Pool:
         try:
             procs.launch(names)  # the zygote forks them while we build the engine
             engine = Engine(maxtasks=maxtasksperchild, task_timeout=task_timeout, retries=retries,
-                            channel=channel, token=token, workers=names)
+                            workers=names, next_name=procs.next_name)
+            io = ChannelIO(engine, channel, token, spawn=procs.request_spawn, kill=procs.kill)
         except BaseException:
             channel[1].close()
             procs.close()
             raise
-        procs.attach(engine)
-        engine.next_name, engine.request_spawn, engine.kill = procs.next_name, procs.request_spawn, procs.kill
-        self._engine, self._procs = engine, procs
+        procs.attach(io)
+        self._engine, self._io, self._procs = engine, io, procs
         try:
-            procs.start(names, engine.on_exit, engine.spawn_failed)
+            procs.start(names, io.on_exit, io.spawn_failed)
         except BaseException:
             self._teardown(terminate=True)
             raise
-        self._finalizer = weakref.finalize(self, _collect, engine, procs, self._pid,
+        self._finalizer = weakref.finalize(self, _collect, io, procs, self._pid,
                                            _describe(type(self), State.RUN, processes))
 
     # -- the stdlib API -----------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Pool:
         self._check_running()
         result = ApplyResult(callback, error_callback)
         result._pool = self
-        self._engine.submit(Source(result, func, P.CALL, [(tuple(args), dict(kwds))], 1, 1))
+        self._io.submit(Source(result, func, P.CALL, [(tuple(args), dict(kwds))], 1, 1))
         return result
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None) -> list[Any]:
@@ -184,7 +184,7 @@ class Pool:
 
     def close(self) -> None:
         """Accept no more tasks; workers exit once every submitted task is done."""
-        self._engine.close()
+        self._io.close()
 
     def terminate(self) -> None:
         """Stop the workers now; results not done yet fail with ``MeshClosed``."""
@@ -255,7 +255,7 @@ class Pool:
             kind = P.STARMAP if star else P.MAP
         result._bar = make_bar(self._progress, len(items), _label(func))
         result._pool = self
-        self._engine.submit(Source(result, func, kind, list(items), chunksize, n_chunks))
+        self._io.submit(Source(result, func, kind, list(items), chunksize, n_chunks))
         return result
 
     def _imap(self, result: IMapIterator, func: Callable[..., Any], iterable: Iterable[Any],
@@ -264,17 +264,17 @@ class Pool:
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
-        engine = self._engine
+        io = self._io
         bound = max(4 * self._processes, READ_AHEAD_ITEMS // chunksize)
         kind = P.MAP1 if chunksize == 1 else P.MAP
-        lazy = LazySource(engine.feeder, result, func, kind, chunked(iterable, chunksize), bound)
+        lazy = LazySource(io.feeder, result, func, kind, chunked(iterable, chunksize), bound)
         source = Source(result, func, kind, None, chunksize, 0, lazy=lazy)
         lazy.source = source
         result._source = lazy
         result._bar = make_bar(self._progress, total, _label(func))
         result._pool = self
-        engine.submit(source)
-        engine.feeder.add(lazy)
+        io.submit(source)
+        io.feeder.add(lazy)
         if chunksize == 1:
             return result
         return (item for chunk in result for item in chunk)
@@ -285,7 +285,7 @@ class Pool:
         with self._state_lock:
             if self._finished:
                 return
-            _stop(self._engine, self._procs, terminate=terminate)
+            _stop(self._io, self._procs, terminate=terminate)
             self._finished = True
             finalizer = getattr(self, "_finalizer", None)
             if finalizer is not None:
@@ -300,17 +300,17 @@ def _label(func: object) -> str:
     return str(getattr(func, "__qualname__", None) or type(func).__name__)
 
 
-def _stop(engine: Engine, procs: WorkerProcesses, *, terminate: bool) -> None:
+def _stop(io: ChannelIO, procs: WorkerProcesses, *, terminate: bool) -> None:
     """Stop a pool's workers (now, or wait until they exited after close()), then its threads."""
     if terminate:
-        procs.terminate(engine.terminate())
+        procs.terminate(io.terminate())
     else:
-        engine.wait_workers_gone()
-    engine.shutdown_threads()
+        io.wait_workers_gone()
+    io.shutdown_threads()
     procs.close()
 
 
-def _collect(engine: Engine, procs: WorkerProcesses, pid: int, shown: str) -> None:
+def _collect(io: ChannelIO, procs: WorkerProcesses, pid: int, shown: str) -> None:
     """A pool (``shown``: its repr while running) was garbage-collected, or the interpreter
     exits, before terminate() or join(): stop it, unless this is a forked copy of the
     process that made it; then warn, as the standard Pool does, if it was still running.
@@ -318,16 +318,16 @@ def _collect(engine: Engine, procs: WorkerProcesses, pid: int, shown: str) -> No
     The warning is the stdlib's, word for word, so that filters written for it apply. It
     comes last: turned into an error, it must not stop the cleanup. The last reference
     can go on one of the pool's own threads (a result drops its pool when it completes,
-    under the engine's lock): stopping there would wait for that lock, or join the thread
+    under the pool's lock): stopping there would wait for that lock, or join the thread
     itself, so another thread does it.
     """
     if os.getpid() != pid:
         return
-    running = engine.state is State.RUN
-    if engine.on_own_thread() or procs.on_own_thread():
-        threading.Thread(target=_stop, args=(engine, procs), kwargs={"terminate": True},
+    running = io.engine.state is State.RUN
+    if io.on_own_thread() or procs.on_own_thread():
+        threading.Thread(target=_stop, args=(io, procs), kwargs={"terminate": True},
                          name="mpmesh-pool-collect", daemon=True).start()
     else:
-        _stop(engine, procs, terminate=True)
+        _stop(io, procs, terminate=True)
     if running:
         warnings.warn(f"unclosed running multiprocessing pool {shown}", ResourceWarning)

@@ -11,15 +11,14 @@ as a whole.
 Chunks travel to workers in *batches*, many chunks per message, whatever the chunksize;
 results come back one frame per chunk, the moment each chunk is done::
 
-    caller threads ──► sources (FIFO) ─┐
-    feeder thread  ──► lazy sources  ──┤  _dispatch (any thread, under the lock):
-    retries, orphans ► requeue (first) ┘  top up each READY worker to its target
-                                            │  BATCH [ids][pickle((fns, tasks))]
-                                            ▼
-                                 worker (main thread): run chunk, RESULT, run chunk, RESULT...
-                                            │
-    I/O thread (selector): recv ◄───────────┘  decode outside the lock, then under it:
-      inflight[worker].popleft() → result._set → done? → waiter woken / callback thread
+    submit ─────────► sources (FIFO) ─┐
+    add_lazy ───────► lazy sources  ──┤  _dispatch: top up each READY worker to its target
+    retries, orphans ► requeue (first) ┘     │  Send(BATCH [ids][pickle((fns, tasks))])
+                                             ▼
+                                  worker (main thread): run chunk, RESULT, run chunk, RESULT...
+                                             │
+    on_frames(worker, decoded results) ◄─────┘
+      inflight[worker].popleft() → result._set → all in? → Complete(job)
 
 Each worker runs its chunks in the order it got them, so the chunks it holds form a
 queue whose head is the one running. That gives the three failure rules exactly:
@@ -39,6 +38,19 @@ short tasks hands them straight to an idle worker (latency), but leaves a busy o
 the I/O thread, which tops it up with everything queued meanwhile in one batch when its
 next results arrive (batching under load: ``apply_async`` in a loop is not one message
 per task).
+
+Pure: no sockets, threads or clock
+----------------------------------
+The engine is the broker core's counterpart (``_broker/_core.py``): every entry point
+takes what happened (work submitted, frames a worker sent, its channel closed, its
+process exited, a tick at ``now``) and returns the actions it calls for (``_actions.py``:
+send this frame to that worker, start or kill a worker, complete a job, wake me at this
+deadline). ``_io.py`` owns the sockets, the clock and the threads; it calls the engine
+under one lock and carries out its actions. Each chunk's outcome is written straight
+into its job's result object (``_set``: bookkeeping only, and for an ``imap`` the
+iterator's own condition); a job's callbacks and its waiters run only from a
+``Complete`` action. The unit tests drive the engine with a fake clock and fake
+workers (``tests/unit/test_pool_engine.py``).
 
 Why a direct channel, not broker requests
 -----------------------------------------
@@ -65,14 +77,7 @@ tasks/s (6x), at 16 ~1.3-2M/s (3-4x), at 256 ~4.7M/s (1.5-2.5x); apply_async ~34
 (1.2x); imap_unordered ~100k/s (3-4x); one ``apply`` ~150 us (0.5x); a CPU-bound map
 within noise of it; start-up to the first result ~1.4x.
 
-This module is longer than most: dispatch, results and the failure rules share one lock
-and one set of tables, and read best side by side. The I/O thread's mechanics live in
-``_io.py``, chunks, sources and batch pickling in ``_tasks.py``.
-
-Locking: one lock guards all of it. Callers dispatch under it and write with non-blocking
-sends; what the kernel does not take is flushed by the I/O thread. User code never runs
-on the I/O thread: callbacks and progress bars run on a callback thread, lazy inputs on
-the feeder thread.
+Chunks, sources and batch pickling live in ``_tasks.py``.
 """
 
 from __future__ import annotations
@@ -81,26 +86,17 @@ import collections
 import enum
 import heapq
 import itertools
-import logging
-import os
-import queue
-import socket
-import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable
+from logging import ERROR, INFO, WARNING
 from typing import Any, Final
 
 from .._errors import MeshClosed, RequestTimeout, WorkerLost
-from .._supervisor import describe_exit
 from . import _protocol as P
-from ._feeder import Feeder, LazySource
-from ._io import ChannelIO
-from ._tasks import Chunk, FnBlobs, PoolWorker, Source, WState, decode_result, encode_batch
+from ._actions import Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding
+from ._tasks import GARBAGE, Chunk, Event, FnBlobs, PoolWorker, Source, WState, encode_batch
 
 __all__ = ["Engine", "Source", "State"]
-
-log = logging.getLogger("mpmesh.pool")
 
 # Queued work a worker should hold, in seconds of its measured time per chunk: enough to
 # cover the round trip to refill it (~0.1-0.5 ms) twice over; more only unbalances the tail.
@@ -111,12 +107,12 @@ PREFETCH_MAX_S: Final = 0.05
 BATCH_BELOW_S: Final = 0.001
 # Upper bound on chunks held by one worker (trivial tasks at ~2 us each).
 MAX_INFLIGHT: Final = 2048
-# After a worker's connection drops, how long to wait for its exit status before failing
-# its running chunk without it (and killing the process, should it still run).
-LOST_GRACE_S: Final = 0.5
 # Workers that die before they are ready, in a row, before the pool gives up (a worker
 # that cannot even start would otherwise be replaced forever while tasks wait).
 MAX_STARTUP_FAILURES: Final = 3
+# After a worker's connection drops, how long to wait for its exit status before failing
+# its running chunk without it (and killing the process, should it still run).
+LOST_GRACE_S: Final = 0.5
 EMA_ALPHA: Final = 0.3
 
 
@@ -126,30 +122,28 @@ class State(enum.Enum):
     TERMINATE = "TERMINATE"
 
 
-class Engine(ChannelIO):
-    """Owns the workers, the sources and the in-flight chunks of one pool."""
+class Engine:
+    """The workers, the sources and the in-flight chunks of one pool; pure: no I/O, no
+    threads, no clock. Not thread-safe: its driver calls it under one lock."""
 
     def __init__(self, *, maxtasks: int | None, task_timeout: float | None, retries: int,
-                 channel: tuple[str | bytes, socket.socket] | None = None, token: bytes | None = None,
-                 workers: Iterable[str] = ()) -> None:
-        """``channel``: the listening socket workers connect to (made here if None);
-        ``token``: what they prove; ``workers``: the names of the first ones."""
-        self.lock = threading.Lock()
+                 workers: Iterable[str] = (), next_name: Callable[[], str]) -> None:
+        """``workers``: the names of the first workers, already being started;
+        ``next_name()``: a name for each replacement."""
         self.state = State.RUN
         self.maxtasks = maxtasks
         self.task_timeout = task_timeout
         self.retries = retries
-        self.token = token or os.urandom(P.TOKEN_BYTES)
+        self.next_name = next_name
         self.sources: collections.deque[Source] = collections.deque()
         self.requeue: collections.deque[Chunk] = collections.deque()
         self.n_ready = 0
-        self.workers: dict[str, PoolWorker] = {}
+        self.workers: dict[str, PoolWorker] = {name: PoolWorker(name) for name in workers}
         self.ready: list[PoolWorker] = []
         self.jobs_open = 0
         self.broken: Callable[[], BaseException] | None = None
         self.startup_failures = 0
         self.stop_sent = False
-        self.all_gone = threading.Condition(self.lock)
         self._cids = itertools.count(1)
         self._fns_by_value: weakref.WeakSet[Any] = weakref.WeakSet()  # functions workers cannot import
         self._fn_blobs = FnBlobs()
@@ -157,57 +151,56 @@ class Engine(ChannelIO):
         self._timers: list[tuple[float, int, PoolWorker]] = []        # task_timeout
         self._lost_timers: list[tuple[float, int, PoolWorker]] = []   # LOST_GRACE_S
         self._seq = itertools.count()
-        self._closed = False
-        self._callbacks: queue.SimpleQueue[Callable[[], object] | None] | None = None
-        self._callback_thread: threading.Thread | None = None
-        self.feeder = Feeder(self)
-        # Set by the Pool: how to name, start and kill worker processes (see _processes.py).
-        self.next_name: Callable[[], str] = lambda: ""
-        self.request_spawn: Callable[[str], None] = lambda name: None
-        self.kill: Callable[[str], None] = lambda name: None
-        for name in workers:
-            self.workers[name] = PoolWorker(name)
-        self._start_io(channel)
+        self._out: list[Action] = []  # what the current entry point asks for
 
-    # -- submitting (caller threads) ----------------------------------------------------------
+    def _actions(self) -> list[Action]:
+        """Hand over the actions gathered so far (the end of every entry point)."""
+        out = self._out
+        self._out = []
+        return out
 
-    def submit(self, source: Source) -> None:
-        """Queue a job's chunks (lock not held)."""
-        with self.lock:
-            self._check_accepting()
-            self.jobs_open += 1
-            if self.broken is not None:
-                self._fail_job(source.job, self.broken())
-                return
-            self.sources.append(source)
-            self.n_ready += source.available()
-            self._dispatch(caller=True)
+    # -- work submitted ----------------------------------------------------------------------
 
-    def add_lazy(self, lazy: LazySource, first: int, items: list[Any], error: BaseException | None,
-                 ended: bool) -> None:
-        """The feeder pulled ``items`` (chunks ``first``...) from an imap input."""
-        job = lazy.job
-        with self.lock:
-            src = lazy.source
-            if src is None or self.state is State.TERMINATE or job._done:
-                return
-            for i, data in enumerate(items, first):
-                src.ready.append((i, data))
-            self.n_ready += len(items)
-            complete = False
-            if error is not None:
-                complete = job._set(first + len(items), False, error)
-            if ended:
-                complete = job._set_length(lazy.pulled) or complete
-            if complete:
-                self._complete(job)
-            self._dispatch(caller=True)
+    def submit(self, source: Source, now: float) -> list[Action]:
+        """Queue a job's chunks, and send what idle workers have room for.
 
-    def _check_accepting(self) -> None:
+        Raises:
+            ValueError: the pool is closed or terminated.
+        """
         if self.state is not State.RUN:
             raise ValueError("Pool not running")
+        self.jobs_open += 1
+        if self.broken is not None:
+            self._fail_job(source.job, self.broken())
+            return self._actions()
+        self.sources.append(source)
+        self.n_ready += source.available()
+        self._dispatch(now, caller=True)
+        return self._actions()
 
-    # -- dispatching (lock held) -----------------------------------------------------------------
+    def add_lazy(self, source: Source, first: int, items: list[Any], error: BaseException | None,
+                 ended: bool, now: float) -> list[Action]:
+        """The feeder pulled ``items`` (chunks ``first``...) from an imap input; ``error``:
+        what the input raised after them; ``ended``: it has nothing more."""
+        job = source.job
+        if self.state is State.TERMINATE or job._done:
+            return []
+        for i, data in enumerate(items, first):
+            source.ready.append((i, data))
+        self.n_ready += len(items)
+        source.pulled = first + len(items) + (error is not None)
+        complete = False
+        if error is not None:
+            complete = job._set(first + len(items), False, error)
+        if ended:
+            source.ended = True
+            complete = job._set_length(source.pulled) or complete
+        if complete:
+            self._complete(job)
+        self._dispatch(now, caller=True)
+        return self._actions()
+
+    # -- dispatching -------------------------------------------------------------------------
 
     def _room(self, w: PoolWorker, caller: bool) -> int:
         """How many chunks to send ``w`` now (0: not worth a message yet)."""
@@ -229,8 +222,9 @@ class Engine(ChannelIO):
             room = min(room, self.maxtasks - w.assigned)
         return room
 
-    def _dispatch(self, caller: bool = False) -> None:
-        """Send queued chunks to READY workers with room (lock held; ``caller``: not the I/O thread)."""
+    def _dispatch(self, now: float, caller: bool = False) -> None:
+        """Send queued chunks to READY workers with room (``caller``: work was just
+        submitted, rather than results received)."""
         if not self.n_ready or self.state is State.TERMINATE:
             return
         workers = list(self.ready)  # a failure settled while sending may change the list
@@ -248,7 +242,7 @@ class Engine(ChannelIO):
                 if not chunks:
                     return
                 self._rr = (start + k + 1) % n
-                if self._send_batch(w, chunks):
+                if self._send_batch(w, chunks, now):
                     break
                 # Every chunk taken failed to pickle (each is settled): nothing went to
                 # ``w``, so no result of it will come to dispatch again. Its room is
@@ -279,7 +273,7 @@ class Engine(ChannelIO):
         self.n_ready -= len(out)
         return out
 
-    def _send_batch(self, w: PoolWorker, chunks: list[Chunk]) -> bool:
+    def _send_batch(self, w: PoolWorker, chunks: list[Chunk], now: float) -> bool:
         """Send ``w`` what of ``chunks`` can be pickled (the rest fail); False: none could."""
         isolated = len(chunks) == 1 and chunks[0].isolate
         body, sent, flags = encode_batch(chunks, isolated, self._known_by_value,
@@ -289,9 +283,9 @@ class Engine(ChannelIO):
         idle = not w.inflight
         w.inflight.extend(sent)
         if idle:
-            self._head_started(w)
+            self._head_started(w, now)
         w.assigned += len(sent)
-        self._write(w, P.frame(P.BATCH, bytes([flags]) + P.pack_ids([c.cid for c in sent]) + body))
+        self._out.append(Send(w.name, P.frame(P.BATCH, bytes([flags]) + P.pack_ids([c.cid for c in sent]) + body)))
         return True
 
     def _known_by_value(self, fn: object) -> bool:
@@ -300,56 +294,58 @@ class Engine(ChannelIO):
         except TypeError:
             return False
 
-    def _head_started(self, w: PoolWorker) -> None:
-        """The first chunk ``w`` holds has (about) just started running (lock held).
+    def _head_started(self, w: PoolWorker, now: float) -> None:
+        """The first chunk ``w`` holds has (about) just started running.
 
-        One timer entry per worker at most: a result only moves ``w.deadline``; the I/O
-        thread re-queues the entry when it finds the deadline moved.
+        One timer entry per worker at most: a result only moves ``w.deadline``; ``on_tick``
+        re-queues the entry when it finds the deadline moved.
         """
         if self.task_timeout is None:
             return
         if not w.inflight:
             w.deadline = None
             return
-        w.deadline = time.monotonic() + self.task_timeout
+        w.deadline = now + self.task_timeout
         if not w.armed:
             w.armed = True
             heapq.heappush(self._timers, (w.deadline, next(self._seq), w))
-            if threading.current_thread() is not self._thread:
-                self._wake()
+            self._out.append(Deadline(w.deadline))
 
-    # -- results (I/O thread) ------------------------------------------------------------------
+    # -- what workers say --------------------------------------------------------------------
 
-    def _on_frames(self, w: PoolWorker, frames: list[tuple[int, bytes]]) -> None:
-        decoded: list[tuple[int, int, bool, Any, float]] = []
-        for kind, body in frames:
+    def on_connect(self, name: str, pid: int) -> bool:
+        """A connection proved the pool's token and says it is worker ``name``, process
+        ``pid``: whether to take it as that worker's channel (only a worker still starting,
+        and only its first connection)."""
+        w = self.workers.get(name)
+        if w is None or w.connected or w.state is not WState.STARTING:
+            return False
+        w.connected, w.pid = True, pid
+        return True
+
+    def on_frames(self, name: str, events: list[Event], now: float) -> list[Action]:
+        """Worker ``name`` sent these frames (decoded by ``_tasks.read_frames``)."""
+        w = self.workers.get(name)
+        if w is None or not events:
+            return []
+        if events[0][0] == GARBAGE:
+            self._out.append(Log(WARNING, "%s sent %s; dropping it", (w.describe(), events[0][3])))
+            self._hang_up(w)
+            self._disconnected(w, now)
+            return self._actions()
+        for kind, cid, ok, value, elapsed in events:
             if kind == P.RESULT:
-                cid, status, elapsed = P.RESULT_HEAD.unpack_from(body)
-                ok, value = decode_result(status, memoryview(body)[P.RESULT_HEAD.size:])
-                decoded.append((kind, cid, ok, value, elapsed))
-            elif kind == P.NACK:
-                decoded.append((kind, body[0], False, P.unpack_ids(memoryview(body)[1:])[0], 0.0))
-            elif kind == P.INIT_FAILED:
-                decoded.append((kind, 0, False, decode_result(body[0], memoryview(body)[1:])[1], 0.0))
+                self._on_result(w, cid, ok, value, elapsed, now)
             elif kind == P.READY:
-                decoded.append((kind, 0, True, None, 0.0))
+                self._on_ready(w)
+            elif kind == P.NACK:
+                self._on_nack(w, cid, value, now)
             else:
-                log.warning("%s sent an unexpected frame (kind %d); dropping it", w.describe(), kind)
-                self._drop_conn(w)
-                return
-        with self.lock:
-            for kind, cid, ok, value, elapsed in decoded:
-                if kind == P.RESULT:
-                    self._on_result(w, cid, ok, value, elapsed)
-                elif kind == P.READY:
-                    self._on_ready(w)
-                elif kind == P.NACK:
-                    self._on_nack(w, cid, value)
-                else:
-                    self._on_init_failed(w, value)
-            self._dispatch()
+                self._on_init_failed(w, value)
+        self._dispatch(now)
+        return self._actions()
 
-    def _on_result(self, w: PoolWorker, cid: int, ok: bool, value: Any, elapsed: float) -> None:
+    def _on_result(self, w: PoolWorker, cid: int, ok: bool, value: Any, elapsed: float, now: float) -> None:
         if w.state is not WState.READY:
             return  # a late answer from a worker we already gave up on
         inflight = w.inflight
@@ -361,7 +357,7 @@ class Engine(ChannelIO):
         else:
             chunk = inflight.popleft()
         w.ema = elapsed if w.ema is None else w.ema + EMA_ALPHA * (elapsed - w.ema)
-        self._head_started(w)
+        self._head_started(w, now)
         self._resolve(chunk, ok, value)
 
     def _on_ready(self, w: PoolWorker) -> None:
@@ -375,7 +371,7 @@ class Engine(ChannelIO):
             return
         self.ready.append(w)
 
-    def _on_nack(self, w: PoolWorker, reason: int, ids: list[int]) -> None:
+    def _on_nack(self, w: PoolWorker, reason: int, ids: list[int], now: float) -> None:
         """The worker could not unpickle a batch: resend it with more pickled by value.
 
         A function it could not import (defined in ``__main__`` after the worker started,
@@ -397,11 +393,11 @@ class Engine(ChannelIO):
         w.assigned -= len(chunks)
         self.requeue.extendleft(reversed(chunks))
         self.n_ready += len(chunks)
-        self._head_started(w)
+        self._head_started(w, now)
 
     def _on_init_failed(self, w: PoolWorker, exc: BaseException) -> None:
         message = f"the pool's initializer raised in {w.describe()}: {type(exc).__name__}: {exc}"
-        log.error("%s; the pool cannot run tasks", message)
+        self._out.append(Log(ERROR, "%s; the pool cannot run tasks", (message,)))
 
         def broken() -> BaseException:
             err = WorkerLost(message)
@@ -410,24 +406,23 @@ class Engine(ChannelIO):
 
         self._break(broken)
 
+    # -- results ---------------------------------------------------------------------------------
+
     def _resolve(self, chunk: Chunk, ok: bool, value: Any) -> None:
-        """Chunk done, for good (lock held)."""
+        """Chunk done, for good."""
         job = chunk.source.job
         if job._done:
             return
         if job._bar is not None:
             size = len(chunk.data) if chunk.source.kind in (P.MAP, P.STARMAP) else 1  # type: ignore[arg-type]
-            self._to_callbacks(lambda: job._progress(size))
+            self._out.append(Progress(job, size))
         if job._set(chunk.index, ok, value):
             self._complete(job)
 
     def _complete(self, job: Any) -> None:
         job._done = True
         self.jobs_open -= 1
-        if job._has_callbacks:
-            self._to_callbacks(job._finish)
-        else:
-            job._finish()
+        self._out.append(Complete(job))
         if self.state is State.CLOSE and self.jobs_open == 0:
             self._stop_workers()
 
@@ -435,31 +430,13 @@ class Engine(ChannelIO):
         if job._fail_all(exc):
             self._complete(job)
 
-    def _to_callbacks(self, fn: Callable[[], object]) -> None:
-        if self._callbacks is None:
-            self._callbacks = queue.SimpleQueue()
-            self._callback_thread = threading.Thread(target=self._run_callbacks, args=(self._callbacks,),
-                                                     name="mpmesh-pool-callbacks", daemon=True)
-            self._callback_thread.start()
-        self._callbacks.put(fn)
-
-    @staticmethod
-    def _run_callbacks(q: queue.SimpleQueue[Callable[[], object] | None]) -> None:
-        while (fn := q.get()) is not None:
-            try:
-                fn()
-            except Exception:
-                log.exception("a pool callback raised")
-            # Held while waiting for the next one, the last callback would keep its result
-            # alive (its value, an exception's traceback, and through it the pool).
-            del fn
-
-    # -- failures (lock held) -------------------------------------------------------------------
+    # -- failures --------------------------------------------------------------------------------
 
     def _retry_or_fail(self, chunk: Chunk, make_error: Callable[[str], BaseException]) -> None:
         attempts = self.retries + 1
         if chunk.attempt < attempts and self.broken is None and self.state is not State.TERMINATE:
-            log.info("retrying %s (attempt %d of %d)", chunk.describe(), chunk.attempt + 1, attempts)
+            self._out.append(Log(INFO, "retrying %s (attempt %d of %d)",
+                                 (chunk.describe(), chunk.attempt + 1, attempts)))
             chunk.attempt += 1
             self.requeue.appendleft(chunk)
             self.n_ready += 1
@@ -479,22 +456,38 @@ class Engine(ChannelIO):
         self.n_ready += len(rest)
         return chunks[0]
 
-    def _on_timeout(self, w: PoolWorker) -> None:
+    def _on_timeout(self, w: PoolWorker, now: float) -> None:
         """``w``'s running chunk passed ``task_timeout``: fail it, kill and replace ``w``."""
         w.state = WState.DEAD
         head = self._orphan(w)
         if head is None:
             return
         who, limit = w.describe(), self.task_timeout
-        log.warning("%s ran longer than task_timeout=%g s on %s; killing the worker", head.describe(), limit, who)
-        self.kill(w.name)
+        self._out.append(Log(WARNING, "%s ran longer than task_timeout=%g s on %s; killing the worker",
+                             (head.describe(), limit, who)))
+        self._out.append(Kill(w.name))
         self._retry_or_fail(head, lambda attempt: RequestTimeout(
             f"{head.describe()} ran longer than task_timeout={limit:g} s on {who}; "
             f"the worker was killed and replaced {attempt}"))
-        self._dispatch()
+        self._dispatch(now)
 
-    def _disconnected(self, w: PoolWorker) -> None:
-        """The worker's channel closed: it exited, crashed, or was stopped (lock held).
+    def on_disconnect(self, name: str, now: float) -> list[Action]:
+        """Worker ``name``'s channel closed (the driver has closed its end): it exited,
+        crashed, or was stopped."""
+        w = self.workers.get(name)
+        if w is None:
+            return []
+        w.connected = False
+        self._disconnected(w, now)
+        return self._actions()
+
+    def _hang_up(self, w: PoolWorker) -> None:
+        if w.connected:
+            w.connected = False
+            self._out.append(Hangup(w.name))
+
+    def _disconnected(self, w: PoolWorker, now: float) -> None:
+        """``w``'s channel is closed.
 
         Its results up to that point have been read (they come before the EOF); the
         chunks it held but did not answer are settled now if its exit status is known,
@@ -504,10 +497,15 @@ class Engine(ChannelIO):
             w.state = WState.LOST
             w.lost_head = self._orphan(w)
         if w.exit_how is not None:
-            self._finish_worker(w)
+            self._finish_worker(w, now)
         elif w.state is WState.LOST:
-            heapq.heappush(self._lost_timers, (time.monotonic() + LOST_GRACE_S, next(self._seq), w))
-        self._dispatch()
+            self._lost_timer(w, now)
+        self._dispatch(now)
+
+    def _lost_timer(self, w: PoolWorker, now: float) -> None:
+        at = now + LOST_GRACE_S
+        heapq.heappush(self._lost_timers, (at, next(self._seq), w))
+        self._out.append(Deadline(at))
 
     def _settle(self, w: PoolWorker) -> None:
         """Fail (or retry) the chunk a lost worker was running, now that we know how it ended."""
@@ -519,27 +517,26 @@ class Engine(ChannelIO):
         who = w.describe()
         self._retry_or_fail(head, lambda attempt: WorkerLost(f"{who} {how} while running {head.describe()} {attempt}"))
 
-    def on_exit(self, name: str, pid: int, exitcode: int) -> None:
-        """A worker process ended (the lifecycle thread).
+    def on_exit(self, name: str, pid: int, how: str, now: float) -> list[Action]:
+        """Worker ``name``'s process ``pid`` ended; ``how``: in words ("died with SIGKILL").
 
-        The exit can be learnt before the I/O thread has read the worker's last results:
-        while its channel is open, those are still on their way, so the worker is
-        finished only at EOF (or after ``LOST_GRACE_S``, should a child of the worker
-        hold the channel open).
+        The exit can be learnt before the worker's last results have been read: while
+        its channel is open, those are still on their way, so the worker is finished only
+        at EOF (or after ``LOST_GRACE_S``, should a child of the worker hold the channel
+        open).
         """
-        with self.lock:
-            w = self.workers.get(name)
-            if w is None or self._closed:
-                return
-            w.pid = w.pid or pid
-            w.exit_how = describe_exit(exitcode)
-            if w.sock is None:
-                self._finish_worker(w)
-            else:
-                heapq.heappush(self._lost_timers, (time.monotonic() + LOST_GRACE_S, next(self._seq), w))
-                self._wake()
+        w = self.workers.get(name)
+        if w is None:
+            return []
+        w.pid = w.pid or pid
+        w.exit_how = how
+        if not w.connected:
+            self._finish_worker(w, now)
+        else:
+            self._lost_timer(w, now)
+        return self._actions()
 
-    def _finish_worker(self, w: PoolWorker) -> None:
+    def _finish_worker(self, w: PoolWorker, now: float) -> None:
         """``w``'s process is gone and its channel read to the end: settle, forget, replace."""
         if w.state in (WState.READY, WState.STARTING):
             w.state = WState.LOST
@@ -548,48 +545,90 @@ class Engine(ChannelIO):
         if self.workers.get(w.name) is not w:
             return
         del self.workers[w.name]
-        self._close_sock(w)
+        w.connected = False
         if not w.ready_seen and not w.stopping and self.state is not State.TERMINATE:
             self.startup_failures += 1
         if (self.startup_failures >= MAX_STARTUP_FAILURES and self.broken is None
                 and self.state is not State.TERMINATE):
             message = (f"{MAX_STARTUP_FAILURES} workers in a row ended before they were ready "
                        f"(the last, {w.describe()}, {w.exit_how})")
-            log.error("%s; the pool cannot run tasks", message)
+            self._out.append(Log(ERROR, "%s; the pool cannot run tasks", (message,)))
             self._break(lambda: WorkerLost(message))
         elif self._needs_replacement():
             self._request_spawn()
-        self._dispatch()
-        self.all_gone.notify_all()
+        self._dispatch(now)
+        self._out.append(Gone(w.name))
 
     def _needs_replacement(self) -> bool:
         if self.broken is not None or self.state is State.TERMINATE:
             return False
         return self.state is State.RUN or self.jobs_open > 0
 
+    # -- timers ----------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When ``on_tick`` next has something to do (None: nothing is timed)."""
+        timers, lost = self._timers, self._lost_timers
+        if timers:
+            return min(timers[0][0], lost[0][0]) if lost else timers[0][0]
+        return lost[0][0] if lost else None
+
+    def on_tick(self, now: float) -> list[Action]:
+        """Fire the timers due by ``now``: ``task_timeout`` and ``LOST_GRACE_S``."""
+        timers, lost = self._timers, self._lost_timers
+        if not ((timers and timers[0][0] <= now) or (lost and lost[0][0] <= now)):
+            return []
+        while timers and timers[0][0] <= now:
+            w = heapq.heappop(timers)[2]
+            w.armed = False
+            if w.state is not WState.READY or not w.inflight or w.deadline is None:
+                continue
+            if w.deadline > now:  # the chunk it was armed for finished; re-arm for the next
+                w.armed = True
+                heapq.heappush(timers, (w.deadline, next(self._seq), w))
+                continue
+            self._on_timeout(w, now)
+        while lost and lost[0][0] <= now:
+            w = heapq.heappop(lost)[2]
+            if self.workers.get(w.name) is not w:
+                continue
+            if w.exit_how is not None:  # exited, yet its channel stays open (inherited?)
+                self._finish_worker(w, now)
+            elif w.state is WState.LOST and w.lost_head is not None:
+                self._out.append(Log(WARNING, "%s closed its connection but has not exited; killing it",
+                                     (w.describe(),)))
+                self._out.append(Kill(w.name))
+                self._settle(w)
+        self._dispatch(now)
+        return self._actions()
+
     # -- replacing workers ------------------------------------------------------------------------
 
     def _request_spawn(self) -> None:
-        """Have a new worker started (lock held; the lifecycle thread does the blocking part)."""
         name = self.next_name()
         self.workers[name] = PoolWorker(name)
-        self.request_spawn(name)
+        self._out.append(Spawn(name))
 
-    def spawn_failed(self, name: str, exc: BaseException) -> None:
-        with self.lock:
-            self.workers.pop(name, None)
-            if self.state is not State.TERMINATE and self.broken is None:
-                log.error("could not start pool worker %r: %s", name, exc)
-                if not any(w.state in (WState.STARTING, WState.READY) for w in self.workers.values()):
-                    message = f"the pool cannot start workers: {exc}"
-                    closed = isinstance(exc, MeshClosed)
-                    self._break(lambda: MeshClosed(message) if closed else WorkerLost(message))
-            self.all_gone.notify_all()
+    def spawn_failed(self, name: str, exc: BaseException) -> list[Action]:
+        """Worker ``name`` could not be started."""
+        self.workers.pop(name, None)
+        if self.state is not State.TERMINATE and self.broken is None:
+            self._out.append(Log(ERROR, "could not start pool worker %r: %s", (name, exc)))
+            if not any(w.state in (WState.STARTING, WState.READY) for w in self.workers.values()):
+                message = f"the pool cannot start workers: {exc}"
+                closed = isinstance(exc, MeshClosed)
+                self._break(lambda: MeshClosed(message) if closed else WorkerLost(message))
+        self._out.append(Gone(name))
+        return self._actions()
 
     # -- the pool cannot go on ----------------------------------------------------------------------
 
+    def break_pool(self, make_error: Callable[[], BaseException]) -> list[Action]:
+        """Nothing can run any more (the driver failed): fail every job that is not done."""
+        self._break(make_error)
+        return self._actions()
+
     def _break(self, make_error: Callable[[], BaseException]) -> None:
-        """Nothing can run any more: fail every job that is not done (lock held)."""
         self.broken = make_error
         self._fail_everything(make_error)
 
@@ -597,6 +636,8 @@ class Engine(ChannelIO):
         jobs: dict[int, Any] = {}
         for c in self.requeue:
             jobs[id(c.source.job)] = c.source.job
+        # A lazy source stays listed until its input has ended and every chunk is taken.
+        feeding = {id(s.job): s for s in self.sources if s.lazy is not None and not s.ended}
         for s in self.sources:
             jobs[id(s.job)] = s.job
         for w in self.workers.values():
@@ -604,34 +645,30 @@ class Engine(ChannelIO):
                 jobs[id(c.source.job)] = c.source.job
             if w.lost_head is not None:
                 jobs[id(w.lost_head.source.job)] = w.lost_head.source.job
-        with self.feeder.cond:
-            lazies = list(self.feeder.sources)
-        for lazy in lazies:
-            jobs[id(lazy.job)] = lazy.job
         self.requeue.clear()
         self.sources.clear()
         self.n_ready = 0
-        for job in jobs.values():
-            feeding: LazySource | None = getattr(job, "_source", None)
-            if feeding is not None and job._length is None:
-                with self.feeder.cond:
-                    feeding.exhausted = True
-                    pulled = feeding.pulled
-                job._set_length(pulled)
+        for key, job in jobs.items():
+            src = feeding.get(key)
+            if src is not None and src.lazy is not None:
+                # The input has not ended: read no more of it; the job ends where it was.
+                src.ended = True
+                self._out.append(StopFeeding(src.lazy))
+                job._set_length(src.pulled)
             self._fail_job(job, make_error())
 
     # -- stopping ---------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        with self.lock:
-            if self.state is State.RUN:
-                self.state = State.CLOSE
-                if self.jobs_open == 0:
-                    self._stop_workers()
-        self.feeder.lift_bounds()
+    def close(self) -> list[Action]:
+        """Accept no more work; each worker is told to exit once every job is done."""
+        if self.state is State.RUN:
+            self.state = State.CLOSE
+            if self.jobs_open == 0:
+                self._stop_workers()
+        return self._actions()
 
     def _stop_workers(self) -> None:
-        """Every job is done after close(): ask each worker to exit (lock held)."""
+        """Every job is done after close(): ask each worker to exit."""
         if self.stop_sent:
             return
         self.stop_sent = True
@@ -643,49 +680,20 @@ class Engine(ChannelIO):
         if w in self.ready:
             self.ready.remove(w)
         w.stopping = True
-        self._write(w, P.frame(P.STOP))
+        self._out.append(Send(w.name, P.frame(P.STOP)))
 
-    def wait_workers_gone(self, timeout: float | None = None) -> bool:
-        with self.lock:
-            return self.all_gone.wait_for(lambda: not self.workers, timeout)
+    def terminate(self) -> list[Action]:
+        """Fail every job not done (``MeshClosed``) and give up on the workers: the driver
+        stops their processes (``self.workers`` names them) and nothing replaces them."""
+        self.state = State.TERMINATE
+        self._fail_everything(lambda: MeshClosed("the pool was terminated before this task finished"))
+        for w in self.workers.values():
+            w.inflight.clear()
+            w.lost_head = None
+            w.stopping = True
+        self.ready.clear()
+        return self._actions()
 
-    def terminate(self) -> list[str]:
-        """Fail what is not done; return the names of the workers to stop."""
-        with self.lock:
-            self.state = State.TERMINATE
-            self._fail_everything(lambda: MeshClosed("the pool was terminated before this task finished"))
-            for w in self.workers.values():
-                w.inflight.clear()
-                w.lost_head = None
-                w.stopping = True
-            self.ready.clear()
-            return list(self.workers)
-
-    def on_own_thread(self) -> bool:
-        """Whether the caller is one of the engine's threads (I/O, feeder, callbacks)."""
-        return threading.current_thread() in (self._thread, self.feeder._thread, self._callback_thread)
-
-    def shutdown_threads(self) -> None:
-        """Stop the I/O, feeder and callback threads and close every descriptor."""
-        with self.lock:
-            self._closed = True
-            for w in self.workers.values():
-                if w.sock is not None:
-                    self._orphans.append(w.sock)  # closed by the I/O thread on its way out
-                    w.sock = None
-            self.workers.clear()
-            self.all_gone.notify_all()
-        self.feeder.stop()
-        me = threading.current_thread()
-        self._stopping = True
-        self._wake()
-        if self._thread is not None and self._thread is not me:
-            self._thread.join(10.0)
-        q, thread = self._callbacks, self._callback_thread
-        if q is not None and thread is not None:
-            q.put(None)
-            if thread is not me:
-                thread.join(30.0)
-
-    # -- the I/O thread ------------------------------------------------------------------------
-
+    def forget_workers(self) -> None:
+        """The pool is shutting down: whatever its workers still report is not heard."""
+        self.workers.clear()

@@ -18,8 +18,9 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from ._io import ChannelIO
     from ._results import IMapIterator
+    from ._tasks import Source
 
 __all__ = ["Feeder", "LazySource", "chunked"]
 
@@ -56,7 +57,7 @@ class LazySource:
         self.pulled = 0       # chunks taken from the input so far
         self.taken = 0        # results the caller has consumed
         self.exhausted = False
-        self.source: Any = None  # the engine's Source for it (set by the Pool)
+        self.source: Source | None = None  # the engine's Source for it (set by the Pool)
         # Pull again only once this much room has freed up: one wake-up per ``low``
         # results consumed, not one per result.
         self.low = 1 if bound is None else max(1, min(bound // 4, PULL_BATCH))
@@ -83,8 +84,8 @@ class LazySource:
 class Feeder:
     """The thread that pulls lazy inputs and hands their chunks to the engine."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, pool: ChannelIO) -> None:
+        self.pool = pool
         self.cond = threading.Condition(threading.Lock())
         self.sources: list[LazySource] = []
         self.unbounded = False
@@ -153,4 +154,4 @@ class Feeder:
                     source.exhausted = True
                     if source in self.sources:
                         self.sources.remove(source)
-            self.engine.add_lazy(source, first, items, error, ended or error is not None)
+            self.pool.add_lazy(source, first, items, error, ended or error is not None)

@@ -1,38 +1,46 @@
-"""The pool's I/O thread: one selector over the listener, every worker's channel and a
-wake-up pipe; timers for ``task_timeout`` and for workers that vanished.
+"""The pool's driver: its I/O thread, its sockets, its clock and its other threads, around
+the pure engine (``_engine.py``).
 
-Only this thread touches the selector. Other threads write with non-blocking sends under
-the engine's lock; what the kernel does not take waits in the worker's outbox for
-EVENT_WRITE. A channel another thread wants closed is handed over (``_orphans``). New
-connections must prove the pool's token in their first frame (``HELLO``) before anything
-they send is unpickled.
+Every entry point (work submitted by a caller, frames or a hang-up read by the I/O
+thread, an exit reported by the lifecycle thread, a due timer) takes the pool's lock,
+hands the event to the engine with the time, and carries out the actions it returns
+before letting go: frames are written with non-blocking sends, in the engine's order;
+what the kernel does not take waits in the channel's outbox for EVENT_WRITE, and only
+the I/O thread touches the selector (a channel another thread wants closed is handed
+over, ``_orphans``). A worker's frames are decoded, results unpickled, before the lock
+is taken. User code never runs on the I/O thread: callbacks and progress bars run on
+the callback thread, lazy inputs on the feeder thread.
 
-Until then a connection is a stranger: one whose peer runs as another uid is closed at
-accept; the others may send only a HELLO-sized frame, must send it within
-``HELLO_TIMEOUT_S``, and at most ``MAX_PENDING_HELLOS`` of them are held at once, so
-nobody can make the pool buffer or hold much before proving the token.
+New connections must prove the pool's token in their first frame (``HELLO``) before
+anything they send is unpickled. Until then a connection is a stranger: one whose peer
+runs as another uid is closed at accept; the others may send only a HELLO-sized frame,
+must send it within ``HELLO_TIMEOUT_S``, and at most ``MAX_PENDING_HELLOS`` of them are
+held at once, so nobody can make the pool buffer or hold much before proving the token.
 """
 
 from __future__ import annotations
 
-import heapq
 import hmac
-import itertools
 import logging
 import os
+import queue
 import selectors
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from .._errors import MeshClosed, RemoteProtocolError
 from .._io._readers import Reader, Readers
+from .._supervisor import describe_exit
 from .._wire._frames import RECV_BYTES, FrameDecoder
 from . import _protocol as P
-from ._tasks import PoolWorker, WState
+from ._actions import Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding
+from ._engine import Engine
+from ._feeder import Feeder, LazySource
+from ._tasks import Source, read_frames
 
 __all__ = ["ChannelIO", "listen_channel", "peer_credentials"]
 
@@ -58,31 +66,44 @@ class _Pending:
         self.deadline = deadline
 
 
+class _Channel:
+    """A worker's open connection: its socket, its frame decoder, what waits to be sent."""
+
+    __slots__ = ("decoder", "name", "out", "sock", "writing")
+
+    def __init__(self, name: str, sock: socket.socket, decoder: FrameDecoder) -> None:
+        self.name = name
+        self.sock = sock
+        self.decoder = decoder
+        self.out = bytearray()
+        self.writing = False  # watched for EVENT_WRITE
+
+
 _WAKE = object()
 _LISTENER = object()
 
 
 class ChannelIO(Readers):
-    """The I/O half of the engine (a mixin: ``Engine`` owns the state it reads)."""
+    """Runs one pool's engine: the listening socket, each worker's channel, the I/O,
+    feeder and callback threads, and the lock every call into the engine holds."""
 
-    lock: threading.Lock
-    token: bytes
-    workers: dict[str, PoolWorker]
-    _timers: list[tuple[float, int, PoolWorker]]
-    _lost_timers: list[tuple[float, int, PoolWorker]]
-    kill: Callable[[str], None]
-    _seq: itertools.count[int]
-
-    def _on_frames(self, w: PoolWorker, frames: list[tuple[int, bytes]]) -> None: ...
-    def _disconnected(self, w: PoolWorker) -> None: ...
-    def _on_timeout(self, w: PoolWorker) -> None: ...
-    def _finish_worker(self, w: PoolWorker) -> None: ...
-    def _settle(self, w: PoolWorker) -> None: ...
-    def _dispatch(self, caller: bool = False) -> None: ...
-    def _break(self, make_error: Callable[[], BaseException]) -> None: ...
-
-    def _start_io(self, channel: tuple[str | bytes, socket.socket] | None) -> None:
-        self.address, self._listener = channel or listen_channel()
+    def __init__(self, engine: Engine, channel: tuple[str | bytes, socket.socket], token: bytes, *,
+                 spawn: Callable[[str], None], kill: Callable[[str], None]) -> None:
+        """``channel``: the listening socket workers connect to; ``token``: what they
+        prove; ``spawn(name)`` / ``kill(name)``: start or SIGKILL a worker process
+        (``_processes.py``, without blocking)."""
+        self.engine = engine
+        self.token = token
+        self._spawn = spawn
+        self._kill = kill
+        self.lock = threading.Lock()
+        self.all_gone = threading.Condition(self.lock)
+        self._closed = False
+        self._channels: dict[str, _Channel] = {}
+        self._callbacks: queue.SimpleQueue[Callable[[], object] | None] | None = None
+        self._callback_thread: threading.Thread | None = None
+        self.feeder = Feeder(self)
+        self.address, self._listener = channel
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -93,30 +114,168 @@ class ChannelIO(Readers):
         self._buf = bytearray(RECV_BYTES)
         self._view = memoryview(self._buf)
         self._pending: dict[socket.socket, _Pending] = {}
-        self._want_write: set[PoolWorker] = set()
+        self._want_write: set[_Channel] = set()
         self._orphans: list[socket.socket] = []
         self._init_readers()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="mpmesh-pool-io", daemon=True)
+        self._thread: threading.Thread | None = threading.Thread(target=self._run, name="mpmesh-pool-io",
+                                                                 daemon=True)
         self._thread.start()
 
-    def _write(self, w: PoolWorker, data: bytes) -> None:
-        sock = w.sock
-        if sock is None:
+    # -- feeding the engine (any thread) ------------------------------------------------------
+
+    def submit(self, source: Source) -> None:
+        """Queue a job's chunks (``ValueError`` if the pool no longer takes work)."""
+        with self.lock:
+            self._perform(self.engine.submit(source, time.monotonic()))
+
+    def add_lazy(self, lazy: LazySource, first: int, items: list[Any], error: BaseException | None,
+                 ended: bool) -> None:
+        """The feeder pulled ``items`` (chunks ``first``...) from an imap input."""
+        source = lazy.source
+        if source is None:
             return
-        if w.out:
-            w.out += data
+        with self.lock:
+            self._perform(self.engine.add_lazy(source, first, items, error, ended, time.monotonic()))
+
+    def on_exit(self, name: str, pid: int, exitcode: int) -> None:
+        """A worker process ended (the lifecycle thread)."""
+        with self.lock:
+            if not self._closed:
+                self._perform(self.engine.on_exit(name, pid, describe_exit(exitcode), time.monotonic()))
+
+    def spawn_failed(self, name: str, exc: BaseException) -> None:
+        """A worker could not be started (the lifecycle thread)."""
+        with self.lock:
+            self._perform(self.engine.spawn_failed(name, exc))
+
+    def close(self) -> None:
+        with self.lock:
+            self._perform(self.engine.close())
+        self.feeder.lift_bounds()
+
+    def terminate(self) -> list[str]:
+        """Fail what is not done; return the names of the workers to stop."""
+        with self.lock:
+            self._perform(self.engine.terminate())
+            return list(self.engine.workers)
+
+    def wait_workers_gone(self, timeout: float | None = None) -> bool:
+        with self.lock:
+            return self.all_gone.wait_for(lambda: not self.engine.workers, timeout)
+
+    # -- carrying out what the engine asks (lock held) -------------------------------------------
+
+    def _perform(self, actions: list[Action]) -> None:
+        for a in actions:
+            if type(a) is Send:
+                self._write(a.worker, a.data)
+            elif type(a) is Complete:
+                job = a.job
+                if job._has_callbacks:
+                    self._to_callbacks(job._finish)
+                else:
+                    job._finish()
+            elif type(a) is Progress:
+                self._to_callbacks(_progress(a.job, a.n))
+            elif type(a) is Deadline:
+                if threading.current_thread() is not self._thread:
+                    self._wake()
+            elif type(a) is Gone:
+                self._hang_up(a.worker)
+                self.all_gone.notify_all()
+            elif type(a) is Hangup:
+                self._hang_up(a.worker)
+            elif type(a) is Spawn:
+                self._spawn(a.worker)
+            elif type(a) is Kill:
+                self._kill(a.worker)
+            elif type(a) is StopFeeding:
+                with self.feeder.cond:
+                    a.lazy.exhausted = True
+            elif type(a) is Log:
+                log.log(a.level, a.message, *a.args)
+
+    def _write(self, name: str, data: bytes) -> None:
+        ch = self._channels.get(name)
+        if ch is None:
+            return
+        if ch.out:
+            ch.out += data
             return
         try:
-            n = sock.send(data)
+            n = ch.sock.send(data)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:
             return  # the reader sees the connection drop and settles this worker
         if n < len(data):
-            w.out += data[n:]
-            self._want_write.add(w)
+            ch.out += data[n:]
+            self._want_write.add(ch)
             self._wake()
+
+    def _hang_up(self, name: str) -> None:
+        ch = self._channels.get(name)
+        if ch is not None:
+            self._close_channel(ch)
+
+    def _close_channel(self, ch: _Channel) -> None:
+        """Close a worker's channel; only the I/O thread touches the selector."""
+        if self._channels.get(ch.name) is ch:
+            del self._channels[ch.name]
+        if threading.current_thread() is self._thread:
+            self._unregister_and_close(ch.sock)
+        else:
+            self._orphans.append(ch.sock)
+            self._wake()
+
+    def _to_callbacks(self, fn: Callable[[], object]) -> None:
+        if self._callbacks is None:
+            self._callbacks = queue.SimpleQueue()
+            self._callback_thread = threading.Thread(target=self._run_callbacks, args=(self._callbacks,),
+                                                     name="mpmesh-pool-callbacks", daemon=True)
+            self._callback_thread.start()
+        self._callbacks.put(fn)
+
+    @staticmethod
+    def _run_callbacks(q: queue.SimpleQueue[Callable[[], object] | None]) -> None:
+        while (fn := q.get()) is not None:
+            try:
+                fn()
+            except Exception:
+                log.exception("a pool callback raised")
+            # Held while waiting for the next one, the last callback would keep its result
+            # alive (its value, an exception's traceback, and through it the pool).
+            del fn
+
+    # -- threads ----------------------------------------------------------------------------------
+
+    def on_own_thread(self) -> bool:
+        """Whether the caller is one of the pool's threads (I/O, feeder, callbacks)."""
+        return threading.current_thread() in (self._thread, self.feeder._thread, self._callback_thread)
+
+    def shutdown_threads(self) -> None:
+        """Stop the I/O, feeder and callback threads and close every descriptor."""
+        with self.lock:
+            self._closed = True
+            for ch in self._channels.values():
+                self._orphans.append(ch.sock)  # closed by the I/O thread on its way out
+            self._channels.clear()
+            self.engine.forget_workers()
+            self.all_gone.notify_all()
+        self.feeder.stop()
+        me = threading.current_thread()
+        self._stopping = True
+        self._wake()
+        if self._thread is not None and self._thread is not me:
+            self._thread.join(10.0)
+        q, thread = self._callbacks, self._callback_thread
+        if q is not None and thread is not None:
+            q.put(None)
+            if thread is not me:
+                thread.join(30.0)
+
+    # -- the I/O thread ------------------------------------------------------------------------
 
     def _wake(self) -> None:
         if self._wake_w < 0:
@@ -133,14 +292,16 @@ class ChannelIO(Readers):
         except Exception:  # pragma: no cover - a bug: fail loudly rather than hang
             log.exception("the pool's I/O thread failed")
             with self.lock:
-                self._break(lambda: MeshClosed("the pool's I/O thread failed; see the log"))
+                self._perform(self.engine.break_pool(lambda: MeshClosed("the pool's I/O thread failed; see the log")))
         finally:
             self._close_all()
 
     def _sel_once(self) -> None:
         timeout = None
-        heads = [h[0][0] for h in (self._timers, self._lost_timers) if h]
-        heads += [p.deadline for p in self._pending.values()]
+        due = self.engine.next_deadline()
+        heads = [p.deadline for p in self._pending.values()]
+        if due is not None:
+            heads.append(due)
         if heads:
             timeout = max(0.0, min(heads) - time.monotonic())
         for key, mask in self._sel.select(timeout):
@@ -158,7 +319,7 @@ class ChannelIO(Readers):
                     self._flush(data)
                 if mask & selectors.EVENT_READ:
                     self._read(data)
-        if self._timers or self._lost_timers or self._pending:
+        if self._pending or self.engine.next_deadline() is not None:
             self._run_timers()
 
     def _drain_wake(self) -> None:
@@ -173,10 +334,10 @@ class ChannelIO(Readers):
         for sock in orphans:
             self._unregister_and_close(sock)
         self._apply_reader_changes()
-        for w in want:
-            if w.sock is not None and w.out and not w.writing:
-                w.writing = True
-                self._sel.modify(w.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, w)
+        for ch in want:
+            if self._channels.get(ch.name) is ch and ch.out and not ch.writing:
+                ch.writing = True
+                self._sel.modify(ch.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, ch)
 
     def _unregister_and_close(self, sock: socket.socket) -> None:
         try:
@@ -185,21 +346,20 @@ class ChannelIO(Readers):
             pass
         sock.close()
 
-    def _flush(self, w: PoolWorker) -> None:
+    def _flush(self, ch: _Channel) -> None:
         with self.lock:
-            sock = w.sock
-            if sock is None:
+            if self._channels.get(ch.name) is not ch:
                 return
             try:
-                n = sock.send(w.out)
+                n = ch.sock.send(ch.out)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                n = len(w.out)
-            del w.out[:n]
-            if not w.out and w.writing:
-                w.writing = False
-                self._sel.modify(sock, selectors.EVENT_READ, w)
+                n = len(ch.out)
+            del ch.out[:n]
+            if not ch.out and ch.writing:
+                ch.writing = False
+                self._sel.modify(ch.sock, selectors.EVENT_READ, ch)
 
     def _accept(self) -> None:
         while len(self._pending) < MAX_PENDING_HELLOS:
@@ -260,18 +420,17 @@ class ChannelIO(Readers):
             self._reject(p)
             return
         p.reader.max_frame = P.MAX_FRAME_BYTES
+        ch = _Channel(name, p.sock, p.reader)
         with self.lock:
-            w = self.workers.get(name)
-            if w is not None and w.sock is None and w.state is WState.STARTING:
-                w.sock, w.pid, w.reader = p.sock, pid, p.reader
-            else:
-                w = None
-        if w is None:
+            taken = self.engine.on_connect(name, pid)
+            if taken:
+                self._channels[name] = ch
+        if not taken:
             self._reject(p)
             return
         self._unpend(p)
-        self._sel.modify(p.sock, selectors.EVENT_READ, w)
-        self._feed_frames(w, b"")  # what came with the HELLO
+        self._sel.modify(p.sock, selectors.EVENT_READ, ch)
+        self._feed(ch, b"")  # what came with the HELLO
 
     def _unpend(self, p: _Pending) -> None:
         self._pending.pop(p.sock, None)
@@ -282,86 +441,50 @@ class ChannelIO(Readers):
         self._unpend(p)
         self._unregister_and_close(p.sock)
 
-    def _read(self, w: PoolWorker) -> None:
-        sock = w.sock
-        if sock is None:
-            return
+    def _read(self, ch: _Channel) -> None:
         try:
-            n = sock.recv_into(self._buf)
+            n = ch.sock.recv_into(self._buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             n = 0
         if n == 0:
-            self._drop_conn(w)
+            self._drop(ch)
             return
-        self._feed_frames(w, self._view[:n])
+        self._feed(ch, self._view[:n])
 
-    def _feed_frames(self, w: PoolWorker, data: bytes | memoryview) -> None:
-        """Feed ``data`` to ``w``'s frame reader and handle the frames it completes."""
-        try:
-            w.reader.feed(data)
-            frames = w.reader.frames()
-        except RemoteProtocolError:
-            log.warning("%s sent a malformed frame; dropping it", w.describe())
-            self._drop_conn(w)
-            return
-        if frames:
-            self._on_frames(w, frames)
+    def _feed(self, ch: _Channel, data: bytes | memoryview) -> None:
+        """Decode what ``ch`` sent (outside the lock) and hand the frames to the engine."""
+        events = read_frames(ch.decoder, data)
+        if events:
+            with self.lock:
+                if self._channels.get(ch.name) is ch:
+                    self._perform(self.engine.on_frames(ch.name, events, time.monotonic()))
 
-    def _drop_conn(self, w: PoolWorker) -> None:
+    def _drop(self, ch: _Channel) -> None:
+        """``ch`` reached EOF (or failed): close it and tell the engine."""
         with self.lock:
-            self._close_sock(w)
-            self._disconnected(w)
-
-    def _close_sock(self, w: PoolWorker) -> None:
-        """Close ``w``'s channel (lock held); only the I/O thread touches the selector."""
-        sock, w.sock = w.sock, None
-        if sock is None:
-            return
-        if threading.current_thread() is self._thread:
-            self._unregister_and_close(sock)
-        else:
-            self._orphans.append(sock)
-            self._wake()
+            if self._channels.get(ch.name) is not ch:
+                self._unregister_and_close(ch.sock)
+                return
+            self._close_channel(ch)
+            self._perform(self.engine.on_disconnect(ch.name, time.monotonic()))
 
     def _run_timers(self) -> None:
         now = time.monotonic()
         for p in [p for p in self._pending.values() if p.deadline <= now]:
             log.debug("closed a connection to the pool that sent no HELLO within %.0f s", HELLO_TIMEOUT_S)
             self._reject(p)
-        timers, lost = self._timers, self._lost_timers
-        if not ((timers and timers[0][0] <= now) or (lost and lost[0][0] <= now)):
+        due = self.engine.next_deadline()
+        if due is None or due > now:
             return
         with self.lock:
-            while timers and timers[0][0] <= now:
-                w = heapq.heappop(timers)[2]
-                w.armed = False
-                if w.state is not WState.READY or not w.inflight or w.deadline is None:
-                    continue
-                if w.deadline > now:  # the chunk it was armed for finished; re-arm for the next
-                    w.armed = True
-                    heapq.heappush(timers, (w.deadline, next(self._seq), w))
-                    continue
-                self._on_timeout(w)
-            while lost and lost[0][0] <= now:
-                w = heapq.heappop(lost)[2]
-                if self.workers.get(w.name) is not w:
-                    continue
-                if w.exit_how is not None:  # exited, yet its channel stays open (inherited?)
-                    self._close_sock(w)
-                    self._finish_worker(w)
-                elif w.state is WState.LOST and w.lost_head is not None:
-                    log.warning("%s closed its connection but has not exited; killing it", w.describe())
-                    self.kill(w.name)
-                    self._settle(w)
-            self._dispatch()
+            self._perform(self.engine.on_tick(now))
 
     def _close_all(self) -> None:
         with self.lock:
-            socks = [w.sock for w in self.workers.values() if w.sock is not None]
-            for w in self.workers.values():
-                w.sock = None
+            socks = [ch.sock for ch in self._channels.values()]
+            self._channels.clear()
             socks += self._orphans
             self._orphans = []
             wake_r, wake_w = self._wake_r, self._wake_w
@@ -375,6 +498,10 @@ class ChannelIO(Readers):
         self._listener.close()
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _progress(job: Any, n: int) -> Callable[[], object]:
+    return lambda: job._progress(n)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:

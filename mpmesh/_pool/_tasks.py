@@ -1,7 +1,9 @@
 """What the engine moves: chunks, the sources they are cut from, the workers that hold
-them, and how a batch of chunks is pickled and a result unpickled.
+them, how a batch of chunks is pickled, and how a worker's frames are read.
 
-Nothing here does I/O or takes a lock; the engine calls it with its lock held.
+Nothing here does I/O or takes a lock. The engine pickles batches as it sends them;
+the driver decodes what a worker sent (``read_frames``) before it takes the pool's lock,
+so that unpickling results never holds up the threads that submit work.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import collections
 import enum
 import itertools
 import pickle
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .._errors import RemoteError, SerializationError
+from .._errors import RemoteError, RemoteProtocolError, SerializationError
 from .._wire import _codec
 from .._wire._frames import FrameDecoder
 from . import _protocol as P
@@ -23,7 +24,15 @@ from ._results import UnpicklableException, UnpicklableResult
 if TYPE_CHECKING:
     from ._feeder import LazySource
 
-__all__ = ["Chunk", "FnBlobs", "PoolWorker", "Source", "WState", "decode_result", "encode_batch"]
+__all__ = ["GARBAGE", "Chunk", "Event", "FnBlobs", "PoolWorker", "Source", "WState", "decode_result",
+           "encode_batch", "read_frames"]
+
+# What a worker said, decoded: ``(kind, chunk id, ok, value, seconds)``. Plain tuples: a
+# map at chunksize 1 decodes one per item, and a record costs ~3x a tuple to build.
+Event = tuple[int, int, bool, Any, float]
+# The kind of an event that is no frame: the worker sent something unreadable, or a kind
+# only the pool sends (its value says which). Its connection is to be dropped.
+GARBAGE: Final = -1
 
 _KIND_NAMES: Final = {P.CALL: "apply", P.MAP1: "map", P.MAP: "map", P.STAR1: "starmap", P.STARMAP: "starmap"}
 
@@ -60,7 +69,8 @@ class Chunk:
 class Source:
     """A job's chunks not sent yet: cut from a list on demand, or filled by the feeder."""
 
-    __slots__ = ("chunksize", "end", "fn", "fn_by_value", "items", "job", "kind", "lazy", "next", "ready")
+    __slots__ = ("chunksize", "end", "ended", "fn", "fn_by_value", "items", "job", "kind", "lazy", "next",
+                 "pulled", "ready")
 
     def __init__(self, job: Any, fn: Any, kind: int, items: list[Any] | None, chunksize: int,
                  n_chunks: int, lazy: LazySource | None = None) -> None:
@@ -74,13 +84,17 @@ class Source:
         self.lazy = lazy
         self.ready: collections.deque[tuple[int, Any]] = collections.deque()
         self.fn_by_value = False  # a worker could not import ``fn``: send it with dill
+        # A lazy source, as the engine knows it from what the feeder handed over (the
+        # feeder's own counters are its thread's): chunks pulled, and whether that is all.
+        self.pulled = 0
+        self.ended = False
 
     def available(self) -> int:
         return len(self.ready) if self.lazy is not None else self.end - self.next
 
     def drained(self) -> bool:
         if self.lazy is not None:
-            return self.lazy.exhausted and not self.ready
+            return self.ended and not self.ready
         return self.next >= self.end
 
     def take(self, n: int, cids: itertools.count[int]) -> list[Chunk]:
@@ -108,28 +122,23 @@ class PoolWorker:
     __slots__ = (
         "armed",
         "assigned",
+        "connected",
         "deadline",
         "ema",
         "exit_how",
         "inflight",
         "lost_head",
         "name",
-        "out",
         "pid",
-        "reader",
         "ready_seen",
-        "sock",
         "state",
         "stopping",
-        "writing",
     )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.pid = 0
-        self.sock: socket.socket | None = None
-        self.reader = FrameDecoder(P.MAX_FRAME_BYTES)
-        self.out = bytearray()
+        self.connected = False  # it proved the token and its channel is open
         self.state = WState.STARTING
         self.inflight: collections.deque[Chunk] = collections.deque()
         self.assigned = 0
@@ -138,7 +147,6 @@ class PoolWorker:
         self.exit_how: str | None = None
         self.ready_seen = False
         self.stopping = False
-        self.writing = False
         self.deadline: float | None = None   # when the running chunk passes task_timeout
         self.armed = False                    # a timer entry for it is in the heap
 
@@ -250,6 +258,35 @@ def _dump_fn(fn: object, by_value: bool) -> bytes:
     if by_value:
         return _codec.dumps_by_value(fn)
     return _codec.dumps(fn)
+
+
+def read_frames(decoder: FrameDecoder, data: bytes | memoryview) -> list[Event]:
+    """Feed what a worker sent to its ``decoder`` and decode every frame it completes.
+
+    Results are unpickled here. A frame over the decoder's limit, or of a kind workers do
+    not send, gives ``[(GARBAGE, 0, False, what it was, 0.0)]`` alone: whatever came with
+    it is dropped with the connection.
+    """
+    try:
+        decoder.feed(data)
+        frames = decoder.frames()
+    except RemoteProtocolError:
+        return [(GARBAGE, 0, False, "a malformed frame", 0.0)]
+    decoded: list[Event] = []
+    for kind, body in frames:
+        if kind == P.RESULT:
+            cid, status, elapsed = P.RESULT_HEAD.unpack_from(body)
+            ok, value = decode_result(status, memoryview(body)[P.RESULT_HEAD.size:])
+            decoded.append((kind, cid, ok, value, elapsed))
+        elif kind == P.NACK:
+            decoded.append((kind, body[0], False, P.unpack_ids(memoryview(body)[1:])[0], 0.0))
+        elif kind == P.INIT_FAILED:
+            decoded.append((kind, 0, False, decode_result(body[0], memoryview(body)[1:])[1], 0.0))
+        elif kind == P.READY:
+            decoded.append((kind, 0, True, None, 0.0))
+        else:
+            return [(GARBAGE, 0, False, f"an unexpected frame (kind {kind})", 0.0)]
+    return decoded
 
 
 def decode_result(status: int, payload: memoryview) -> tuple[bool, Any]:

@@ -54,7 +54,7 @@ def no_hello_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
 def connect(pool: mpmesh.Pool) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(pool._engine.address)
+        sock.connect(pool._io.address)
     except BaseException:
         sock.close()
         raise
@@ -77,7 +77,7 @@ def closed_by_peer(sock: socket.socket, within: float) -> bool:
 
 def backlog_waiting(pool: mpmesh.Pool) -> bool:
     """Whether a connection waits in the pool's listen backlog, not yet accepted."""
-    return bool(select.select([pool._engine._listener], [], [], 0)[0])
+    return bool(select.select([pool._io._listener], [], [], 0)[0])
 
 
 def start_blocked_map(pool: mpmesh.Pool, tmp_path: Path) -> tuple[MapResult, Path]:
@@ -126,7 +126,7 @@ def test_a_process_of_another_uid_is_refused(pool: mpmesh.Pool, caplog: pytest.L
         except TimeoutError:
             sys.exit(2)
     """ % (NOBODY, NOBODY)
-    address = os.fsencode(pool._engine.address)
+    address = os.fsencode(pool._io.address)
     with caplog.at_level(logging.WARNING, logger="mpmesh.pool"):
         done = subprocess.run([sys.executable, "-c", child, address.hex(), str(PROMPT_S)],
                               capture_output=True, text=True, timeout=LONG)
@@ -198,38 +198,38 @@ def test_garbage_before_hello_closes_only_that_connection(pool: mpmesh.Pool, tmp
 def test_a_connection_that_never_says_hello_is_closed_after_the_deadline(pool: mpmesh.Pool) -> None:
     opened = time.monotonic()
     with connect(pool) as silent, connect(pool) as halfway:
-        halfway.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(pool._engine.token, os.getpid()))[:9])
+        halfway.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(pool._io.token, os.getpid()))[:9])
         assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
         assert closed_by_peer(silent, HELLO_DEADLINE_BOUND_S)
         assert closed_by_peer(halfway, HELLO_DEADLINE_BOUND_S)
         # Accepted after connect(), so closed no earlier than the deadline after it.
         assert time.monotonic() - opened >= _io.HELLO_TIMEOUT_S
-    assert wait_for(lambda: not pool._engine._pending)
+    assert wait_for(lambda: not pool._io._pending)
     assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.usefixtures("no_hello_deadline")
 def test_connections_waiting_for_hello_are_capped(pool: mpmesh.Pool) -> None:
-    engine = pool._engine
+    engine, io = pool._engine, pool._io
     # Every worker connected first: one still to say HELLO would wait behind the strangers.
-    assert wait_for(lambda: engine.workers and all(w.sock is not None for w in engine.workers.values()))
+    assert wait_for(lambda: engine.workers and all(w.connected for w in engine.workers.values()))
     cap = _io.MAX_PENDING_HELLOS
     idle: list[socket.socket] = []
     try:
         for _ in range(cap + 1):
             idle.append(connect(pool))
         # The pool holds the cap and leaves the next connection in the listen backlog.
-        assert wait_for(lambda: len(engine._pending) == cap and backlog_waiting(pool))
+        assert wait_for(lambda: len(io._pending) == cap and backlog_waiting(pool))
         assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
         for sock in idle[:cap]:
             sock.close()
         # Slots free: the pool accepts the one that waited.
-        assert wait_for(lambda: len(engine._pending) == 1 and not backlog_waiting(pool))
+        assert wait_for(lambda: len(io._pending) == 1 and not backlog_waiting(pool))
     finally:
         for sock in idle:
             sock.close()
-    assert wait_for(lambda: not engine._pending)
+    assert wait_for(lambda: not io._pending)
     assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
 
 
