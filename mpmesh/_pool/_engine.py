@@ -91,6 +91,11 @@ from collections.abc import Callable, Iterable
 from logging import ERROR, INFO, WARNING
 from typing import Any, Final
 
+# Shared with the broker, which has the same two rules for its workers: how long a worker
+# whose channel dropped keeps its running chunk while we wait to learn how its process
+# ended (then it fails anyway, and a process still running is killed), and the weight of
+# a new measurement in a worker's moving average of seconds per chunk.
+from .._broker._routing import EMA_ALPHA, LOST_GRACE_S
 from .._errors import MeshClosed, RequestTimeout, WorkerLost
 from . import _protocol as P
 from ._actions import Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding
@@ -110,10 +115,6 @@ MAX_INFLIGHT: Final = 2048
 # Workers that die before they are ready, in a row, before the pool gives up (a worker
 # that cannot even start would otherwise be replaced forever while tasks wait).
 MAX_STARTUP_FAILURES: Final = 3
-# After a worker's connection drops, how long to wait for its exit status before failing
-# its running chunk without it (and killing the process, should it still run).
-LOST_GRACE_S: Final = 0.5
-EMA_ALPHA: Final = 0.3
 
 
 class State(enum.Enum):
