@@ -292,7 +292,8 @@ class ChannelIO(Readers):
         except Exception:  # pragma: no cover - a bug: fail loudly rather than hang
             log.exception("the pool's I/O thread failed")
             with self.lock:
-                self._perform(self.engine.break_pool(lambda: MeshClosed("the pool's I/O thread failed; see the log")))
+                failed = self.engine.break_pool(lambda: MeshClosed("the pool's I/O thread failed; see the log"))
+                self._perform(failed)
         finally:
             self._close_all()
 

@@ -439,7 +439,8 @@ def test_a_worker_that_dies_fails_the_chunk_it_ran_and_the_rest_run_elsewhere_in
     h.run("pool-1", 3)
     exc = error_of(result)
     assert type(exc) is WorkerLost
-    assert str(exc) == "worker 'pool-0' (pid 1000) died with SIGKILL while running map(square) item 1 (attempt 1 of 1)"
+    assert str(exc) == ("worker 'pool-0' (pid 1000) died with SIGKILL while running map(square) item 1 "
+                        "(attempt 1 of 1)")
 
 
 def test_an_exit_heard_before_the_channel_closes_waits_for_the_last_results() -> None:
@@ -470,7 +471,8 @@ def test_a_worker_that_hangs_up_without_exiting_is_killed_after_the_grace() -> N
     assert h.tick(_routing.LOST_GRACE_S - 0.01) == []
     out = h.tick(_routing.LOST_GRACE_S)
     assert of(Kill, out) == [Kill("pool-0")]
-    assert logged(out, WARNING) == ["worker 'pool-0' (pid 1000) closed its connection but has not exited; killing it"]
+    assert logged(out, WARNING) == [
+        "worker 'pool-0' (pid 1000) closed its connection but has not exited; killing it"]
     assert str(error_of(result)) == ("worker 'pool-0' (pid 1000) closed its connection while running "
                                      "apply(square) (attempt 1 of 1)")
     assert not of(Spawn, out), "replaced once it has exited"
