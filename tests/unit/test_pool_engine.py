@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ast
 import collections
+import gc
 import itertools
 import multiprocessing
 import pickle
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
@@ -402,6 +404,22 @@ def test_progress_is_reported_per_chunk_then_the_job_completes() -> None:
     h.run("pool-0", 2)
     tail = [a for a in h.actions if isinstance(a, (Progress, Complete))]
     assert tail == [Progress(result, 2), Progress(result, 2), Progress(result, 1), Complete(result)]
+
+
+def test_the_engine_keeps_nothing_of_a_finished_job() -> None:
+    """A job's results can be large: once it is complete and its actions carried out,
+    nothing in the engine may keep it alive (the actions it returned included)."""
+    h = Harness(1)
+    h.start("pool-0")
+    result = h.map(square, [1, 2])
+    h.run("pool-0")
+    h.run("pool-0")
+    assert result.get(0) == [1, 4]
+    ref = weakref.ref(result)
+    h.actions.clear()  # the harness's own record of them
+    del result
+    gc.collect()
+    assert ref() is None
 
 
 def test_get_with_a_timeout_is_the_results_own_business() -> None:
