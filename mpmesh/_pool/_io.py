@@ -127,7 +127,9 @@ class ChannelIO(Readers):
     def submit(self, source: Source) -> None:
         """Queue a job's chunks (``ValueError`` if the pool no longer takes work)."""
         with self.lock:
-            self._perform(self.engine.submit(source, time.monotonic()))
+            actions = self.engine.submit(source, time.monotonic())
+            if actions:  # most submits while the workers are busy only queue
+                self._perform(actions)
 
     def add_lazy(self, lazy: LazySource, first: int, items: list[Any], error: BaseException | None,
                  ended: bool) -> None:
@@ -298,12 +300,15 @@ class ChannelIO(Readers):
             self._close_all()
 
     def _sel_once(self) -> None:
-        timeout = None
+        # The engine's next deadline, read once a pass: a timer set during the pass (here,
+        # or by a thread that then wakes us) falls due later, on a pass that reads it.
         due = self.engine.next_deadline()
-        heads = [p.deadline for p in self._pending.values()]
-        if due is not None:
-            heads.append(due)
-        if heads:
+        pending = self._pending
+        timeout = None
+        if due is not None or pending:
+            heads = [p.deadline for p in pending.values()]
+            if due is not None:
+                heads.append(due)
             timeout = max(0.0, min(heads) - time.monotonic())
         for key, mask in self._sel.select(timeout):
             data = key.data
@@ -320,8 +325,8 @@ class ChannelIO(Readers):
                     self._flush(data)
                 if mask & selectors.EVENT_READ:
                     self._read(data)
-        if self._pending or self.engine.next_deadline() is not None:
-            self._run_timers()
+        if pending or due is not None:
+            self._run_timers(due)
 
     def _drain_wake(self) -> None:
         try:
@@ -460,7 +465,9 @@ class ChannelIO(Readers):
         if events:
             with self.lock:
                 if self._channels.get(ch.name) is ch:
-                    self._perform(self.engine.on_frames(ch.name, events, time.monotonic()))
+                    actions = self.engine.on_frames(ch.name, events, time.monotonic())
+                    if actions:
+                        self._perform(actions)
 
     def _drop(self, ch: _Channel) -> None:
         """``ch`` reached EOF (or failed): close it and tell the engine."""
@@ -471,12 +478,12 @@ class ChannelIO(Readers):
             self._close_channel(ch)
             self._perform(self.engine.on_disconnect(ch.name, time.monotonic()))
 
-    def _run_timers(self) -> None:
+    def _run_timers(self, due: float | None) -> None:
+        """Drop connections past their HELLO deadline; tick the engine if ``due`` has come."""
         now = time.monotonic()
         for p in [p for p in self._pending.values() if p.deadline <= now]:
             log.debug("closed a connection to the pool that sent no HELLO within %.0f s", HELLO_TIMEOUT_S)
             self._reject(p)
-        due = self.engine.next_deadline()
         if due is None or due > now:
             return
         with self.lock:
