@@ -3,7 +3,6 @@ children, through spawn arguments, request data and replies, with every start me
 
 from __future__ import annotations
 
-from typing import Any
 
 import mpmesh
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from mpmesh._broker._payload import pack
 from mpmesh._broker._pubsub import ACK, STREAM_BASE, PubSub, pack_publish, push_cost
 from mpmesh._broker._rpc import CALL_BASE, OK, RpcPools, pack_call, pack_result
 from mpmesh._errors import NotFound, RequestTimeout, WorkerLost
