@@ -15,9 +15,14 @@ from collections.abc import Iterator
 import pytest
 
 # Before mpmesh is imported anywhere: every mesh of this test process lives in a private,
-# short directory (Unix socket paths are limited to ~100 bytes).
-_RUNTIME = tempfile.mkdtemp(prefix="mpm-")
-os.environ["MPMESH_RUNTIME_DIR"] = _RUNTIME
+# short directory (Unix socket paths are limited to ~100 bytes). A process a test starts
+# that imports this module (a spawned child unpickling a test's function) keeps the
+# directory it inherited: it is the test process's to remove.
+if "PYTEST_CURRENT_TEST" in os.environ and os.environ.get("MPMESH_RUNTIME_DIR"):
+    _RUNTIME = os.environ["MPMESH_RUNTIME_DIR"]
+else:
+    _RUNTIME = tempfile.mkdtemp(prefix="mpm-")
+    os.environ["MPMESH_RUNTIME_DIR"] = _RUNTIME
 
 # The stdlib starts these long-lived helpers on first use of spawn / forkserver; start
 # them up front so the leak guard does not count them against the first test using them.
