@@ -83,7 +83,7 @@ class Remote:
                 if self._closed:
                     raise MeshError("this process left the mesh")
                 self._node = RedisNode(self.link, self.iid, record=self._record,
-                                       announce=self.role != "child", serve=self._serve,
+                                       announce=self.role == "master", serve=self._serve,
                                        on_left=self._on_left, on_beat=self._renew,
                                        id_floor=self._id_floor)
             return self._node
