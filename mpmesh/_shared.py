@@ -136,6 +136,10 @@ def _check_name(what: str, name: object) -> str:
 class SharedState:
     """Mixin: cache, locks, pub/sub, RPC pools and ``nodes()`` over ``self._client``."""
 
+    # The mesh-wide half of this process, when the mesh has a Redis backend: then shared
+    # state lives in Redis, and every method below hands its call there.
+    _remote: Remote | None = None
+
     @property
     def _client(self) -> ClientBase:
         try:
@@ -149,16 +153,6 @@ class SharedState:
         address = getattr(client, "address", None) or getattr(self, "address", None)
         if address:
             _binding.bind(address, client)
-
-    @property
-    def _remote(self) -> Remote | None:
-        """The mesh-wide half of this process, when the mesh has a Redis backend: then
-        shared state lives in Redis, and every method below hands its call there."""
-        return self.__dict__.get("_redis_remote")
-
-    @_remote.setter
-    def _remote(self, remote: Remote | None) -> None:
-        self.__dict__["_redis_remote"] = remote
 
     def _mesh_address(self) -> str:
         return getattr(self._client, "address", None) or self.address  # type: ignore[attr-defined,no-any-return]

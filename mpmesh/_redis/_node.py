@@ -29,7 +29,6 @@ import contextlib
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -159,16 +158,6 @@ if redis.call('LPOS', p .. 'taken:' .. ARGV[3], ARGV[4]) then return 1 end
 return 0
 """
 
-# Every node's record: the processes each stands for, in one round trip.
-_RECORDS = """
-local p = ARGV[1]
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', p .. 'nodes', 0, -1)) do
-  local info = redis.call('GET', p .. 'node:' .. id)
-  if info then table.insert(out, info) end
-end
-return out
-"""
 
 
 class HostGone(NotFound):
@@ -230,23 +219,35 @@ class RedisNode:
         self._nudged = threading.Event()
         self._local = threading.local()
         self._blocking: list[Any] = []
+        self._takers_started = False
         self._beat_script = link.script(_BEAT)
         self._lease = link.script(_LEASE)
         self._reap = link.script(_REAP)
         self._call = link.script(_CALL)
-        self._records_script = link.script(_RECORDS)
         self._answer_script = link.script(_ANSWER)
         self._running_script = link.script(_RUNNING)
         self._stranded_script = link.script(_STRANDED)
         self.leader = False
         self.redis_ok = True
         self._beat()  # registered before the constructor returns: nodes() sees us at once
-        loops = [("beat", self._beat_loop), ("replies", self._reply_loop),
-                 *[("taker", self._taker_loop)] * TAKERS]
-        self._threads = [threading.Thread(target=fn, name=f"mpmesh-redis-{what}", daemon=True)
-                         for what, fn in loops]
-        for thread in self._threads:
-            thread.start()
+        self._threads: list[threading.Thread] = []
+        self._start([("beat", self._beat_loop), ("replies", self._reply_loop)])
+        if serve is not None or announce:
+            self._serving()
+
+    def _start(self, loops: list[tuple[str, Callable[[], None]]]) -> None:
+        with self._lock:
+            for what, fn in loops:
+                thread = threading.Thread(target=fn, name=f"mpmesh-redis-{what}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _serving(self) -> None:
+        """Start the takers (once): this node serves requests, or RPC calls, or hears of
+        departures. A node that only sends runs none."""
+        if not self._takers_started:
+            self._takers_started = True
+            self._start([("taker", self._taker_loop)] * TAKERS)
 
     # -- the registry ------------------------------------------------------------------------
 
@@ -303,12 +304,6 @@ class RedisNode:
                     self._reply(reply_to, rid, False, WorkerLost(f"node {iid} left the mesh"))
         return gone
 
-    def records(self) -> list[dict[str, Any]]:
-        """What every live node says of itself (its own record included)."""
-        with self.link.errors("listing nodes"):
-            blobs = self._records_script(args=[self.link.prefix])
-        return [self._unseal(blob) for blob in blobs]
-
     # -- requests to other hosts -------------------------------------------------------------
 
     def send(self, host: int, action: str, target: str | int, data: object, *,
@@ -319,8 +314,8 @@ class RedisNode:
             SerializationError: ``data`` cannot be pickled (nothing was sent).
             BrokerUnavailable, RequestTimeout: Redis did not take it.
         """
-        rid = f"{self.iid}:{next(self._seq)}"
-        envelope = REQUEST + self.link.seal(_codec.dumps((rid, self.iid, action, target, data, priority, timeout)))
+        rid = self._new_rid()
+        envelope = self._request(rid, self.iid, action, target, data, priority, timeout)
         attempt = self._expect(rid, host, envelope, timeout)
         try:
             self._queue(host, envelope, action)
@@ -328,6 +323,14 @@ class RedisNode:
             self._forget(rid)
             raise
         return attempt.future
+
+    def _new_rid(self) -> str:
+        return f"{self.iid}:{next(self._seq)}"
+
+    def _request(self, rid: str, reply_to: str | int, action: str, target: str | int, data: object,
+                 priority: int, timeout: float | None) -> bytes:
+        """A request's envelope; its reply goes to list ``reply:<reply_to>``."""
+        return REQUEST + self.link.seal(_codec.dumps((rid, reply_to, action, target, data, priority, timeout)))
 
     def _queue(self, host: int, envelope: bytes, action: str) -> None:
         # A plain LPUSH (no script on the hot path): a request queued for a node that
@@ -347,8 +350,8 @@ class RedisNode:
         request's own, read by this thread (no hand-off from the reply thread)."""
         if self._closed.is_set():
             raise MeshClosed("this process left the mesh")
-        rid = f"{self.iid}:{next(self._seq)}"
-        envelope = REQUEST + self.link.seal(_codec.dumps((rid, rid, action, target, data, priority, timeout)))
+        rid = self._new_rid()
+        envelope = self._request(rid, rid, action, target, data, priority, timeout)
         redis = self._own_blocking()
         reply = self.link.key("reply", rid)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -397,7 +400,7 @@ class RedisNode:
     def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *,
              timeout: float | None) -> concurrent.futures.Future[Any]:
         """Run RPC ``name`` in the least busy process that registered it, on any host."""
-        rid = f"{self.iid}:{next(self._seq)}"
+        rid = self._new_rid()
         envelope = CALL + self.link.seal(_codec.dumps((rid, self.iid, name, args, kwargs)))
         attempt = self._expect(rid, -1, envelope, timeout)
         try:
@@ -578,6 +581,7 @@ class RedisNode:
     def register(self, name: str, fn: Callable[..., Any]) -> None:
         """Serve ``call(name, ...)`` from this process, for callers on every host."""
         self.fns[name] = fn
+        self._serving()
         with self.link.errors(f"registering {name!r}"):
             pipe = self.link.redis.pipeline(transaction=False)
             pipe.zadd(self.link.key("rpc", name), {str(self.iid): 0}, nx=True)
@@ -603,7 +607,9 @@ class RedisNode:
         self._closed.set()
         self._woken.set()
         self._nudged.set()
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(LISTEN_S + self.link.timeout)
         try:
             with self.link.errors("leaving the mesh"):
@@ -634,8 +640,3 @@ def _outcome(rid: str, ok: bool, value: object) -> bytes:
         if ok:
             value = exc
         return _codec.dumps((rid, False, RemoteError(f"{type(value).__name__}: {value}")))
-
-
-def describe_process(iid: int, name: str, group: str | None, role: str) -> list[Any]:
-    """The registry's row for one process: (instance_id, name, group, pid, hostname, role)."""
-    return [iid, name, group, os.getpid(), socket.gethostname(), role]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from .._errors import MeshError, NotFound
+from .._wire import _codec
 from ._link import Link
 from ._locks import remember_link
 from ._node import ID_BLOCK, HostGone, RedisNode, Serve
@@ -31,6 +32,17 @@ if TYPE_CHECKING:
     from ._state import RedisCache
 
 __all__ = ["Remote", "reserve_ids", "take_id"]
+
+# Every node's record: the processes each stands for, in one round trip.
+_RECORDS = """
+local p = ARGV[1]
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', p .. 'nodes', 0, -1)) do
+  local info = redis.call('GET', p .. 'node:' .. id)
+  if info then table.insert(out, info) end
+end
+return out
+"""
 
 # How old the registry view used for routing may be, at most.
 VIEW_S: Final = 1.0
@@ -166,22 +178,16 @@ class Remote:
     # -- routing -----------------------------------------------------------------------------
 
     def records(self, *, fresh: bool = False) -> list[dict[str, Any]]:
-        """The registry (cached for ``VIEW_S`` unless ``fresh``)."""
+        """The registry: what every live node says of itself (cached for ``VIEW_S``
+        unless ``fresh``)."""
         at, view = self._view
         now = time.monotonic()
         if fresh or now - at > VIEW_S:
-            reader = self._node.records if self._node is not None else self._read_records
-            view = reader()
+            with self.link.errors("listing nodes"):
+                blobs = self.link.script(_RECORDS)(args=[self.link.prefix])
+            view = [cast("dict[str, Any]", _codec.loads(self.link.unseal(b))) for b in blobs]
             self._view = (now, view)
         return view
-
-    def _read_records(self) -> list[dict[str, Any]]:
-        from .._wire import _codec
-
-        with self.link.errors("listing nodes"):
-            ids = self.link.redis.zrange(self.link.key("nodes"), 0, -1)
-            blobs = self.link.redis.mget([self.link.key("node", i.decode()) for i in ids]) if ids else []
-        return [cast("dict[str, Any]", _codec.loads(self.link.unseal(b))) for b in blobs if b is not None]
 
     def host_for(self, target: str | int, *, free_only: bool) -> int | None:
         """A node of another host that serves ``target``: the one that lists it (an

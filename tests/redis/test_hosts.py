@@ -162,7 +162,9 @@ def test_a_frozen_host_is_a_lost_worker_once_it_lapses(
 
 
 def test_a_killed_host_leaves_the_mesh_once_and_its_requests_fail(
-        master: mpmesh.Master, hosts: Callable[..., Host]) -> None:
+        master: mpmesh.Master, hosts: Callable[..., Host], redis_url: str) -> None:
+    import redis
+
     heard: list[mpmesh.Node] = []
     master.on("node-left", heard.append)
     b, c = hosts("b"), hosts("c", size=0)
@@ -179,7 +181,13 @@ def test_a_killed_host_leaves_the_mesh_once_and_its_requests_fail(
     assert all(n.pid != b.pid for n in master.nodes())
     with pytest.raises(mpmesh.NotFound):
         master.send_request("where", "api")
-    time.sleep(2 * 1.0)  # two more beats: a second announcement would have come by now
+    # Two more beats of every host (each leader's pass comes with its beat): a second
+    # announcement would have been queued by then.
+    r = redis.Redis.from_url(redis_url)
+    nodes = f"mpmesh:{{{MESH}}}:nodes"
+    then = {iid: r.zscore(nodes, iid) for iid in (master.instance_id, c.iid)}
+    assert wait_for(lambda: all((r.zscore(nodes, iid) or 0) >= beat + 2000 for iid, beat in then.items()))
+    r.close()
     assert len(heard) == 1 and c.left_events() == [b.iid]
 
 
@@ -238,7 +246,7 @@ def test_a_lock_of_a_killed_host_lapses(master: mpmesh.Master, hosts: Callable[.
 
 
 def test_connect_from_a_host_without_a_master(redis_url: str, hosts: Callable[..., Host],
-                                              tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     b = hosts("b")
     monkeypatch.setenv("MPMESH_AUTHKEY", KEY.decode())
     with mpmesh.connect(MESH, backend=redis_url, timeout=10) as handle:
@@ -248,6 +256,10 @@ def test_connect_from_a_host_without_a_master(redis_url: str, hosts: Callable[..
         assert any(n.is_self and n.instance_id == handle.instance_id for n in handle.nodes())
         handle.cache("shared").set("k", 1)
         assert b.iid != handle.instance_id
+        takers = lambda: [t for t in threading.enumerate() if t.name == "mpmesh-redis-taker"]  # noqa: E731
+        assert takers() == []  # a node that only sends takes nothing from an inbox
+        handle.register("twice", lambda x: 2 * x)
+        assert takers() and handle.call("twice", 21) == 42
     with mpmesh.connect(MESH, backend=redis_url, timeout=10) as other:
         assert other.cache("shared").get("k") == 1
         assert all(n.instance_id != handle.instance_id for n in other.nodes())
@@ -271,7 +283,7 @@ def test_what_redis_holds_is_read_only_when_sealed_with_the_mesh_key(
 
 
 def test_redis_stopped_fails_cross_host_calls_fast_and_local_work_goes_on(
-        own_redis: object, tmp_path: object) -> None:
+        own_redis: object) -> None:
     server = own_redis
     host = Host(server.url, MESH, "b")  # type: ignore[attr-defined]
     try:
