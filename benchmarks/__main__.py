@@ -132,8 +132,8 @@ def worker(args: argparse.Namespace, suites: list[str]) -> int:
         cfg.cpu = pin(args.cpu)
     rows, errors = run_suites(suites, cfg)
     # What mpmesh keeps for this process's next mesh or manager goes now, not as a stray.
-    from mpmesh._io._broker_process import discard_launcher
-    from mpmesh._supervisor import discard_spare
+    from mpmesh._host._process import discard_launcher
+    from mpmesh._procs._supervisor import discard_spare
 
     discard_launcher()
     discard_spare()

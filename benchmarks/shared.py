@@ -64,9 +64,9 @@ def budget(cfg: Config) -> float:
 
 
 @contextlib.contextmanager
-def standalone(cfg: Config) -> Iterator[mpmesh._connect.MeshHandle]:
+def standalone(cfg: Config) -> Iterator[mpmesh._mesh._connect.MeshHandle]:
     """A standalone broker (autospawned; it inherits this process's CPU affinity), stopped after."""
-    from mpmesh._cli import main as cli
+    from mpmesh._mesh._cli import main as cli
 
     name = f"bench-{uuid.uuid4().hex[:8]}"
     handle = mpmesh.connect(name)

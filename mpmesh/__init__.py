@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from ._child import Child as Child
-from ._connect import connect as connect
+from ._procs._child import Child as Child
+from ._mesh._connect import connect as connect
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import FencedError as FencedError
@@ -23,9 +23,9 @@ from ._errors import RemoteError as RemoteError
 from ._errors import RequestTimeout as RequestTimeout
 from ._errors import SerializationError as SerializationError
 from ._errors import WorkerLost as WorkerLost
-from ._manager import Manager as Manager
-from ._master import Master as Master
-from ._mesh_stats import ProcessStats as ProcessStats
+from ._managers._manager import Manager as Manager
+from ._mesh._master import Master as Master
+from ._mesh._stats import ProcessStats as ProcessStats
 from ._pool import Pool as Pool
 from ._wire._messages import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 

@@ -1,5 +1,5 @@
 """Drop-in for ``multiprocessing.managers``: ``BaseManager``, ``SyncManager``, the proxy
-types and ``Token``, over an mpmesh broker (see ``mpmesh._manager`` for where it runs).
+types and ``Token``, over an mpmesh broker (see ``mpmesh._managers._manager`` for where it runs).
 
     from mpmesh.managers import BaseManager, SyncManager, BaseProxy
 """
@@ -11,25 +11,25 @@ from ._broker._natives import Namespace as Namespace
 from ._broker._natives import Value as Value
 from ._broker._refs import Token as Token
 from ._errors import RemoteError as RemoteError
-from ._manager import BaseManager as BaseManager
-from ._manager import Server as Server
-from ._manager import State as State
-from ._manager import SyncManager as SyncManager
-from ._proxy_types import AcquirerProxy as AcquirerProxy
-from ._proxy_types import ArrayProxy as ArrayProxy
-from ._proxies import AutoProxy as AutoProxy
-from ._proxy_types import BarrierProxy as BarrierProxy
-from ._proxies import BaseProxy as BaseProxy
-from ._proxy_types import ConditionProxy as ConditionProxy
-from ._proxy_types import DictProxy as DictProxy
-from ._proxy_types import EventProxy as EventProxy
-from ._proxy_types import IteratorProxy as IteratorProxy
-from ._proxy_types import ListProxy as ListProxy
-from ._proxies import MakeProxyType as MakeProxyType
-from ._proxy_types import NamespaceProxy as NamespaceProxy
-from ._proxy_types import PoolProxy as PoolProxy
-from ._proxy_types import QueueProxy as QueueProxy
-from ._proxy_types import ValueProxy as ValueProxy
+from ._managers._manager import BaseManager as BaseManager
+from ._managers._manager import Server as Server
+from ._managers._manager import State as State
+from ._managers._manager import SyncManager as SyncManager
+from ._managers._proxy_types import AcquirerProxy as AcquirerProxy
+from ._managers._proxy_types import ArrayProxy as ArrayProxy
+from ._managers._proxies import AutoProxy as AutoProxy
+from ._managers._proxy_types import BarrierProxy as BarrierProxy
+from ._managers._proxies import BaseProxy as BaseProxy
+from ._managers._proxy_types import ConditionProxy as ConditionProxy
+from ._managers._proxy_types import DictProxy as DictProxy
+from ._managers._proxy_types import EventProxy as EventProxy
+from ._managers._proxy_types import IteratorProxy as IteratorProxy
+from ._managers._proxy_types import ListProxy as ListProxy
+from ._managers._proxies import MakeProxyType as MakeProxyType
+from ._managers._proxy_types import NamespaceProxy as NamespaceProxy
+from ._managers._proxy_types import PoolProxy as PoolProxy
+from ._managers._proxy_types import QueueProxy as QueueProxy
+from ._managers._proxy_types import ValueProxy as ValueProxy
 
 __all__ = [
     "AcquirerProxy", "Array", "ArrayProxy", "AutoProxy", "BarrierProxy", "BaseManager",

@@ -80,8 +80,8 @@ def leak_guard() -> Iterator[None]:
     yield
     # A zygote parked for the next mesh of this process, and the launcher of broker
     # processes, are kept on purpose; not leaks.
-    from mpmesh._io._broker_process import discard_launcher
-    from mpmesh._supervisor import discard_spare
+    from mpmesh._host._process import discard_launcher
+    from mpmesh._procs._supervisor import discard_spare
 
     discard_spare()
     discard_launcher()

@@ -89,7 +89,7 @@ _proxy_builder: Callable[..., object] | None = None
 
 
 def install_proxy_builder(fn: Callable[..., object]) -> None:
-    """``mpmesh._proxies`` hands in how a real proxy is built (the core may not import it)."""
+    """``mpmesh._managers._proxies`` hands in how a real proxy is built (the core may not import it)."""
     global _proxy_builder
     _proxy_builder = fn
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from .. import _deadline
+from . import _deadline
 from .._broker._actions import Action, Close, Inspect, Notify, Send
 from ._forking import on_cpu
 from .._broker._core import LOCAL_PEER, BrokerCore

@@ -4,11 +4,13 @@ Forking a process that runs threads can deadlock the child (a lock held by anoth
 thread is copied locked; Python 3.12+ warns). A Master runs threads (its broker, its
 handler pool), so it never forks a child itself. It starts the zygote first — by
 ``os.fork()`` while it is still single-threaded (fast: modules stay imported), otherwise
-as a fresh interpreter (``python -m mpmesh._io._zygote``) — and asks it to fork.
+as a fresh interpreter (``python -m mpmesh._io._zygote``) — and asks it to fork. A
+forked child runs the entry function the fork command names (pickled by reference), so
+this module knows nothing of what a child does.
 
 Channels between the two carry length-prefixed pickles (both ends are ours)::
 
-    master ──ctl──► zygote     ("fork", token, config) | ("exec", token, argv, env, cwd, config_blob)
+    master ──ctl──► zygote     ("fork", token, config, entry) | ("exec", token, argv, env, cwd, config_blob)
                                | ("init", ...) | ("cleanup", files)
     master ◄─report─ zygote    ("started", token, pid, connected) | ("exited", pid, status) | ("failed", token, text)
     master ──life──► zygote    never written: EOF means the master is gone
@@ -235,9 +237,7 @@ class _Zygote:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 os.execve(argv[0], argv, env)
             os.close(self.life)
-            from .._child import run_target
-
-            code = run_target(cmd[2])
+            code = cmd[3](cmd[2])  # the entry the master named, by reference: run_target
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:

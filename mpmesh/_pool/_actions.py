@@ -6,12 +6,10 @@ Workers are named by their name (``"pool-3"``), as the broker core names peers b
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 from .._wire._record import record
-
-if TYPE_CHECKING:
-    from ._feeder import LazySource
+from ._results import Lazy
 
 __all__ = ["Action", "Complete", "Deadline", "Gone", "Hangup", "Kill", "Log", "Progress", "Send",
            "Spawn", "StopFeeding"]
@@ -74,7 +72,7 @@ class Progress:
 class StopFeeding:
     """Read no more of this ``imap`` input: its job has failed."""
 
-    lazy: LazySource
+    lazy: Lazy
 
 
 @record

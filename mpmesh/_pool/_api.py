@@ -17,20 +17,17 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from .. import _deadline
-from .._supervisor import START_METHODS, Supervisor, default_start_method
+from .._io import _deadline
+from .._procs._supervisor import START_METHODS, Supervisor, default_start_method
 from . import _protocol as P
 from ._engine import Engine, Source, State
 from ._feeder import LazySource, chunked
 from ._io import ChannelIO, listen_channel
-from ._processes import WorkerHandle, WorkerProcesses, standalone_supervisor
+from ._processes import Home, WorkerHandle, WorkerProcesses, standalone_supervisor
 from ._progress import check_mode, make_bar
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
-
-if TYPE_CHECKING:
-    from .._master import Master
 
 __all__ = ["Pool"]
 
@@ -63,7 +60,7 @@ class Pool:
                     task_timeout, retries, progress)
 
     @classmethod
-    def _on_master(cls, master: Master, processes: int | None = None,
+    def _on_master(cls, master: Home, processes: int | None = None,
                    initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
                    maxtasksperchild: int | None = None, context: Any = None, *,
                    task_timeout: float | None = None, retries: int = 0,
@@ -74,7 +71,7 @@ class Pool:
                     task_timeout, retries, progress)
         return pool
 
-    def _setup(self, master: Master | None, processes: int | None,
+    def _setup(self, master: Home | None, processes: int | None,
                initializer: Callable[..., object] | None, initargs: Iterable[Any],
                maxtasksperchild: int | None, context: Any, task_timeout: float | None,
                retries: int, progress: bool | str) -> None:
@@ -103,7 +100,7 @@ class Pool:
         self._processes = processes
         channel = listen_channel()
         token = os.urandom(P.TOKEN_BYTES)
-        home: Master | tuple[Supervisor, str]
+        home: Home | tuple[Supervisor, str]
         if master is None:
             # No Master, no broker: the pool's own zygote, forked before any thread of ours
             # (and without the channel's listening socket), starts the workers.

@@ -15,12 +15,10 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
-if TYPE_CHECKING:
-    from ._io import ChannelIO
-    from ._results import IMapIterator
-    from ._tasks import Source
+from ._results import IMapIterator
+from ._tasks import Source
 
 __all__ = ["Feeder", "LazySource", "chunked"]
 
@@ -81,10 +79,17 @@ class LazySource:
                     self.feeder.cond.notify()
 
 
+class Sink(Protocol):
+    """Where the feeder hands what it pulled (the pool's driver, ``ChannelIO``)."""
+
+    def add_lazy(self, lazy: LazySource, first: int, items: list[Any], error: BaseException | None,
+                 ended: bool) -> None: ...
+
+
 class Feeder:
     """The thread that pulls lazy inputs and hands their chunks to the engine."""
 
-    def __init__(self, pool: ChannelIO) -> None:
+    def __init__(self, pool: Sink) -> None:
         self.pool = pool
         self.cond = threading.Condition(threading.Lock())
         self.sources: list[LazySource] = []

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from .._errors import MeshClosed, RemoteProtocolError
 from .._io._readers import Reader, Readers
-from .._supervisor import describe_exit
+from .._procs._supervisor import describe_exit
 from .._wire._frames import RECV_BYTES, FrameDecoder
 from . import _protocol as P
 from ._actions import Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding

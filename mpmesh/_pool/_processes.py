@@ -34,17 +34,16 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._io._forking import stop_in_turn
-from .._supervisor import ChildSpec, ReaderLoop, Supervisor
+from .._procs._supervisor import ChildSpec, ReaderLoop, Supervisor
 from . import _worker
 
 if TYPE_CHECKING:
-    from .._master import Master
-    from .._supervisor import _Proc
+    from .._procs._supervisor import _Proc
 
-__all__ = ["WorkerHandle", "WorkerProcesses", "standalone_supervisor"]
+__all__ = ["Home", "WorkerHandle", "WorkerProcesses", "standalone_supervisor"]
 
 log = logging.getLogger("mpmesh.pool")
 
@@ -93,14 +92,32 @@ class WorkerHandle:
         return f"<{type(self).__name__} name={self.name!r} pid={self.pid} {state}>"
 
 
+class Home(Protocol):
+    """What a pool on a Master's group uses of its Master (the pool sits below it)."""
+
+    start_method: str
+    _supervisor: Supervisor
+
+    def _names_in_use(self) -> set[str]: ...
+
+    def _forget(self, name: str) -> None: ...
+
+    def spawn_child(self, name: str, target: Callable[..., Any] | str, mode: str = ...,
+                    group: str | None = ..., *, args: tuple[Any, ...] = ...,
+                    auto_restart: bool = ...) -> None: ...
+
+    def spawn_group(self, group: str, target: Callable[..., Any] | str, size: int,
+                    mode: str = ..., strategy: str = ..., **child_opts: Any) -> list[str]: ...
+
+
 class WorkerProcesses:
     """Starts and stops the pool's workers; reports exits and failed starts."""
 
-    def __init__(self, home: Master | tuple[Supervisor, str], worker_args: tuple[Any, ...]) -> None:
+    def __init__(self, home: Home | tuple[Supervisor, str], worker_args: tuple[Any, ...]) -> None:
         """``home``: the Master whose group the workers join, or, for a standalone pool,
         its own supervisor and start method."""
         if isinstance(home, tuple):
-            self.master: Master | None = None
+            self.master: Home | None = None
             self._sup, self._start_method = home
         else:
             self.master = home
@@ -117,7 +134,7 @@ class WorkerProcesses:
         if self.master is None:
             self.group = "pool"
         else:
-            taken = set(self.master._core.groups()) | set(self.master._core.children())
+            taken = self.master._names_in_use()
             self.group = next(g for g in (f"pool{n}" for n in _group_ids) if g not in taken)
         self._thread: threading.Thread | None = None
 

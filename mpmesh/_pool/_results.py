@@ -20,18 +20,25 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from .._errors import RemoteError, SerializationError
-from .._futures import Latch
+from .._client._futures import Latch
 
-if TYPE_CHECKING:
-    from ._feeder import LazySource
-
-__all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "IMapUnorderedIterator", "MapResult",
+__all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "IMapUnorderedIterator", "Lazy", "MapResult",
            "UnpicklableException", "UnpicklableResult"]
 
 log = logging.getLogger("mpmesh.pool")
+
+
+class Lazy(Protocol):
+    """A lazy ``imap`` input (``_feeder.LazySource``), as the layers below the feeder see
+    it: told when the caller consumed a result (the feeder may read one more ahead), and
+    marked ``exhausted`` when its job failed (the feeder reads no more of it)."""
+
+    exhausted: bool
+
+    def consumed(self, n: int) -> None: ...
 
 
 class UnpicklableResult(SerializationError, MaybeEncodingError):  # type: ignore[misc]
@@ -187,7 +194,7 @@ class IMapIterator:
         self._length: int | None = None
         self._received = 0
         self._closed = False
-        self._source: LazySource | None = None
+        self._source: Lazy | None = None
         self._bar: Any = None
         self._done = False
         self._pool: object = None

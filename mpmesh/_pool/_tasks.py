@@ -13,16 +13,13 @@ import enum
 import itertools
 import pickle
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from .._errors import RemoteError, RemoteProtocolError, SerializationError
 from .._wire import _codec
 from .._wire._frames import FrameDecoder
 from . import _protocol as P
-from ._results import UnpicklableException, UnpicklableResult
-
-if TYPE_CHECKING:
-    from ._feeder import LazySource
+from ._results import Lazy, UnpicklableException, UnpicklableResult
 
 __all__ = ["GARBAGE", "Chunk", "Event", "FnBlobs", "PoolWorker", "Source", "WState", "decode_result",
            "encode_batch", "read_frames"]
@@ -73,7 +70,7 @@ class Source:
                  "pulled", "ready")
 
     def __init__(self, job: Any, fn: Any, kind: int, items: list[Any] | None, chunksize: int,
-                 n_chunks: int, lazy: LazySource | None = None) -> None:
+                 n_chunks: int, lazy: Lazy | None = None) -> None:
         self.job = job
         self.fn = fn
         self.kind = kind

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._child import RDHUP, Child, Detached, keep
+from .._procs._child import RDHUP, Child, Detached, keep
 from .._errors import SerializationError
 from .._wire import _codec
 from .._wire._frames import RECV_BYTES, FrameDecoder

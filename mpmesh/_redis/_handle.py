@@ -11,8 +11,8 @@ import concurrent.futures
 import os
 from typing import Any
 
-from .. import _deadline
-from .._shared import SharedState
+from .._io import _deadline
+from .._state._shared import SharedState
 from ._link import Link
 from ._remote import Remote, missing, take_id
 
@@ -25,6 +25,8 @@ class RedisHandle(SharedState):
     Offers what ``connect()``'s handle offers: requests to children, groups and nodes of
     every host, and the shared state. Close it, or use it as a context manager.
     """
+
+    _remote: Remote | None
 
     def __init__(self, name: str, backend: str, authkey: bytes, *, timeout: float | None) -> None:
         self.name = name

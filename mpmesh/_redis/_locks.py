@@ -22,8 +22,9 @@ import time
 import weakref
 from typing import Any, Final, final
 
-from .._deadline import check_timeout
+from .._io._deadline import check_timeout
 from .._errors import MeshError
+from .._state._grant import Grant
 from ._link import Link, _redis_module, shared_authkey
 
 __all__ = ["DEFAULT_LEASE_MS", "RedisGrant", "RedisLocks", "check_name", "close_links", "esc",
@@ -278,23 +279,17 @@ class RedisLocks:
 
 
 @final
-class RedisGrant:
-    """A granted lock: ``token`` is its fencing token; ``release()`` or leave the ``with``.
+class RedisGrant(Grant):
+    """A lock granted in Redis. Releasing twice, or after the TTL ran out, does nothing."""
 
-    Releasing twice, or after the TTL ran out, does nothing.
-    """
-
-    __slots__ = ("name", "token", "ttl", "_link", "_nonce", "_table", "_released")
+    __slots__ = ("_link", "_nonce", "_table")
 
     def __init__(self, link: Link, name: str, token: int, ttl: float | None, nonce: str,
                  table: RedisLocks | None = None) -> None:
+        super().__init__(name, token, ttl)
         self._link = link
-        self.name = name
-        self.token = token
-        self.ttl = ttl
         self._nonce = nonce
         self._table = table
-        self._released = False
 
     def _locks(self) -> RedisLocks | None:
         """The lock table that keeps this grant's lease: the one that granted it, else (a
@@ -346,18 +341,9 @@ class RedisGrant:
                     table._forget(self.token)
         return ok
 
-    def __enter__(self) -> RedisGrant:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
     def __reduce__(self) -> tuple[Any, ...]:
         link = self._link
         return (_rebuild_grant, (link.url, link.mesh, link.timeout, self.name, self.token, self.ttl, self._nonce))
-
-    def __repr__(self) -> str:
-        return f"<mpmesh.LockGrant {self.name!r} token={self.token}{' released' if self._released else ''}>"
 
 
 def _rebuild_grant(url: str, mesh: str, timeout: float, name: str, token: int, ttl: float | None,

@@ -26,7 +26,7 @@ from ._node import ID_BLOCK, HostGone, RedisNode, Serve
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from .._shared import Node
+    from .._state._shared import Node
     from ._pubsub import RedisPubSub, RedisSubscription
     from ._locks import RedisGrant, RedisLocks
     from ._state import RedisCache
@@ -158,7 +158,7 @@ class Remote:
 
     def nodes(self) -> list[Node]:
         """Every process of the mesh on every host, once each."""
-        from .._shared import Node
+        from .._state._shared import Node
 
         seen: dict[int, Node] = {}
         for record in self.records(fresh=True):

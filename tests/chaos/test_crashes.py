@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 
 import mpmesh
-from mpmesh._client import SocketClient, make_hello
+from mpmesh._client._base import make_hello
+from mpmesh._client._socket import SocketClient
 from mpmesh._errors import RemoteTraceback
 from mpmesh._wire._connection import Connection, Side
 from mpmesh._wire._messages import Challenge, Hello, Request, encode

@@ -137,7 +137,8 @@ def test_wrong_authkey_is_refused_and_the_mesh_keeps_serving() -> None:
 
 
 def test_garbage_arguments_are_the_callers_error(m: mpmesh.Master) -> None:
-    from mpmesh._client import SocketClient, make_hello
+    from mpmesh._client._base import make_hello
+    from mpmesh._client._socket import SocketClient
     from mpmesh._wire._messages import Role
 
     client = SocketClient(m.address, m.authkey, make_hello(Role.CLIENT))
@@ -163,7 +164,7 @@ def test_an_expired_ttl_lets_the_next_holder_in_while_the_old_one_still_runs(m: 
     grant = m.lock("lease", wait=WAIT_S)
     assert grant.token > info[0]["token"]
     c = m.cache("fence")
-    from mpmesh._shared import LockGrant
+    from mpmesh._state._shared import LockGrant
 
     stale = LockGrant(m.address, "lease", info[0]["token"], 0.3, None)
     with pytest.raises(mpmesh.FencedError):

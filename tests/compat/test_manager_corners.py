@@ -55,7 +55,7 @@ def mesh_manager(request: pytest.FixtureRequest) -> Iterator[Any]:
 def logs_here(proxy: Any) -> bool:
     """Whether the broker holding ``proxy``'s object runs in this process (its warnings
     reach caplog here): the proxy then calls it in-process."""
-    from mpmesh._client import LocalClient
+    from mpmesh._client._local import LocalClient
 
     return isinstance(proxy._client, LocalClient)
 

@@ -45,7 +45,7 @@ def writer(kind: str, obj: Any, out: Any) -> None:
 def reader(kind: str, obj: Any, out: Any) -> None:
     """Read until the last value shows up, noting each read's interval and value; then
     say how many of this process's reads its own copies served."""
-    from mpmesh import _near
+    from mpmesh._client import _near
 
     read_of(kind, obj)  # connected, and holding a copy, before the writer starts
     out.put(("ready", [], 0))
@@ -96,7 +96,7 @@ class Point:
 def write_plainly(d: Any, ns: Any, v: Any, items: Any, n: int, out: Any) -> None:
     """Plain writes of every kind the ring takes, each read back at once; then how many of
     them this process left in the ring."""
-    from mpmesh import _near
+    from mpmesh._client import _near
 
     before = _near.counters()["near_writes"]
     for i in range(n):
@@ -112,7 +112,7 @@ def write_plainly(d: Any, ns: Any, v: Any, items: Any, n: int, out: Any) -> None
 
 def write_in_order(d: Any, items: Any, out: Any) -> None:
     """Writes left in the ring mixed with calls sent to the broker, each checked at once."""
-    from mpmesh import _near
+    from mpmesh._client import _near
 
     before = _near.counters()["near_writes"]
     seen = []
@@ -140,7 +140,7 @@ def write_then_die(d: Any, n: int) -> None:
 
 def write_many(d: Any, n: int, out: Any) -> None:
     """More writes than the ring holds at once (it fills: some are sent, none is lost)."""
-    from mpmesh import _near
+    from mpmesh._client import _near
 
     before = _near.counters()["near_writes"]
     blob = "x" * 200
@@ -200,7 +200,7 @@ def cache_writes(name: str, n: int, out: Any) -> None:
     """Set keys of mesh cache ``name`` through a ``connect()``ed handle, reading each back
     at once; then how many writes went through the ring and how many reads were copies."""
     import mpmesh
-    from mpmesh import _near
+    from mpmesh._client import _near
 
     with mpmesh.connect(name, autospawn=False) as h:
         cache = h.cache("c")

@@ -14,7 +14,7 @@ from typing import Any
 import mpmesh
 
 
-def shared(child: mpmesh.Child, cache: mpmesh._shared.Cache | None = None) -> None:
+def shared(child: mpmesh.Child, cache: mpmesh._state._shared.Cache | None = None) -> None:
     """A worker with a handler for each shared-state behaviour the tests need."""
 
     @child.handler("cas-incr")

@@ -25,9 +25,11 @@ import pytest
 
 import mpmesh
 from mpmesh._broker._routing import WorkerState
-from mpmesh._client import SocketClient, make_hello
+from mpmesh._client._base import make_hello
+from mpmesh._client._socket import SocketClient
 from mpmesh._errors import BrokerUnavailable
-from mpmesh._io import _host, _loop
+from mpmesh._host import _inproc as _host
+from mpmesh._io import _loop
 from mpmesh._wire._connection import Connection, Phase, Side
 from mpmesh._wire._frames import HEADER, MAX_HANDSHAKE_FRAME_BYTES
 from mpmesh._wire._messages import Hello, Role

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from mpmesh._broker._actions import Offload
-from mpmesh._io import _host
+from mpmesh._host import _inproc as _host
 from tests.conftest import wait_for
 
 

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 import mpmesh
-from mpmesh._manager import SyncManager
-from mpmesh._shared import LockGrant
+from mpmesh._managers._manager import SyncManager
+from mpmesh._state._shared import LockGrant
 from tests.conftest import wait_for
 
 TIMEOUT = 1.0  # the handles' timeout in these tests

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 import mpmesh
-from mpmesh._binding import read_key
+from mpmesh._client._binding import read_key
 from mpmesh._io import _paths
-from mpmesh._io._host import write_key
-from mpmesh._shared import state_address
+from mpmesh._host._inproc import write_key
+from mpmesh._state._shared import state_address
 from tests.integration import workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,8 +174,8 @@ def test_a_second_master_with_a_taken_name_leaves_the_first_alone(first: str, se
         script = textwrap.dedent(f"""
             import mpmesh
             if not {probe}:
-                import mpmesh._master
-                mpmesh._master._listening = lambda address: False
+                import mpmesh._mesh._master
+                mpmesh._mesh._master._listening = lambda address: False
             try:
                 mpmesh.Master(name={name!r}, broker={second!r})
             except ValueError as exc:

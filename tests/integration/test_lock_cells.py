@@ -13,7 +13,7 @@ import pytest
 import mpmesh
 from mpmesh._broker import _lockcells
 from mpmesh._io import _mutex
-from mpmesh._proxy_types import SPIN_S
+from mpmesh._managers._proxy_types import SPIN_S
 from tests.conftest import wait_for
 from tests.integration import near_workers
 

@@ -347,7 +347,7 @@ def test_near_copies_can_be_switched_off_per_manager_master_and_cache() -> None:
 
 
 def test_stats_count_this_processs_near_reads_and_the_budget_bounds_its_copies() -> None:
-    from mpmesh import _near
+    from mpmesh._client import _near
     try:
         with mpmesh.Master(near_cache_bytes=4096) as master:
             cache = master.cache("c")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import mpmesh
-from mpmesh._shared import Cache, LockGrant, Node
+from mpmesh._state._shared import Cache, LockGrant, Node
 from tests.conftest import wait_for
 from tests.integration import shared_workers, workers
 

@@ -13,7 +13,7 @@ import pytest
 
 import mpmesh
 import mpmesh.managers
-from mpmesh import _near
+from mpmesh._client import _near
 from mpmesh._io import _mutex
 from tests.integration import near_workers
 from tests.integration.near_workers import Point

@@ -652,8 +652,8 @@ class Soak:
             report.violations.append(f"state broker fds grew {first[2]} -> {last[2]} after warm-up")
 
     def _check_leaks(self, fds0: set[int], threads0: set[str], tasks0: int, procs0: set[int]) -> None:
-        from mpmesh._io._broker_process import discard_launcher
-        from mpmesh._supervisor import discard_spare
+        from mpmesh._host._process import discard_launcher
+        from mpmesh._procs._supervisor import discard_spare
 
         # A zygote parked for the next mesh and the broker launcher are kept on purpose.
         discard_spare()

@@ -7,7 +7,7 @@ from typing import Any
 
 from mpmesh._broker._actions import Action, Close, Send
 from mpmesh._broker._payload import pack
-from mpmesh._futures import error_for
+from mpmesh._client._futures import error_for
 from mpmesh._wire import _codec
 from mpmesh._wire._messages import Failure, Op, Push, Reply
 

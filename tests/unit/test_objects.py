@@ -14,7 +14,7 @@ from mpmesh._broker._actions import WARNING, Notify, Offload, Send
 from mpmesh._broker._objects import GRACE_S, ObjectTable
 from mpmesh._broker._refs import AttributeRef, ProxyRef, Token, TypeSpec, WorkerSide, rebuild_ref
 from mpmesh._broker._sync import BrokenBarrier
-from mpmesh._futures import error_for
+from mpmesh._client._futures import error_for
 from mpmesh._wire import _codec
 from mpmesh._wire._messages import ErrorCode, Failure, Op, Reply
 

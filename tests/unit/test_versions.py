@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from mpmesh import _near
+from mpmesh._client import _near
 from mpmesh._broker import _versions as v
 from mpmesh._broker._cache import CacheStore
 from mpmesh._broker._objects import ObjectTable
-from mpmesh._near import NearCache
+from mpmesh._client._near import NearCache
 from mpmesh._wire import _codec
 from mpmesh._wire._messages import Op
 

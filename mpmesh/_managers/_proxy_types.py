@@ -20,11 +20,11 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Final, Generic, TypeVar
 
-from ._broker._lockcells import LockCells
-from ._broker._sync import BrokenBarrier
-from ._near import immutable
+from .._broker._lockcells import LockCells
+from .._broker._sync import BrokenBarrier
+from .._client._near import immutable
 from ._proxies import BaseProxy, _post, pack
-from ._wire import _codec
+from .._wire import _codec
 
 __all__ = [
     "AcquirerProxy", "ArrayProxy", "BarrierProxy", "ConditionProxy", "DictProxy", "EventProxy",

@@ -24,19 +24,24 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
-from . import _deadline
-from ._client import SocketClient, make_hello, process_ends
-from ._futures import MeshFuture
-from ._errors import MeshClosed, MeshError
-from ._shared import SharedState
-from ._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async
-from ._io import _zygote
-from ._wire import _codec
-from ._wire._messages import (
+from .._io import _deadline
+from .._client._base import make_hello
+from .._client._exit import process_ends
+from .._client._socket import SocketClient
+from .._client._futures import MeshFuture
+from .._errors import MeshClosed, MeshError
+from .._state._shared import SharedState
+from .._client._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async
+from .._io import _zygote
+from .._wire import _codec
+from .._wire._messages import (
     Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Message, Reply, Request, Role, Serve, Shutdown,
 )
+
+if TYPE_CHECKING:
+    from .._redis._remote import Remote
 
 __all__ = ["Child", "Detached", "keep", "process_main", "run_target"]
 
@@ -86,6 +91,8 @@ class Child(SharedState):
     callable target receives its ``Child`` as first argument.
     """
 
+    _remote: Remote | None
+
     _client: SocketClient  # always a SocketClient here (the SharedState property stores it)
 
     def __init__(self, mode: str | None = None, *, max_concurrency: int | None = None) -> None:
@@ -129,8 +136,8 @@ class Child(SharedState):
         if config.get("backend"):
             # A mesh across hosts: shared state is in Redis; this child's node (for
             # ``register``/``call``) starts on first use.
-            from ._redis._link import Link
-            from ._redis._remote import Remote
+            from .._redis._link import Link
+            from .._redis._remote import Remote
 
             link = Link(config["backend"], config["mesh"], config["authkey"], timeout=self._timeout)
             self._remote = Remote(link, self.instance_id, role="child", name=self.name, group=self.group,

@@ -1,18 +1,13 @@
-"""The one client: request ids, pending calls, results and errors, over two transports.
+"""``SocketClient``: a process's connection to a broker over its Unix socket.
 
-``SocketClient`` talks to a broker over its Unix socket. It has no dedicated reader
-thread by default: a thread that waits for a reply reads the socket itself (the
+It has no dedicated reader thread by default: a thread that waits for a reply reads the socket itself (the
 *leader*), dispatching whatever else arrives; other waiting threads are *followers* and
 are woken when their reply lands or leadership frees up. A blocking call therefore costs
 no thread hand-off. ``start_reader()`` adds a background reader for processes that must
 receive pushes while nobody waits (subscribers).
 
-``LocalClient`` is a Master's own client: the broker runs in the same process, so a
-request is handed to the core directly and replies arrive from the broker's thread.
-What callers wait on (futures, blocking-call records) lives in ``_futures.py``.
-
 A connection says Goodbye before it closes only if its process is not ending abnormally
-(see "How a process ends" below): that is how the broker tells a clean exit from a crash.
+(``_exit.py``): that is how the broker tells a clean exit from a crash.
 
 Deadlines (``SocketClient``): no call blocks on a broker that stopped answering (SIGSTOP,
 wedged, gone). An operation the broker answers at once waits until ``due()`` (the
@@ -31,53 +26,40 @@ read or write has waited a whole slice.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
-import itertools
 import logging
-import multiprocessing
-import multiprocessing.util
 import os
 import select
 import socket
 import socket as _socket
 import struct
-import sys
 import threading
 import time
-import types
-import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final
 
-from . import _deadline
-from ._broker._payload import pack
-from ._errors import (
-    AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, MessageTooLarge, RemoteProtocolError,
-    RequestTimeout, SerializationError,
+from .._io import _deadline
+from .._broker._payload import pack
+from .._errors import (
+    AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, MessageTooLarge, RemoteProtocolError, RequestTimeout,
 )
 from ._futures import Call, MeshFuture, error_for
 from ._handlers import failure_from
-from ._io import _segment
-from ._broker._lockcells import LockCells
-from ._broker._ring import OBJECTS, RingWriter
+from .._io import _segment
+from .._broker._ring import OBJECTS
 from ._near import NearCache
-from ._wire import _codec, _frames
-from ._wire._connection import Connection, Phase, Side
-from ._wire._messages import (
-    Cancel, Failure, Goodbye, Hello, Message, Op, Push, Ready, Reply, Request, check_size, encode,
-    encode_op,
-)
+from .._wire import _codec, _frames
+from .._wire._connection import Connection, Phase, Side
+from .._wire._messages import Failure, Goodbye, Hello, Message, Push, Ready, Reply, encode, encode_op
 
-if TYPE_CHECKING:
-    from ._io._loop import BrokerLoop, Lease
 
-__all__ = ["ClientBase", "LocalClient", "SocketClient", "exit_is_clean", "make_hello", "process_ends"]
+from ._base import ClientBase
+from ._exit import ends_uncleanly, watch_exit
+
+__all__ = ["DEFAULT_TIMEOUT_S", "SocketClient"]
 
 log = logging.getLogger("mpmesh.client")
 
-_T = TypeVar("_T")
 
 CONNECT_TIMEOUT_S: Final = 10.0
 # The ``timeout`` of a connection whose owner sets none: how long an operation waits for
@@ -91,275 +73,6 @@ IO_SLICE_S: Final = 0.1
 GOODBYE_WAIT_S: Final = 1.0
 _SLICE: Final = struct.pack("ll", 0, int(IO_SLICE_S * 1e6))  # a struct timeval
 _PING: Final = (b"admin", b"ping", pack(()))
-
-
-# -- the shared part ---------------------------------------------------------------------
-
-class ClientBase:
-    """Request ids, pending futures and result decoding, independent of the transport."""
-
-    def __init__(self) -> None:
-        self._rids = itertools.count(1)
-        self._pending: dict[int, MeshFuture | Call] = {}
-        self._closed: BaseException | None = None
-        self.on_incoming: Callable[[Message], None] = self._drop_incoming
-        self.on_push: Callable[[Push], None] = self._drop_incoming
-        self.instance_id = -1
-        self.name = ""
-        # Copies of shared state kept by this process, when the broker shares its
-        # version table with us (``_near``); None: every read is a round trip.
-        self.near: NearCache | None = None
-        # Where plain writes to Manager objects go without a round trip (``_broker/_ring``),
-        # and where Manager Locks keep their state (``_broker/_lockcells``).
-        self.ring: RingWriter | None = None
-        self.cells: LockCells | None = None
-        # The handle's timeout (its owner sets it): see ``due``; None: no limit.
-        self.timeout: float | None = None
-        # Why the broker is taken for silent (SocketClient): new calls are refused meanwhile.
-        self._silent = ""
-
-    def segment_usable(self) -> bool:
-        """Whether the ring and the lock cells may be used now (``_proxies``)."""
-        return False
-
-    def leave(self, payload: bytes, s1: int, s2: int, n1: int, n2: int,
-              kind: int = OBJECTS) -> tuple[int, int] | None:
-        """Leave a write in the broker's write ring instead of sending it (see
-        ``RingWriter.append``): the versions slots ``n1`` and ``n2`` show after it, for a
-        copy of what it wrote; None if it must be sent (no ring here, the broker gone or
-        silent, the ring full or busy, the write too large)."""
-        return None
-
-    def due(self) -> float:
-        """The deadline of an operation the broker answers at once, sent just now."""
-        timeout = self.timeout
-        return _deadline.FOREVER if timeout is None else time.monotonic() + timeout
-
-    # transport hooks
-    def _send(self, msg: Message) -> None:
-        raise NotImplementedError
-
-    def wait(self, fut: MeshFuture | Call, deadline: float) -> object:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def _drop_incoming(self, msg: Message) -> None:
-        log.debug("no one takes %s here; dropped", type(msg).__name__)
-
-    def _new_future(self) -> tuple[int, MeshFuture]:
-        if self._closed is not None or self._silent:
-            self._refuse()
-        rid = next(self._rids)
-        fut = MeshFuture()
-        fut._client = self
-        fut._rid = rid
-        self._pending[rid] = fut
-        return rid, fut
-
-    def _new_call(self) -> tuple[int, Call]:
-        if self._closed is not None or self._silent:
-            self._refuse()
-        rid = next(self._rids)
-        call = self._pending[rid] = Call(self, rid)
-        return rid, call
-
-    def _refuse(self) -> None:
-        """Raise why no call can start now, if it still holds."""
-        if self._closed is not None:
-            raise self._closed_error()
-
-    def _closed_error(self) -> BaseException:
-        err = self._closed
-        if isinstance(err, MeshClosed):
-            return MeshClosed(str(err))
-        return BrokerUnavailable(str(err))
-
-    def request(self, action: str, target: str | int, data: object = None, *,
-                timeout: float | None = None, priority: int = 0, retries: int = 0,
-                retry_delay: float = 0.0) -> MeshFuture:
-        """Send a request; the future resolves to the handler's return value."""
-        payload = _codec.dumps(data)  # fails here, in the caller's frame, before anything is held
-        rid, fut = self._new_future()
-        self._send_or_forget(self._send, _request_msg(rid, action, target, payload, timeout, priority, retries,
-                                                      retry_delay))
-        return fut
-
-    def _send_or_forget(self, send: Callable[[Request], _T], msg: Request) -> _T:
-        """``send(msg)``; if it fails, the request's pending call is dropped."""
-        try:
-            return send(msg)
-        except BaseException:
-            self._pending.pop(msg.rid, None)
-            raise
-
-    def op(self, component: str, op: str, args: object = None, *, timeout: float | None = None,
-           payload: bytes | None = None) -> Call:
-        """An operation on broker-held state; ``args`` is pickled unless ``payload`` is given.
-        Wait for it with ``wait``."""
-        raw = _codec.dumps(args) if payload is None else payload
-        rid, call = self._new_call()
-        try:
-            self._send(Op(rid, -1.0 if timeout is None else float(timeout), component, op, raw))
-        except BaseException:
-            self._pending.pop(rid, None)
-            raise
-        return call
-
-    def post_op(self, component: str, op: str, args: object = None, timeout: float = -1.0) -> None:
-        """An operation that gets no answer (request id 0); quietly skipped if the
-        connection is closed (what needed it fails on its own)."""
-        try:
-            self._send(Op(0, timeout, component, op, _codec.dumps(args)))
-        except (MeshError, OSError):
-            pass
-
-    def call_op(self, component: str, op: str, payload: bytes,
-                withdraw: Callable[[ClientBase, int], None] | None = None) -> object:
-        """A blocking ``op`` with no timeout: its value, or its error raised here. If the
-        wait is interrupted before the answer, ``withdraw(self, rid)`` is called."""
-        call = self.op(component, op, payload=payload)
-        try:
-            return self.wait(call, _deadline.FOREVER)
-        except BaseException:
-            if withdraw is not None and not call.done():
-                withdraw(self, call._rid)
-            raise
-
-    def fetch_op(self, component: str, op: str, payload: bytes,
-                 withdraw: Callable[[ClientBase, int], None] | None = None) -> tuple[object, bytes | None]:
-        """``call_op``, and the pickle its value came as (what a near copy keeps)."""
-        call = self.op(component, op, payload=payload)
-        try:
-            value = self.wait(call, _deadline.FOREVER)
-        except BaseException:
-            if withdraw is not None and not call.done():
-                withdraw(self, call._rid)
-            raise
-        msg = call._msg
-        return value, (msg.payload if type(msg) is Reply else None)
-
-    def call(self, action: str, target: str | int, data: object = None, *,
-             timeout: float | None = None, priority: int = 0, retries: int = 0,
-             retry_delay: float = 0.0) -> object:
-        """Blocking ``request``: the result, or the remote exception raised here."""
-        payload = _codec.dumps(data)
-        rid, call = self._new_call()
-        msg = _request_msg(rid, action, target, payload, timeout, priority, retries, retry_delay)
-        return self._call(call, msg, self.guard_deadline(timeout, retries, retry_delay))
-
-    def _call(self, call: Call, msg: Request, deadline: float) -> object:
-        """Send the request ``call`` stands for and wait for its answer."""
-        self._send_or_forget(self._send, msg)
-        return self.wait(call, deadline)
-
-    @staticmethod
-    def guard_deadline(timeout: float | None, retries: int, retry_delay: float) -> float:
-        if timeout is None:
-            return _deadline.FOREVER
-        return _deadline.after(timeout * (retries + 1) + retry_delay * retries + _deadline.GUARD_SLACK_S)
-
-    def _resolve(self, msg: Reply | Failure) -> None:
-        fut = self._pending.pop(msg.rid, None)
-        if fut is None or fut._settled():
-            return
-        if type(fut) is Call:
-            fut._settle(msg)  # decoded by the waiter, off the I/O thread
-            return
-        assert isinstance(fut, MeshFuture)
-        if type(msg) is Reply:
-            try:
-                result = _codec.loads(msg.payload)
-            except SerializationError as exc:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-        else:
-            fut.set_exception(error_for(msg))  # type: ignore[arg-type]
-
-    def _forget(self, rid: int) -> None:
-        """The caller gave up on ``rid``: tell the broker, drop the future."""
-        if self._pending.pop(rid, None) is not None and self._closed is None:
-            try:
-                self._send(Cancel(rid))
-            except (MeshError, OSError):
-                pass
-
-    def _fail_pending(self, exc_factory: Callable[[], BaseException]) -> None:
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if fut.done():
-                continue
-            if type(fut) is Call:
-                fut._settle(None, exc_factory())
-            else:
-                fut.set_exception(exc_factory())  # type: ignore[union-attr]
-
-    def _timed_out(self, fut: MeshFuture | Call) -> BaseException:
-        fut.cancel()
-        return RequestTimeout("no answer in time: the broker did not respond (it may be overloaded or gone)")
-
-    async def arequest(self, *args: object, **kwargs: object) -> object:
-        return await asyncio.wrap_future(self.request(*args, **kwargs))  # type: ignore[arg-type]
-
-
-# -- in-process transport ----------------------------------------------------------------
-
-class LocalClient(ClientBase):
-    """A Master's client: messages go straight into the in-process broker core."""
-
-    def __init__(self, loop: BrokerLoop) -> None:
-        super().__init__()
-        self._loop = loop
-
-    def _send(self, msg: Message) -> None:
-        check_size(msg)  # what goes on to a child is encoded by the broker, too late to refuse
-        self._loop.submit_local(msg)
-
-    def deliver(self, msgs: list[Message]) -> None:
-        """Called by the broker (any thread, no lock held) with messages for us."""
-        for msg in msgs:
-            cls = type(msg)
-            if cls is Reply or cls is Failure:
-                self._resolve(msg)  # type: ignore[arg-type]
-            elif cls is Push:
-                self.on_push(msg)  # type: ignore[arg-type]
-            else:
-                self.on_incoming(msg)
-
-    def _call(self, call: Call, msg: Request, deadline: float) -> object:
-        # A child that starts the request at once has its socket lent to this thread
-        # before the frame goes out: the reply is read here, not by the loop thread.
-        lease = self._send_or_forget(self._submit_lent, msg)
-        if lease is not None:
-            call._latch.arm(lease.wake)
-            try:
-                self._loop.read_for(lease, call._settled, deadline)
-            finally:
-                call._latch.arm(None)
-        return self.wait(call, deadline)
-
-    def _submit_lent(self, msg: Request) -> Lease | None:
-        check_size(msg)
-        return self._loop.submit_lent(msg)
-
-    def wait(self, fut: MeshFuture | Call, deadline: float) -> object:
-        try:
-            return fut.result(_deadline.remaining(deadline))
-        except concurrent.futures.TimeoutError:
-            if fut.done():
-                return fut.result()
-            raise self._timed_out(fut) from None
-
-    def close(self, exc: BaseException | None = None) -> None:
-        if self._closed is None:
-            self._closed = exc or MeshClosed("the mesh was shut down")
-            self._fail_pending(self._closed_error)
-
-
-# -- socket transport --------------------------------------------------------------------
-
 _HUNG_UP: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -419,7 +132,7 @@ class SocketClient(ClientBase):
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
         self._said_goodbye = False
-        _watch_exit(self)
+        watch_exit(self)
 
     def _handshake(self, hello: Hello, deadline: float) -> None:
         try:
@@ -900,7 +613,7 @@ class SocketClient(ClientBase):
             self._closed = MeshClosed("this connection to the mesh was closed")
             self._drop_near()
             if goodbye is None:
-                goodbye = _verdict[1] if _verdict is not None and _verdict[0] == os.getpid() else True
+                goodbye = not ends_uncleanly()
             if goodbye and not self._said_goodbye and self._pid == os.getpid():
                 self._said_goodbye = True
                 # A write under way ends within the window; do not wait for it that long.
@@ -921,96 +634,3 @@ class SocketClient(ClientBase):
 
     def fileno(self) -> int:
         return self._sock.fileno()
-
-
-# -- How a process ends --------------------------------------------------------------------
-#
-# The broker cannot see a process's exit status (it goes to the process's parent); it only
-# sees the connection close. So a process tells it: a connection that closes after a
-# Goodbye was a clean exit, one that closes without is a crash, and the Manager locks and
-# semaphore units a crashed process held are released (``_broker/_objects``), where a
-# clean exit leaves them held, as the standard library does. A process ends cleanly when
-# its ``multiprocessing`` ``run()`` returns or raises SystemExit(0 or None), when a script
-# ends without an uncaught exception, or when it closes its connection itself. Killed by a
-# signal, os._exit(), any other exception or exit status out of ``run()``: no Goodbye.
-# The Goodbye goes from ``multiprocessing.util``'s exit handler (``_exit_function``), which
-# a ``multiprocessing`` child runs after ``run()`` with its exception still in
-# ``sys.exc_info()`` (atexit handlers do not run in a forked child), and which runs from
-# ``atexit`` elsewhere; a Master's child says it from ``run_target``, which knows its exit
-# code (``process_ends``). Every connection of the process says it, whichever broker it
-# goes to. Not seen: a script's sys.exit(n) (atexit cannot tell), a kill after the Goodbye.
-
-_open_clients: weakref.WeakSet[SocketClient] = weakref.WeakSet()
-_verdict: tuple[int, bool] | None = None  # (pid, clean) once this process's end is judged
-_watching_pid = 0
-
-
-def _watch_exit(client: SocketClient) -> None:
-    """Say Goodbye on ``client`` when this process ends cleanly."""
-    global _watching_pid
-    _open_clients.add(client)
-    if _watching_pid != client._pid:
-        _watching_pid = client._pid
-        multiprocessing.util.Finalize(None, _at_exit, exitpriority=-100)
-        register = getattr(threading, "_register_atexit", None)
-        if register is not None:
-            try:
-                register(_at_thread_shutdown)
-            except RuntimeError:  # the process is already shutting down
-                pass
-
-
-def exit_is_clean() -> bool:
-    """Called as this process ends: whether it ends cleanly (judged once per process)."""
-    pid = os.getpid()
-    if _verdict is not None and _verdict[0] == pid:
-        return _verdict[1]
-    exc = sys.exc_info()[1]
-    if exc is None and multiprocessing.parent_process() is None:
-        # A script that an uncaught exception ended (a child may have inherited these).
-        exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    return exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0))
-
-
-def process_ends(clean: bool) -> None:
-    """This process is about to end: if ``clean``, each of its connections says Goodbye
-    now; if not, none will (not even as it closes)."""
-    global _verdict
-    pid = os.getpid()
-    _verdict = (pid, clean)
-    if clean:
-        for client in list(_open_clients):
-            if client._pid == pid:
-                client.say_goodbye()
-
-
-def _at_exit() -> None:
-    process_ends(exit_is_clean())
-
-
-def _at_thread_shutdown() -> None:
-    """Judge a ``multiprocessing`` child's end by its exit code. From Python 3.13 its
-    ``_bootstrap`` runs the exit handlers only after it returned (with the exception
-    already handled); the code is still a local of ``_bootstrap`` while that shuts the
-    threading module down, which is when this runs."""
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_bootstrap" and "exitcode" in frame.f_locals:
-            if _verdict is None or _verdict[0] != os.getpid():
-                process_ends(frame.f_locals["exitcode"] == 0)
-            return
-        frame = frame.f_back
-
-
-def _request_msg(rid: int, action: str, target: str | int, payload: bytes, timeout: float | None,
-                 priority: int, retries: int, retry_delay: float) -> Request:
-    if isinstance(target, int) and not isinstance(target, bool):
-        name, target_id = "", target
-    else:
-        name, target_id = str(target), -1
-    return Request(rid, priority, target_id, retries, -1.0 if timeout is None else float(timeout),
-                   retry_delay, action, name, payload)
-
-
-def make_hello(role: int, *, name: str = "", group: str = "", capacity: int = 0) -> Hello:
-    return Hello(os.getpid(), role, capacity, name, group, socket.gethostname())

@@ -7,7 +7,7 @@ import logging
 import threading
 from typing import Any, Protocol
 
-from ._client import ClientBase
+from ._base import ClientBase
 from ._futures import MeshFuture
 
 __all__ = ["RetryOn"]

@@ -17,21 +17,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast, final
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from . import _binding, _deadline, _near
-from ._broker._payload import pack
-from ._broker._pubsub import pack_publish
-from ._broker._rpc import pack_call
-from ._errors import BrokerUnavailable, LockTimeout, MeshError, RequestTimeout
-from ._shared_cache import Cache, open_cache
-from ._shared_session import Subscription, session_for
-from ._wire import _codec
-from ._wire._messages import Op
+from .._client import _binding, _near
+from .._io import _deadline
+from .._broker._payload import pack
+from .._broker._pubsub import pack_publish
+from .._broker._rpc import pack_call
+from .._errors import LockTimeout, MeshError, RequestTimeout
+from ._cache import Cache, open_cache
+from ._grant import LockGrant
+from ._session import Subscription, session_for
+from .._wire import _codec
+from .._wire._messages import Op
 
 if TYPE_CHECKING:
-    from ._client import ClientBase
-    from ._redis._remote import Remote
+    from .._client._base import ClientBase
 
 __all__ = ["Cache", "LockGrant", "Node", "SharedState", "Subscription"]
 
@@ -49,77 +50,6 @@ class Node:
     role: str = "client"
 
 
-@final
-class LockGrant:
-    """A granted lock: ``token`` is its fencing token; ``release()`` or leave the ``with``.
-
-    Created by ``lock()`` / ``try_lock()`` only. Releasing twice, or after the TTL ran
-    out, does nothing.
-    """
-
-    __slots__ = ("name", "token", "ttl", "_address", "_client", "_released")
-
-    def __init__(self, address: str, name: str, token: int, ttl: float | None,
-                 client: ClientBase | None) -> None:
-        self._address = address
-        self.name = name
-        self.token = token
-        self.ttl = ttl
-        self._client = client
-        self._released = False
-
-    def _bound(self) -> ClientBase:
-        if self._client is None:
-            self._client = _binding.client_for(self._address)
-        return self._client
-
-    def release(self) -> None:
-        """Release the lock now (the next waiter gets it at once).
-
-        Raises:
-            RequestTimeout, BrokerUnavailable: the broker did not confirm it; the release
-            is sent all the same, and takes effect if the broker runs again.
-        """
-        if self._released:
-            return
-        client = self._bound()
-        payload = pack((self.name, self.token))
-        if client._silent and client._closed is None:
-            # New calls are refused while the broker is silent; a release needs no answer.
-            client._send(Op(0, -1.0, "locks", "release", payload))
-            self._released = True
-            raise BrokerUnavailable(f"{client._silent} (lock {self.name!r}: its release is sent)")
-        call = client.op("locks", "release", payload=payload)
-        self._released = True
-        client.wait(call, client.due())
-
-    def extend(self, ttl: float | None) -> bool:
-        """Make the grant expire ``ttl`` seconds from now (None: never); False if it already ended."""
-        _deadline.check_timeout(ttl, "ttl")
-        client = self._bound()
-        call = client.op("locks", "extend", payload=pack((self.name, self.token, ttl)))
-        ok = bool(client.wait(call, client.due()))
-        if ok:
-            self.ttl = ttl
-        return ok
-
-    def __enter__(self) -> LockGrant:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_grant, (self._address, self.name, self.token, self.ttl))
-
-    def __repr__(self) -> str:
-        return f"<mpmesh.LockGrant {self.name!r} token={self.token}{' released' if self._released else ''}>"
-
-
-def _rebuild_grant(address: str, name: str, token: int, ttl: float | None) -> LockGrant:
-    return LockGrant(address, name, token, ttl, None)
-
-
 def state_address(mesh_address: str) -> str:
     """The socket of the state broker of the mesh at ``mesh_address``: beside it, named
     after it (``<name>.state.sock``), so any process that finds the mesh finds it."""
@@ -133,12 +63,35 @@ def _check_name(what: str, name: object) -> str:
     return name
 
 
+class Backend(Protocol):
+    """Where shared state lives when it is not this host's broker (Redis, across hosts);
+    what it returns duck-types the local ``Cache``, ``LockGrant`` and ``Subscription``."""
+
+    def cache(self, name: str, maxsize: int | None, ttl: float | None, maxbytes: int | None) -> Any: ...
+
+    def acquire(self, name: str, ttl: float | None, wait: float | None) -> Any: ...
+
+    def subscribe(self, pattern: str, callback: Callable[[Any, str], object]) -> Any: ...
+
+    def publish(self, channel: str, payload: object) -> int: ...
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None: ...
+
+    def unregister(self, name: str) -> bool: ...
+
+    def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any: ...
+
+    def nodes(self) -> list[Node]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
 class SharedState:
     """Mixin: cache, locks, pub/sub, RPC pools and ``nodes()`` over ``self._client``."""
 
     # The mesh-wide half of this process, when the mesh has a Redis backend: then shared
     # state lives in Redis, and every method below hands its call there.
-    _remote: Remote | None = None
+    _remote: Backend | None = None
 
     @property
     def _client(self) -> ClientBase:
@@ -209,7 +162,7 @@ class SharedState:
         """
         _check_name("a cache name", name)
         if self._remote is not None:
-            return self._remote.cache(name, maxsize, ttl, maxbytes)  # type: ignore[return-value]
+            return cast(Cache, self._remote.cache(name, maxsize, ttl, maxbytes))
         return open_cache(self._state_conn, self._state_address(), name, maxsize, ttl, maxbytes, near=near)
 
     # -- locks ----------------------------------------------------------------------------------
@@ -239,7 +192,7 @@ class SharedState:
 
     def _acquire(self, name: str, ttl: float | None, wait: float | None) -> LockGrant | None:
         if self._remote is not None:
-            return self._remote.acquire(name, ttl, wait)  # type: ignore[return-value]
+            return cast("LockGrant | None", self._remote.acquire(name, ttl, wait))
         client = self._state_conn
         payload = pack((name, ttl, wait))
         fut = client.op("locks", "acquire", payload=payload)
@@ -275,7 +228,7 @@ class SharedState:
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         if self._remote is not None:
-            return self._remote.subscribe(pattern, callback)  # type: ignore[return-value]
+            return cast(Subscription, self._remote.subscribe(pattern, callback))
         return session_for(self._state_conn).subscribe(pattern, callback)
 
     def publish(self, channel: str, payload: object = None) -> int:
@@ -350,7 +303,7 @@ class SharedState:
 
     def stats(self) -> dict[str, Any]:
         """The broker's shared-state counters, connections, memory and CPU."""
-        from ._io._usage import process_usage
+        from .._io._usage import process_usage
 
         client = self._state_conn  # its counters are the state broker's, where there is one
         call = client.op("admin", "stats", payload=pack(()))

@@ -15,19 +15,23 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
-from ._errors import (
+from .._errors import (
     MeshClosed, MeshError, NoHandler, NotFound, RemoteError, RequestTimeout, SerializationError,
     WorkerLost,
 )
-from ._wire import _codec
-from ._wire._messages import ErrorCode, Failure, Reply
-
-if TYPE_CHECKING:
-    from ._client import ClientBase
+from .._wire import _codec
+from .._wire._messages import ErrorCode, Failure, Reply
 
 __all__ = ["Call", "Latch", "MeshFuture", "dispatcher", "error_for"]
+
+
+class Issuer(Protocol):
+    """The client that issued a call: told when its caller gives up on it."""
+
+    def _forget(self, rid: int) -> None: ...
+
 
 log = logging.getLogger("mpmesh.client")
 
@@ -102,7 +106,7 @@ class MeshFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     Everything else is the base class's own code.
     """
 
-    _client: ClientBase | None = None
+    _client: Issuer | None = None
     _rid = 0
     # Read (as empty) until the Condition is made; whatever adds to them (a callback,
     # concurrent.futures.wait / as_completed) holds the Condition first.
@@ -228,7 +232,7 @@ class Call:
 
     __slots__ = ("_client", "_error", "_latch", "_msg", "_rid")
 
-    def __init__(self, client: ClientBase, rid: int) -> None:
+    def __init__(self, client: Issuer, rid: int) -> None:
         self._client = client
         self._rid = rid
         self._msg: Reply | Failure | None = None

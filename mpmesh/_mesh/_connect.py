@@ -24,19 +24,21 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final
 
-from . import _deadline, _near
-from ._binding import read_key
-from ._broker._admin import STOP_EVENT, Admin
-from ._broker._actions import Notify
-from ._client import DEFAULT_TIMEOUT_S, ClientBase, SocketClient, make_hello
-from ._errors import BrokerUnavailable
-from ._io import _paths
-from ._io._broker_process import read_line
-from ._redis._handle import RedisHandle
-from ._redis._link import Link, backend_from_env, shared_authkey
-from ._redis._remote import Remote
-from ._shared import SharedState
-from ._wire._messages import ErrorCode, Failure, Message, Request, Role
+from .._io import _deadline
+from .._client import _near
+from .._client._binding import read_key
+from .._broker._admin import STOP_EVENT, Admin
+from .._broker._actions import Notify
+from .._client._base import ClientBase, make_hello
+from .._client._socket import DEFAULT_TIMEOUT_S, SocketClient
+from .._errors import BrokerUnavailable
+from .._io import _paths
+from .._host._process import read_line
+from .._redis._handle import RedisHandle
+from .._redis._link import Link, backend_from_env, shared_authkey
+from .._redis._remote import Remote
+from .._state._shared import SharedState
+from .._wire._messages import ErrorCode, Failure, Message, Request, Role
 
 __all__ = ["MeshHandle", "connect", "serve"]
 
@@ -56,6 +58,8 @@ class MeshHandle(SharedState):
     ``nodes``...) plus requests to the mesh's children and groups. Close it, or use it
     as a context manager.
     """
+
+    _remote: Remote | None
 
     def __init__(self, name: str, address: str, client: SocketClient, *, timeout: float | None,
                  spawned: bool) -> None:
@@ -272,7 +276,7 @@ def serve(name: str, authkey: bytes | None = None, *, ready: Any = None) -> int:
 
     ``ready``, if given, is called once the broker listens.
     """
-    from ._io._host import BrokerHost
+    from .._host._inproc import BrokerHost
 
     holder: list[BrokerHost] = []
 

@@ -26,16 +26,16 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
-from ._broker._payload import pack
-from ._broker._pubsub import ACK, STREAM_BASE, push_cost
-from ._broker._rpc import CALL_BASE, OK, pack_result
-from ._errors import MeshError, MessageTooLarge, SerializationError
-from ._handlers import failure_from
-from ._wire import _codec
-from ._wire._messages import ErrorCode, Op, Push
+from .._broker._payload import pack
+from .._broker._pubsub import ACK, STREAM_BASE, push_cost
+from .._broker._rpc import CALL_BASE, OK, pack_result
+from .._errors import MeshError, MessageTooLarge, SerializationError
+from .._client._handlers import failure_from
+from .._wire import _codec
+from .._wire._messages import ErrorCode, Op, Push
 
 if TYPE_CHECKING:
-    from ._client import ClientBase
+    from .._client._base import ClientBase
 
 __all__ = ["Session", "Subscription", "session_for"]
 

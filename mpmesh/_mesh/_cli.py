@@ -15,13 +15,14 @@ import sys
 import time
 from typing import Any, Final
 
-from . import _deadline
-from ._binding import read_key
-from ._broker._payload import pack
-from ._client import SocketClient, make_hello
-from ._errors import AuthenticationError, MeshError
-from ._io import _paths
-from ._wire._messages import Role
+from .._io import _deadline
+from .._client._binding import read_key
+from .._broker._payload import pack
+from .._client._base import make_hello
+from .._client._socket import SocketClient
+from .._errors import AuthenticationError, MeshError
+from .._io import _paths
+from .._wire._messages import Role
 
 __all__ = ["main"]
 
@@ -141,7 +142,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ._io._usage import process_usage
+    from .._io._usage import process_usage
 
     client = _client(args.name)
     if client is None:

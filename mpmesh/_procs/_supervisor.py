@@ -31,11 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from ._futures import dispatcher
-from ._errors import MeshError
-from ._io import _zygote
-from ._io._forking import fork_is_safe, reap
-from ._wire import _codec
+from .._client._futures import dispatcher
+from .._errors import MeshError
+from .._io import _zygote
+from .._io._forking import fork_is_safe, reap
+from .._wire import _codec
+from ._child import process_main, run_target
 
 __all__ = ["ChildSpec", "ReaderLoop", "Supervisor", "default_start_method", "describe_exit"]
 
@@ -392,11 +393,9 @@ class Supervisor:
         config["target"] = _codec.dumps_by_value((spec.target, spec.args, spec.kwargs))
         if spec.start_method == "fork":
             config["zygote"] = True  # it ends the child if this process dies
-            return self._via_zygote(spec.name, ("fork", 0, config))
+            return self._via_zygote(spec.name, ("fork", 0, config, run_target))
         done: concurrent.futures.Future[int] = concurrent.futures.Future()
         ctx = multiprocessing.get_context(spec.start_method)
-        from ._child import process_main
-
         blob = _codec.dumps(config)
         proc = ctx.Process(target=process_main, args=(blob,), name=f"mpmesh:{spec.name}")  # type: ignore[attr-defined]
         with _environ(spec.env):

@@ -23,9 +23,9 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Final
 
-from ._broker import _ring
-from ._broker._versions import ACCESS, CLOSED, LEASE, TABLE_BYTES, VERSIONS, WRITERS
-from ._wire import _codec
+from .._broker import _ring
+from .._broker._versions import ACCESS, CLOSED, LEASE, TABLE_BYTES, VERSIONS, WRITERS
+from .._wire import _codec
 
 __all__ = [
     "ETERNAL", "MAX_COPIES", "MAX_COPY_BYTES", "MAX_TOTAL_BYTES", "NearCache", "counters", "immutable",

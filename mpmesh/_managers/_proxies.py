@@ -34,20 +34,20 @@ from multiprocessing import process
 from multiprocessing.context import get_spawning_popen
 from typing import Any, ClassVar, Final
 
-from . import _binding, _deadline
-from ._broker._objects import COMPONENT
-from ._broker._refs import Token, install_proxy_builder, rebuild_ref
-from ._broker._versions import bulk_slot, key_slot, stable_hash, whole_slot
-from ._near import ETERNAL, immutable
-from ._client import ClientBase, SocketClient, make_hello
-from ._futures import Call
-from ._errors import BrokerUnavailable, SerializationError
-from ._wire import _codec
-from ._wire._messages import Role
+from .._client import _binding
+from .._io import _deadline
+from .._broker._objects import COMPONENT
+from .._broker._refs import Token, install_proxy_builder, rebuild_ref
+from .._broker._versions import bulk_slot, key_slot, stable_hash, whole_slot
+from .._client._near import ETERNAL, immutable
+from .._client._base import ClientBase
+from .._client._futures import Call
+from .._errors import SerializationError
+from .._wire import _codec
 
 __all__ = [
     "AutoProxy", "BaseProxy", "MakeProxyType", "Token", "client_for", "create_proxy",
-    "flush_releases", "pack", "register_client", "unregister_client",
+    "flush_releases", "pack",
 ]
 
 _getpid = os.getpid
@@ -87,66 +87,18 @@ def _plain(values: tuple[Any, ...]) -> bool:
     return True
 
 
-# -- this process's clients, by manager address --------------------------------------------
-
-_clients: dict[tuple[object, int], ClientBase] = {}
-_clients_lock = threading.Lock()
-
-
 def _reset_after_fork() -> None:
-    global _clients_lock
-    _clients_lock = threading.Lock()
     _releases.clear()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _key(address: object) -> tuple[object, int]:
-    if isinstance(address, list):
-        address = tuple(address)
-    return (address, _getpid())
-
-
-def register_client(address: object, client: ClientBase) -> None:
-    """Make ``client`` the one proxies (and shared-state handles) for ``address`` use here."""
-    _clients[_key(address)] = client
-    if isinstance(address, str):
-        _binding.bind(address, client)
-
-
-def unregister_client(address: object, client: ClientBase | None = None) -> None:
-    key = _key(address)
-    if client is None or _clients.get(key) is client:
-        _clients.pop(key, None)
-
-
 def client_for(address: object, authkey: bytes | None = None) -> ClientBase:
-    """This process's client for the manager at ``address``, connecting on first use."""
-    key = _key(address)
-    client = _clients.get(key)
-    if client is not None and client._closed is None:
-        return client
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is not None and client._closed is None:
-            return client
-        if isinstance(client, SocketClient):
-            client.close()  # a broken one: free its socket
-        if isinstance(address, str):
-            # The mesh's own binding (a Master, a Child, mpmesh.connect), or a connection
-            # made with the key file of the private runtime directory.
-            try:
-                client = _binding.client_for(address)
-            except BrokerUnavailable:
-                pass
-            else:
-                _clients[key] = client
-                return client
-        key_bytes = bytes(authkey if authkey is not None else process.current_process().authkey)
-        client = SocketClient(address, key_bytes, make_hello(Role.CLIENT))  # type: ignore[arg-type]
-        _clients[key] = client
-        return client
+    """This process's client for the manager at ``address``, connecting on first use
+    with ``authkey``, or this process's ``authkey`` as the standard library's proxies do."""
+    return _binding.client_for(address, bytes(authkey if authkey is not None
+                                              else process.current_process().authkey))
 
 
 def pack(call: object) -> bytes:

@@ -13,9 +13,9 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ._errors import SerializationError
-from ._wire import _codec
-from ._wire._messages import ErrorCode, Failure, Reply, Request
+from .._errors import SerializationError
+from .._wire import _codec
+from .._wire._messages import ErrorCode, Failure, Reply, Request
 
 __all__ = ["AsyncRunner", "HandlerRegistry", "invoke", "failure_from"]
 

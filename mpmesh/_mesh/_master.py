@@ -20,29 +20,32 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from . import _binding, _deadline, _near
-from ._broker._actions import Notify
-from ._broker._routing import STRATEGIES, Worker, WorkerState
-from ._child import check_mode
-from ._futures import MeshFuture, dispatcher
-from ._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
-from ._handlers import AsyncRunner, HandlerRegistry, invoke
-from ._client import ClientBase, SocketClient, make_hello
-from ._io import _broker_process, _paths
-from ._io._forking import stop_in_turn
-from ._io._host import BrokerHost, listen, write_key
-from ._manager import SharedObjects
-from ._mesh_stats import GroupStats, ProcessStats
-from ._restarts import RestartPolicy
-from ._retry_on import RetryOn
-from ._redis._link import Link, backend_from_env, shared_authkey
-from ._redis._node import ID_BLOCK
-from ._redis._remote import Remote, reserve_ids
-from ._broker._payload import pack
-from ._errors import MeshError
-from ._shared import SharedState, state_address
-from ._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
-from ._wire._messages import ErrorCode, Message, Request, Role
+from .._client import _binding, _near
+from .._io import _deadline
+from .._broker._actions import Notify
+from .._broker._routing import STRATEGIES, Worker, WorkerState
+from .._procs._child import check_mode
+from .._client._futures import MeshFuture, dispatcher
+from .._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
+from .._client._handlers import AsyncRunner, HandlerRegistry, invoke
+from .._client._base import ClientBase, make_hello
+from .._client._socket import SocketClient
+from .._host import _process as _broker_process
+from .._io import _paths
+from .._io._forking import stop_in_turn
+from .._host._inproc import BrokerHost, listen, write_key
+from .._managers._manager import SharedObjects
+from ._stats import GroupStats, ProcessStats
+from .._procs._restarts import RestartPolicy
+from .._client._retry_on import RetryOn
+from .._redis._link import Link, backend_from_env, shared_authkey
+from .._redis._node import ID_BLOCK
+from .._redis._remote import Remote, reserve_ids
+from .._broker._payload import pack
+from .._errors import MeshError
+from .._state._shared import SharedState, state_address
+from .._procs._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
+from .._wire._messages import ErrorCode, Message, Request, Role
 
 __all__ = ["EVENTS", "GroupStats", "Master", "ProcessStats"]
 
@@ -58,6 +61,8 @@ class Master(SharedState, SharedObjects):
 
     Use it as a context manager; leaving the block shuts every child down.
     """
+
+    _remote: Remote | None
 
     def __init__(self, name: str | None = None, *, authkey: bytes | None = None,
                  timeout: float | None = 30.0, retries: int = 0, retry_delay: float = 0.1,
@@ -298,6 +303,10 @@ class Master(SharedState, SharedObjects):
             self._forget(name)
             raise
 
+    def _names_in_use(self) -> set[str]:
+        """Every group and child name taken in this mesh (a pool picks a free one)."""
+        return set(self._core.groups()) | set(self._core.children())
+
     def _forget(self, name: str) -> None:
         with self._loop.locked():
             self._specs.pop(name, None)
@@ -325,7 +334,7 @@ class Master(SharedState, SharedObjects):
 
     def Pool(self, processes: int | None = None, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
         """A ``multiprocessing.Pool`` drop-in whose workers are a new group of this mesh."""
-        from ._pool import Pool
+        from .._pool import Pool
 
         return Pool._on_master(self, processes, *args, **kwargs)
 
@@ -528,7 +537,7 @@ class Master(SharedState, SharedObjects):
         return list(found[1])  # type: ignore[index]
 
     def _node_left(self, record: dict[str, Any]) -> None:
-        from ._shared import Node
+        from .._state._shared import Node
 
         iid = record["iid"]
         row = next((r for r in record["nodes"] if r[0] == iid), [iid, "", None, 0, record.get("hostname", ""),

@@ -36,10 +36,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .. import _deadline
+from .._io import _deadline
 from .._errors import BrokerUnavailable
-from . import _paths
-from ._forking import exited, fork_is_safe, reap
+from .._io import _paths
+from .._io._forking import exited, fork_is_safe, reap
 
 __all__ = ["BrokerProcess", "Config", "discard_launcher", "launcher", "read_line", "start"]
 
@@ -238,7 +238,7 @@ class _Launcher:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        argv = [sys.executable, "-c", "from mpmesh._io._broker_process import launcher; launcher(3)"]
+        argv = [sys.executable, "-c", "from mpmesh._host._process import launcher; launcher(3)"]
         try:
             self.pid = os.posix_spawn(sys.executable, argv, env, file_actions=[
                 (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)])
@@ -318,8 +318,8 @@ def _dumps(config: Config) -> bytes:
 def serve(config: Config, sock_fd: int, life_r: int, status_w: int, listener_fd: int = -1) -> int:
     """Run the broker in this (new) process until the life pipe closes; exit status."""
     from .._broker._objects import COMPONENT, ObjectTable
-    from .._proxies import register_client
-    from ._host import BrokerHost
+    from .._client._binding import bind
+    from ._inproc import BrokerHost
 
     if config.lazy and listener_fd >= 0:
         # The address is the starter's own choice: it may connect at once.
@@ -351,7 +351,7 @@ def serve(config: Config, sock_fd: int, life_r: int, status_w: int, listener_fd:
             table.registry = dict(config.registry)
     # Proxies that user code gets here (a Pool's callbacks, a Barrier's action, a registered
     # type's arguments) call this broker in-process, not through its socket and key.
-    register_client(host.address, host.client)
+    bind(host.address, host.client)
     host.loop.adopt(socket.socket(fileno=sock_fd))
     threading.Thread(target=_watch_life, args=(life_r, host), name="mpmesh-life", daemon=True).start()
     if status_w >= 0:

@@ -36,25 +36,25 @@ from multiprocessing import connection, process
 from multiprocessing.context import BaseContext, ProcessError
 from typing import Any, ClassVar, Final
 
-from ._broker._natives import NATIVE, Array, Namespace, Value
-from ._broker._objects import COMPONENT, ObjectTable
-from ._broker._refs import Token, TypeSpec
-from . import _deadline
-from ._client import DEFAULT_TIMEOUT_S, ClientBase, SocketClient, make_hello
-from ._errors import BrokerUnavailable, MeshClosed
-from . import _near
-from ._futures import dispatcher
-from ._io import _broker_process, _paths
-from ._io._forking import stop_in_turn
-from ._io._host import BrokerHost
-from ._proxies import (
-    AutoProxy, _wait, create_proxy, flush_releases, pack, register_client, unregister_client,
-)
+from .._broker._natives import NATIVE, Array, Namespace, Value
+from .._broker._objects import COMPONENT, ObjectTable
+from .._broker._refs import Token, TypeSpec
+from .._io import _deadline
+from .._client._base import ClientBase, make_hello
+from .._client._socket import DEFAULT_TIMEOUT_S, SocketClient
+from .._errors import BrokerUnavailable, MeshClosed
+from .._client import _binding, _near
+from .._client._futures import dispatcher
+from .._host import _process as _broker_process
+from .._io import _paths
+from .._io._forking import stop_in_turn
+from .._host._inproc import BrokerHost
+from ._proxies import AutoProxy, _wait, create_proxy, flush_releases, pack
 from ._proxy_types import (
     AcquirerProxy, ArrayProxy, BarrierProxy, ConditionProxy, DictProxy, EventProxy, IteratorProxy,
     ListProxy, NamespaceProxy, PoolProxy, QueueProxy, ValueProxy,
 )
-from ._wire._messages import Role
+from .._wire._messages import Role
 
 __all__ = ["BaseManager", "Manager", "ObjectFactories", "Server", "SharedObjects", "State", "SyncManager"]
 
@@ -169,7 +169,7 @@ class SharedObjects(ObjectFactories):
                 table = host.core.components.get(COMPONENT)
                 if isinstance(table, ObjectTable):
                     table.address = self.address
-            register_client(address, client)
+            _binding.bind(address, client)
             self._objects_bound = True
         return create_proxy(client, address, self.authkey, typeid, _DEFAULT_PROXIES[typeid], args, kwargs)
 
@@ -191,7 +191,7 @@ def _close_host(host: BrokerHost, pid: int) -> None:
     """Finalizer of a manager that hosts its broker (never acts in a forked child)."""
     if os.getpid() != pid:
         return
-    unregister_client(host.address, host.client)
+    _binding.unbind(host.address, host.client)
     host.close()
 
 
@@ -208,11 +208,11 @@ class Server:
         self.address = self._host.address
 
     def serve_forever(self) -> None:
-        register_client(self.address, self._host.client)
+        _binding.bind(self.address, self._host.client)
         try:
             self._host.serve_forever()
         finally:
-            unregister_client(self.address, self._host.client)
+            _binding.unbind(self.address, self._host.client)
             self._host.close()
 
     def close(self) -> None:
@@ -286,7 +286,7 @@ class BaseManager:
                               timeout=self._timeout)
         self._client = client
         self._pid = os.getpid()
-        register_client(self._address, client)
+        _binding.bind(self._address, client)
         self._state.value = State.STARTED
         self._finalizer = weakref.finalize(self, _close_client, self._address, client, self._pid)
 
@@ -308,7 +308,7 @@ class BaseManager:
         self._address = host.address
         self._client = host.client
         self._pid = os.getpid()
-        register_client(host.address, host.client)
+        _binding.bind(host.address, host.client)
         self._state.value = State.STARTED
         self._finalizer = weakref.finalize(self, _close_host, host, self._pid)
 
@@ -329,7 +329,7 @@ class BaseManager:
         self._broker_proc = proc
         self._process = proc  # what code written for the standard library reads (pid, exitcode)
         self._pid = os.getpid()
-        register_client(proc.address, client)
+        _binding.bind(proc.address, client)
         self._state.value = State.STARTED
         self._finalizer = weakref.finalize(self, _stop_broker, proc, client, self._pid)
 
@@ -490,7 +490,7 @@ def _factory_method(typeid: str) -> Callable[..., Any]:
 def _close_client(address: object, client: ClientBase, pid: int) -> None:
     if os.getpid() != pid:
         return
-    unregister_client(address, client)
+    _binding.unbind(address, client)
     client.close()
 
 
@@ -536,7 +536,7 @@ def _pool(*args: Any, **kwargs: Any) -> object:
     """The ``Pool`` typeid: mpmesh's Pool when present, else the standard library's."""
     pool_type: Any
     try:
-        from ._pool import Pool as pool_type
+        from .._pool import Pool as pool_type
     except ImportError:  # pragma: no cover - before the Pool drop-in exists
         from multiprocessing.pool import Pool as pool_type
     return pool_type(*args, **kwargs)
