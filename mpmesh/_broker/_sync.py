@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from ._lockcells import BROKER, WAITING, LockCells
-from ._waiters import FOREVER, PARKED, Effects, Waiter, deadline_for
+from ._limits import FOREVER
+from ._waiters import PARKED, Effects, Waiter, deadline_for
 
 __all__ = [
     "Barrier", "BoundedSemaphore", "BrokenBarrier", "Condition", "Event", "Lock", "Native",

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-__all__ = ["FOREVER", "PARKED", "Effects", "Parkable", "ParkingLot", "Waiter", "deadline_for"]
+from ._limits import FOREVER
 
-FOREVER: Final = math.inf
+__all__ = ["PARKED", "Effects", "Parkable", "ParkingLot", "Waiter", "deadline_for"]
 
 
 class _Parked:
