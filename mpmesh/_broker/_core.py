@@ -438,7 +438,7 @@ class BrokerCore:
         if max_concurrency is not None:
             group.max_concurrency = max_concurrency
         self.timers_moved = True
-        return self.router._pump_group(group, now)
+        return self.router.pump_group(group, now)
 
     def child_down(self, name: str, how: str, now: float, *, restarting: bool = False,
                    unless_down: bool = False) -> list[Action]:

@@ -297,7 +297,7 @@ class Router:
         worker.capacity = max(0, capacity)
         actions = self._pump_worker(worker, now)
         if worker.group is not None:
-            actions += self._pump_group(worker.group, now)
+            actions += self.pump_group(worker.group, now)
         return actions
 
     # -- requests ------------------------------------------------------------------------
@@ -363,9 +363,11 @@ class Router:
         where.queue.push(job)
         if isinstance(where, Worker):
             return self._pump_worker(where, now)
-        return self._pump_group(where, now)
+        return self.pump_group(where, now)
 
-    def _pump_group(self, group: Group, now: float) -> list[Action]:
+    def pump_group(self, group: Group, now: float) -> list[Action]:
+        """Start ``group``'s queued jobs on free members while it has room (also after its
+        owner changed its strategy or cap)."""
         actions: list[Action] = []
         while group.queue.live and group.has_room:
             worker = self._pick(group)
