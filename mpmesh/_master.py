@@ -22,7 +22,8 @@ from typing import Any, Final, TypeVar
 
 from . import _binding, _deadline, _near
 from ._broker._actions import Notify
-from ._broker._routing import STRATEGIES, Worker, WorkerState
+from ._broker._jobs import Worker, WorkerState
+from ._broker._routing import STRATEGIES
 from ._child import check_mode
 from ._futures import MeshFuture, dispatcher
 from ._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
