@@ -19,8 +19,11 @@ from .._wire._messages import (
     Request, Role, Serve,
 )
 from ._actions import WARNING, Action, Close, Notify, Send
+from ._health import HealthCheck
+from ._jobs import UNLIMITED, Group, Worker, WorkerState
+from ._limits import FOREVER
 from ._ring import KINDS, RingReader
-from ._routing import STRATEGIES, UNLIMITED, Group, Router, Worker, WorkerState
+from ._routing import STRATEGIES, Router
 
 __all__ = ["LOCAL_PEER", "BrokerCore", "Component", "Peer"]
 
@@ -74,6 +77,7 @@ class BrokerCore:
         """``first_instance``: the first instance id handed out (a host of a mesh across
         hosts has a block of ids of its own)."""
         self.router = Router(rng or random.Random())
+        self.health = HealthCheck()  # of the router's workers
         self.peers: dict[int, Peer] = {}
         self.by_instance: dict[int, Peer] = {}
         self.components: dict[str, Component] = {}
@@ -218,7 +222,7 @@ class BrokerCore:
             worker.last_beat = now
             if not worker.healthy:
                 self.timers_moved = True
-                return self.router.on_beat(worker, now) + self._dispatch(peer, msg, now)
+                return self.health.on_beat(worker, now) + self._dispatch(peer, msg, now)
         if type(msg) is Op:  # the most common message by far: shared-state operations
             return self._op(peer, msg, now)
         self.timers_moved = True
@@ -307,6 +311,8 @@ class BrokerCore:
     def on_tick(self, now: float) -> list[Action]:
         self.timers_moved = True
         actions = self.router.on_tick(now)
+        if now >= self.health.next_check:
+            actions += self.health.check(self.router.workers.values(), now)
         for component in self.components.values():
             actions += component.on_tick(now)
         due = self._hello_due
@@ -324,6 +330,9 @@ class BrokerCore:
     def next_deadline(self) -> float | None:
         """The earliest moment ``on_tick`` has work; asked once per pass of the loop."""
         best = self.router.next_deadline()
+        check = self.health.next_check
+        if check != FOREVER and (best is None or check < best):
+            best = check
         for component in self.components.values():
             d = component.next_deadline()
             if d is not None and (best is None or d < best):
@@ -359,14 +368,14 @@ class BrokerCore:
 
     def enable_heartbeats(self, interval: float | None, misses: int, now: float,
                           inspect: bool = False) -> None:
-        """Watch children's heartbeats (see ``Router.enable_heartbeats``)."""
+        """Watch children's heartbeats (see ``HealthCheck.enable``)."""
         self.timers_moved = True
-        self.router.enable_heartbeats(interval, misses, now, inspect)  # type: ignore[arg-type]
+        self.health.enable(interval, misses, now, inspect)  # type: ignore[arg-type]
 
     def on_running(self, running: set[int], now: float) -> list[Action]:
         """The driver's answer to ``Inspect``: which of the pids it named are on a CPU."""
         self.timers_moved = True
-        return self.router.on_running(running, now)
+        return self.health.on_running(running, now)
 
     def child(self, name: str) -> Worker | None:
         return self.router.workers.get(name)
@@ -438,7 +447,7 @@ class BrokerCore:
         if max_concurrency is not None:
             group.max_concurrency = max_concurrency
         self.timers_moved = True
-        return self.router._pump_group(group, now)
+        return self.router.pump_group(group, now)
 
     def child_down(self, name: str, how: str, now: float, *, restarting: bool = False,
                    unless_down: bool = False) -> list[Action]:

@@ -4,20 +4,24 @@ Every count a peer controls has a limit here, so no process (buggy or hostile, b
 authenticated) can grow the broker without bound; what goes past one is refused with an
 error that names the limit, and the broker goes on serving everyone else. Sizes of
 messages are limited on the wire (``_wire/_frames``); the values and their reasons are
-listed for users in ``docs/security.md``.
+listed for users in ``docs/security.md``. ``FOREVER`` is here too: the one "no limit" of
+time, which every layer's deadlines compare against.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from .._errors import MeshError
 
 __all__ = [
-    "MAX_CACHES", "MAX_IN_FLIGHT_PER_PEER", "MAX_LOCKS", "MAX_OBJECTS", "MAX_PARKED_PER_PEER",
+    "FOREVER", "MAX_CACHES", "MAX_IN_FLIGHT_PER_PEER", "MAX_LOCKS", "MAX_OBJECTS", "MAX_PARKED_PER_PEER",
     "MAX_RPC_NAMES", "MAX_SUBSCRIPTIONS_PER_PEER", "TooMany", "check",
 ]
 
+# The deadline of a wait that has none (every layer compares deadlines with it).
+FOREVER: Final = math.inf
 # Requests one peer has waiting for an answer (queued, running or waiting to retry).
 MAX_IN_FLIGHT_PER_PEER: Final = 100_000
 # Named caches in one broker.

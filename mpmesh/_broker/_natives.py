@@ -20,12 +20,13 @@ from typing import Any, Final
 from . import _queues, _sync
 
 __all__ = [
-    "DATA", "ITERATOR", "KEYED", "KEYED_WRITES", "NATIVE", "READS", "SYNC", "Array", "Namespace",
+    "CUSTOM", "DATA", "ITERATOR", "KEYED", "KEYED_WRITES", "NATIVE", "READS", "SYNC", "Array", "Namespace",
     "NativeType", "Value",
 ]
 
 DATA: Final = 1   # called directly: obj.method(*args, **kwargs)
 SYNC: Final = 2   # a Native: obj.call(method, waiter, ...) may park
+CUSTOM: Final = 3  # a registered type's: user code, run off the loop (``_offload``)
 
 
 class Namespace:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import queue
 from collections import deque
 
-from ._sync import Native, ObjectGone, _remove
-from ._waiters import PARKED, Effects, Waiter, deadline_for
+from ._waiters import PARKED, Effects, Native, ObjectGone, Waiter, deadline_for, remove
 
 __all__ = ["Queue"]
 
@@ -147,15 +146,15 @@ class Queue(Native):
 
     def expire(self, w: Waiter, now: float, fx: Effects) -> None:
         if w in self.getters:
-            _remove(self.getters, w)
+            remove(self.getters, w)
             fx.fail(w, queue.Empty())
         else:
-            _remove(self.putters, w)
+            remove(self.putters, w)
             fx.fail(w, queue.Full())
 
     def discard(self, w: Waiter, fx: Effects) -> None:
         for waiting in (self.getters, self.putters, self.joiners):
-            _remove(waiting, w)
+            remove(waiting, w)
 
     def close(self, fx: Effects) -> None:
         for waiting in (self.getters, self.putters, self.joiners):

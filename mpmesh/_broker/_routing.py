@@ -20,24 +20,29 @@ broker, not the child, decides the order in which they see requests.
 
 An ABANDONED job still occupies its worker's capacity: the work really is still
 running there, and the late answer is dropped when it arrives.
+
+Workers coming and going (lost, down, stopping, forgotten) stay here: each of those
+settles the jobs the worker held (retried, failed or dropped), which is this table's
+business. The records themselves are in ``_jobs``; heartbeats in ``_health``.
 """
 
 from __future__ import annotations
 
-import collections
-import enum
 import heapq
 import itertools
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Final
 
 from .._wire._messages import Cancel, ErrorCode, Failure, Reply, Request, Shutdown
-from ._actions import Action, Inspect, Notify, Send
-from ._limits import MAX_IN_FLIGHT_PER_PEER
+from ._actions import Action, Notify, Send
+from ._jobs import (
+    J_ABANDONED, J_DELAYED, J_DONE, J_QUEUED, J_RUNNING, W_DOWN, W_LOST, W_READY, W_STARTING,
+    W_STOPPING, Group, Job, JobQueue, Worker, describe, not_taking,
+)
+from ._limits import FOREVER, MAX_IN_FLIGHT_PER_PEER
 
-__all__ = ["STRATEGIES", "Group", "Job", "JobState", "Router", "Worker", "WorkerState"]
+__all__ = ["EMA_ALPHA", "LOST_GRACE_S", "STRATEGIES", "Router"]
 
 STRATEGIES: Final = ("round-robin", "random", "least-busy")
 # How long a worker whose connection dropped keeps its jobs while we wait to learn how
@@ -45,182 +50,6 @@ STRATEGIES: Final = ("round-robin", "random", "least-busy")
 LOST_GRACE_S: Final = 0.5
 # Smoothing factor of the response-time moving average: ~the last 10 requests dominate.
 EMA_ALPHA: Final = 0.2
-UNLIMITED: Final = 1 << 30
-
-
-class WorkerState(enum.Enum):
-    STARTING = "starting"   # declared, its process has not said Hello yet
-    READY = "ready"
-    STOPPING = "stopping"   # finishing what it holds; takes nothing new
-    LOST = "lost"           # connection gone; waiting to learn how the process ended
-    DOWN = "down"           # gone for good
-
-
-
-
-class JobState(enum.Enum):
-    DELAYED = "delayed"     # a retry waiting out its retry_delay
-    QUEUED = "queued"
-    RUNNING = "running"
-    ABANDONED = "abandoned"
-    DONE = "done"
-
-
-# Reading an Enum member off its class costs ~0.1 us on CPython 3.11 (a descriptor), and
-# the router does it a dozen times per request: these module names are plain globals.
-W_STARTING, W_READY, W_STOPPING, W_LOST, W_DOWN = (
-    WorkerState.STARTING, WorkerState.READY, WorkerState.STOPPING, WorkerState.LOST, WorkerState.DOWN)
-J_DELAYED, J_QUEUED, J_RUNNING, J_ABANDONED, J_DONE = (
-    JobState.DELAYED, JobState.QUEUED, JobState.RUNNING, JobState.ABANDONED, JobState.DONE)
-
-
-def not_taking(state: WorkerState) -> bool:
-    """A worker in ``state`` takes no new request (identity tests: an Enum's hash is Python
-    code, and this runs on every request)."""
-    return state is W_DOWN or state is W_STOPPING
-
-
-@dataclass(eq=False, slots=True)
-class Job:
-    brid: int
-    origin: int
-    origin_rid: int
-    action: str
-    payload: bytes
-    priority: int
-    timeout: float | None
-    target: str
-    deadline: float
-    where: Worker | Group | None = None
-    retries_left: int = 0
-    retry_delay: float = 0.0
-    attempt: int = 1
-    attempts: int = 1
-    seq: int = 0
-    state: JobState = J_QUEUED
-    worker: Worker | None = None
-    started: float = 0.0
-    not_before: float = 0.0
-
-
-class JobQueue:
-    """Jobs by priority (higher first), FIFO among equals: one deque per priority.
-
-    Jobs are ordered by ``seq``. Nearly all arrive with the highest yet and are appended
-    in O(1) (a heap of thousands of queued jobs cost ~10% of a busy master's CPU); a
-    retried job keeps its ``seq`` and goes back to where it stood. Jobs that left by
-    another way (timeout, cancel) are dropped when they reach the front.
-    """
-
-    __slots__ = ("_lanes", "_order", "_entries", "live")
-
-    def __init__(self) -> None:
-        self._lanes: dict[int, collections.deque[Job]] = {}
-        self._order: list[int] = []  # the lanes' priorities, highest first
-        self._entries = 0            # jobs held, live or not
-        self.live = 0
-
-    def push(self, job: Job) -> None:
-        lane = self._lanes.get(job.priority)
-        if lane is None:
-            lane = self._lanes[job.priority] = collections.deque()
-            self._order.append(job.priority)
-            self._order.sort(reverse=True)
-        if not lane or lane[-1].seq < job.seq:
-            lane.append(job)
-        else:
-            at = len(lane)
-            while at and lane[at - 1].seq > job.seq:
-                at -= 1
-            lane.insert(at, job)
-        self._entries += 1
-        self.live += 1
-
-    def peek(self) -> Job | None:
-        order, lanes = self._order, self._lanes
-        i = 0
-        while i < len(order):
-            lane = lanes[order[i]]
-            while lane and lane[0].state is not J_QUEUED:
-                lane.popleft()
-                self._entries -= 1
-            if lane:
-                return lane[0]
-            del lanes[order.pop(i)]
-        return None
-
-    def pop(self) -> Job:
-        job = self.peek()
-        if job is None:
-            raise IndexError("pop from an empty JobQueue")
-        lane = self._lanes[job.priority]
-        lane.popleft()
-        if not lane:
-            del self._lanes[job.priority]
-            self._order.remove(job.priority)
-        self._entries -= 1
-        self.live -= 1
-        return job
-
-    def discard(self, job: Job) -> None:
-        """Account for a queued job that left by another way (timeout, cancel)."""
-        self.live -= 1
-        if self._entries > 64 and self._entries > 4 * self.live:
-            for priority, lane in self._lanes.items():
-                self._lanes[priority] = collections.deque(j for j in lane if j.state is J_QUEUED)
-            self._entries = sum(map(len, self._lanes.values()))
-
-    def drain(self) -> Iterator[Job]:
-        while self.peek() is not None:
-            yield self.pop()
-
-    def __len__(self) -> int:
-        return self.live
-
-
-@dataclass(eq=False, slots=True)
-class Worker:
-    name: str
-    group: Group | None
-    capacity: int
-    state: WorkerState = W_STARTING
-    supervised: bool = True
-    peer: int | None = None
-    pid: int = 0
-    instance_id: int = -1
-    busy: int = 0
-    running: dict[int, Job] = field(default_factory=dict)
-    queue: JobQueue = field(default_factory=JobQueue)
-    handled: int = 0
-    errors: int = 0
-    ema: float = 0.0
-    restarts: int = 0
-    lost_at: float = 0.0
-    last_beat: float = 0.0
-    healthy: bool = True
-    down_reason: str = ""
-    # The pid its supervisor started it as this time (0: not reported yet, or ended):
-    # only that process may say Hello with a supervised worker's name.
-    started_pid: int = 0
-
-    @property
-    def free(self) -> bool:
-        return self.state is W_READY and self.busy < self.capacity
-
-
-@dataclass(eq=False, slots=True)
-class Group:
-    name: str
-    strategy: str
-    members: list[Worker] = field(default_factory=list)
-    queue: JobQueue = field(default_factory=JobQueue)
-    max_concurrency: int | None = None
-    busy: int = 0
-    rr: int = 0
-
-    @property
-    def has_room(self) -> bool:
-        return self.max_concurrency is None or self.busy < self.max_concurrency
 
 
 def _bad_times(req: Request) -> str:
@@ -238,10 +67,6 @@ def _bad_times(req: Request) -> str:
 _FOREVER_S: Final = 1e9  # ~32 years: longer is a mistake, or an attack on the timer heaps
 
 
-def describe(worker: Worker) -> str:
-    return f"worker {worker.name!r} (pid {worker.pid})"
-
-
 class Router:
     """Owns workers, groups and jobs; every method returns the actions to perform."""
 
@@ -257,11 +82,6 @@ class Router:
         self._timers: list[tuple[float, int]] = []
         self._delayed: list[tuple[float, int, Job]] = []      # retries waiting out retry_delay
         self._lost: list[tuple[float, int, Worker]] = []      # LOST workers' grace deadlines
-        self.heartbeat_timeout: float | None = None           # silence that makes a worker unhealthy
-        self.heartbeat_interval = 1.0
-        self._next_health_check = float("inf")
-        self._inspect = False  # see enable_heartbeats
-        self._inspecting: set[Worker] = set()  # silent workers asked about (``Inspect``)
         self._brids = itertools.count(1)
         self._seqs = itertools.count()
         self.host: Worker | None = None
@@ -297,7 +117,7 @@ class Router:
         worker.capacity = max(0, capacity)
         actions = self._pump_worker(worker, now)
         if worker.group is not None:
-            actions += self._pump_group(worker.group, now)
+            actions += self.pump_group(worker.group, now)
         return actions
 
     # -- requests ------------------------------------------------------------------------
@@ -363,9 +183,11 @@ class Router:
         where.queue.push(job)
         if isinstance(where, Worker):
             return self._pump_worker(where, now)
-        return self._pump_group(where, now)
+        return self.pump_group(where, now)
 
-    def _pump_group(self, group: Group, now: float) -> list[Action]:
+    def pump_group(self, group: Group, now: float) -> list[Action]:
+        """Start ``group``'s queued jobs on free members while it has room (also after its
+        owner changed its strategy or cap)."""
         actions: list[Action] = []
         while group.queue.live and group.has_room:
             worker = self._pick(group)
@@ -502,11 +324,11 @@ class Router:
         lost = self._lost
         while lost and (lost[0][2].state is not W_LOST or not lost[0][2].running):
             heapq.heappop(lost)
-        best = self._next_health_check
+        best = FOREVER
         for heap in (timers, self._delayed, lost):
             if heap and heap[0][0] < best:
                 best = heap[0][0]
-        return None if best == float("inf") else best
+        return None if best == FOREVER else best
 
     def _timer_job(self, deadline: float, brid: int) -> Job | None:
         """The job a timer entry stands for, if it is still waiting for that deadline."""
@@ -538,8 +360,6 @@ class Router:
             worker = heapq.heappop(lost)[2]
             if worker.state is W_LOST and worker.running:
                 actions += self._fail_running(worker, "closed its connection", now)
-        if now >= self._next_health_check:
-            actions += self._check_health(now)
         return actions
 
     def _timed_out(self, job: Job, now: float) -> list[Action]:
@@ -567,64 +387,6 @@ class Router:
             self._by_origin[(retry.origin, retry.origin_rid)] = retry
             return actions + self._retry(retry, message, now)
         return self._fail(job, ErrorCode.TIMEOUT, message)
-
-    def _check_health(self, now: float) -> list[Action]:
-        """Mark workers silent for longer than ``heartbeat_timeout`` unhealthy (once per episode)."""
-        self._next_health_check = now + self.heartbeat_interval
-        limit = self.heartbeat_timeout
-        if limit is None:
-            return []
-        actions: list[Action] = []
-        for worker in self.workers.values():
-            if (worker.supervised and worker.peer is not None and worker.healthy
-                    and worker.state in (W_READY, W_STOPPING)
-                    and now - worker.last_beat > limit):
-                if worker.pid and self._inspect:
-                    self._inspecting.add(worker)  # is it on a CPU? (``on_running``)
-                    continue
-                actions.append(self._missed(worker, now))
-        if self._inspecting:
-            actions.append(Inspect(tuple(sorted({w.pid for w in self._inspecting}))))
-        return actions
-
-    def on_running(self, running: set[int], now: float) -> list[Action]:
-        """The answer to ``Inspect``: of the silent workers, those whose process is on a
-        CPU are busy in a long call, not stuck; the others missed their heartbeats."""
-        actions: list[Action] = []
-        asked, self._inspecting = self._inspecting, set()
-        for worker in asked:
-            if (not worker.healthy or worker.peer is None or worker.state not in (W_READY, W_STOPPING)
-                    or now - worker.last_beat <= (self.heartbeat_timeout or 0.0)):
-                continue  # beat meanwhile, already marked, or gone
-            if worker.pid in running:
-                worker.last_beat = now
-            else:
-                actions.append(self._missed(worker, now))
-        return actions
-
-    def _missed(self, worker: Worker, now: float) -> Notify:
-        worker.healthy = False
-        return Notify("heartbeat-missed", {
-            "name": worker.name, "pid": worker.pid, "silent_for": now - worker.last_beat,
-            "group": worker.group.name if worker.group else None})
-
-    def on_beat(self, worker: Worker, now: float) -> list[Action]:
-        """Any message from a worker proves it alive."""
-        worker.last_beat = now
-        if worker.healthy or worker.state is not W_READY:
-            return []
-        worker.healthy = True
-        return [Notify("heartbeat-resumed", {"name": worker.name, "pid": worker.pid})]
-
-    def enable_heartbeats(self, interval: float, misses: int, now: float, inspect: bool = False) -> None:
-        """Check heartbeats every ``interval``; a worker silent for ``misses`` of them is
-        unhealthy. With ``inspect``, the driver is asked first whether its process is on
-        a CPU (``Inspect``; a handler inside one long C call that holds the GIL starves
-        the thread that beats), and one that is counts as busy, not stuck."""
-        self.heartbeat_interval = interval
-        self.heartbeat_timeout = interval * misses
-        self._next_health_check = now + interval
-        self._inspect = inspect
 
     # -- peers going away ---------------------------------------------------------------------
 

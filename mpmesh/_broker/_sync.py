@@ -14,7 +14,8 @@ two differences that only the broker can offer:
   answered later through ``Effects``, when the state allows or its deadline passes.
 
 Every ``op_<name>(w, now, fx, *args, **kwargs)`` method serves the proxy method
-``<name>``; ``w`` identifies the caller.
+``<name>``; ``w`` identifies the caller. Their base (``Native``), shared with ``_queues``,
+is in ``_waiters``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from ._lockcells import BROKER, WAITING, LockCells
-from ._waiters import FOREVER, PARKED, Effects, Waiter, deadline_for
+from ._limits import FOREVER
+from ._waiters import PARKED, Effects, Native, ObjectGone, Waiter, deadline_for, remove
 
 __all__ = [
-    "Barrier", "BoundedSemaphore", "BrokenBarrier", "Condition", "Event", "Lock", "Native",
-    "ObjectGone", "RLock", "Semaphore", "SharedLock",
+    "Barrier", "BoundedSemaphore", "BrokenBarrier", "Condition", "Event", "Lock", "RLock",
+    "Semaphore", "SharedLock",
 ]
 
 
@@ -37,48 +39,10 @@ class BrokenBarrier(RuntimeError):
     the broker may not import ``threading``)."""
 
 
-class ObjectGone(ReferenceError):
-    """The object a parked call waited on was freed."""
-
-
 def _wait_forever(w: Waiter) -> None:
     """Drop ``w``'s deadline (its heap entry goes stale: see ``ParkingLot``)."""
     w.seq += 1
     w.deadline = FOREVER
-
-
-class Native:
-    """Base of the broker-native objects that park callers."""
-
-    KIND: ClassVar[str] = ""
-
-    def call(self, method: str, w: Waiter, args: tuple[object, ...], kwargs: dict[str, object],
-             now: float, fx: Effects) -> object:
-        fn: Callable[..., object] | None = getattr(self, "op_" + method, None)
-        if fn is None:
-            raise AttributeError(f"{self.KIND} object has no method {method!r}")
-        return fn(w, now, fx, *args, **kwargs)
-
-    def expire(self, w: Waiter, now: float, fx: Effects) -> None:
-        raise NotImplementedError
-
-    def discard(self, w: Waiter, fx: Effects) -> None:
-        raise NotImplementedError
-
-    def drop_peer(self, peer: int, fx: Effects) -> bool:
-        """``peer`` died: give back whatever it held (its waiters are discarded apart);
-        whether it held anything."""
-        return False
-
-    def close(self, fx: Effects) -> None:
-        """The object is freed: fail whoever still waits on it."""
-
-
-def _remove(queue: deque[Waiter] | list[Waiter], w: Waiter) -> None:
-    try:
-        queue.remove(w)
-    except ValueError:
-        pass
 
 
 # -- locks ---------------------------------------------------------------------------------
@@ -167,11 +131,11 @@ class Lock(Native):
             fx.wake(w, data[0])
 
     def expire(self, w: Waiter, now: float, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
         fx.wake(w, False)
 
     def discard(self, w: Waiter, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
 
     def drop_peer(self, peer: int, fx: Effects) -> bool:
         if self.count and self.owner is not None and self.owner[0] == peer:
@@ -424,11 +388,11 @@ class Semaphore(Native):
         pass
 
     def expire(self, w: Waiter, now: float, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
         fx.wake(w, False)
 
     def discard(self, w: Waiter, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
 
     def close(self, fx: Effects) -> None:
         while self.waiters:
@@ -502,11 +466,11 @@ class Condition(Native):
         return self.op_notify(w, now, fx, len(self.waiters))
 
     def expire(self, w: Waiter, now: float, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
         self.lock.reacquire(w, False, w.data, fx)  # type: ignore[arg-type]
 
     def discard(self, w: Waiter, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
 
     def drop_peer(self, peer: int, fx: Effects) -> bool:
         return self.own_lock and self.lock.drop_peer(peer, fx)
@@ -553,11 +517,11 @@ class Event(Native):
         return PARKED
 
     def expire(self, w: Waiter, now: float, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
         fx.wake(w, self.flag)
 
     def discard(self, w: Waiter, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
 
     def close(self, fx: Effects) -> None:
         while self.waiters:
@@ -661,7 +625,7 @@ class Barrier(Native):
         self._break(fx)  # threading: a timed-out wait breaks the barrier for everyone
 
     def discard(self, w: Waiter, fx: Effects) -> None:
-        _remove(self.waiters, w)
+        remove(self.waiters, w)
 
     def close(self, fx: Effects) -> None:
         self._break(fx)

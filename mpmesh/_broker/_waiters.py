@@ -10,21 +10,24 @@ clock: time arrives as ``now``.
 
 Answers are collected in an ``Effects`` value while an object changes state; the
 ``objects`` component turns them into messages afterwards (state changes stay pure; I/O
-is the loop's).
+is the loop's). ``Native`` is the base of the objects that park (``_sync``, ``_queues``).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import ClassVar, Final, Protocol
 
-__all__ = ["FOREVER", "PARKED", "Effects", "Parkable", "ParkingLot", "Waiter", "deadline_for"]
+from ._limits import FOREVER
 
-FOREVER: Final = math.inf
+__all__ = [
+    "PARKED", "Effects", "Native", "ObjectGone", "Parkable", "ParkingLot", "Waiter", "deadline_for",
+    "remove",
+]
 
 
 class _Parked:
@@ -154,3 +157,44 @@ class ParkingLot:
         while heap and (heap[0][3].done or heap[0][2] != heap[0][3].seq):
             heapq.heappop(heap)
         return heap[0][0] if heap else None
+
+
+# -- the objects that park ----------------------------------------------------------------
+
+class ObjectGone(ReferenceError):
+    """The object a parked call waited on was freed."""
+
+
+class Native:
+    """Base of the broker-native objects that park callers."""
+
+    KIND: ClassVar[str] = ""
+
+    def call(self, method: str, w: Waiter, args: tuple[object, ...], kwargs: dict[str, object],
+             now: float, fx: Effects) -> object:
+        fn: Callable[..., object] | None = getattr(self, "op_" + method, None)
+        if fn is None:
+            raise AttributeError(f"{self.KIND} object has no method {method!r}")
+        return fn(w, now, fx, *args, **kwargs)
+
+    def expire(self, w: Waiter, now: float, fx: Effects) -> None:
+        raise NotImplementedError
+
+    def discard(self, w: Waiter, fx: Effects) -> None:
+        raise NotImplementedError
+
+    def drop_peer(self, peer: int, fx: Effects) -> bool:
+        """``peer`` died: give back whatever it held (its waiters are discarded apart);
+        whether it held anything."""
+        return False
+
+    def close(self, fx: Effects) -> None:
+        """The object is freed: fail whoever still waits on it."""
+
+
+def remove(queue: deque[Waiter] | list[Waiter], w: Waiter) -> None:
+    """Take ``w`` out of an object's queue of waiters, if it is there."""
+    try:
+        queue.remove(w)
+    except ValueError:
+        pass

@@ -7,13 +7,13 @@ no layer can stretch a timeout.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Final
 
+from .._broker._limits import FOREVER
+
 __all__ = ["FOREVER", "GUARD_SLACK_S", "after", "check_timeout", "expired", "remaining"]
 
-FOREVER: Final = math.inf
 # Slack a client adds to its own guard over a wait the broker times (a request's
 # timeout, a lock's wait), so the broker's precise RequestTimeout or LockTimeout normally
 # wins the race and the guard only catches a broker that stopped answering.

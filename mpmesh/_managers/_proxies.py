@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Final
 
 from .._client import _binding
 from .._io import _deadline
+from .._broker._limits import FOREVER
 from .._broker._objects import COMPONENT
 from .._broker._refs import Token, install_proxy_builder, rebuild_ref
 from .._broker._versions import bulk_slot, key_slot, stable_hash, whole_slot
@@ -54,7 +55,6 @@ _getpid = os.getpid
 _WHOLE: Final[Any] = object()  # a read that covers the whole object, not one key
 _get_ident = threading.get_ident
 _dumps = _codec.dumps
-FOREVER: Final = _deadline.FOREVER
 # Client grace ids are drawn below the broker's own (``_objects.BROKER_GIDS``).
 _GID_BITS: Final = 62
 # The built-in typeids whose plain writes may go through the write ring (``_write``).

@@ -23,7 +23,8 @@ from typing import Any, Final, TypeVar
 from .._client import _binding, _near
 from .._io import _deadline
 from .._broker._actions import Notify
-from .._broker._routing import STRATEGIES, Worker, WorkerState
+from .._broker._jobs import Worker, WorkerState
+from .._broker._routing import STRATEGIES
 from .._procs._child import check_mode
 from .._client._futures import MeshFuture, dispatcher
 from .._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import mpmesh
-from mpmesh._broker._routing import WorkerState
+from mpmesh._broker._jobs import WorkerState
 from mpmesh._client._base import make_hello
 from mpmesh._client._socket import SocketClient
 from mpmesh._errors import BrokerUnavailable

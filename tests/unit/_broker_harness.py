@@ -12,7 +12,8 @@ from collections.abc import Iterable
 
 from mpmesh._broker._actions import Action, Close, Notify, Send
 from mpmesh._broker._core import BrokerCore
-from mpmesh._broker._routing import Group, Router, Worker
+from mpmesh._broker._jobs import Group, Worker
+from mpmesh._broker._routing import Router
 from mpmesh._wire._messages import (
     Cancel, ErrorCode, Failure, Hello, Message, Ready, Reply, Request, Role, Serve,
 )

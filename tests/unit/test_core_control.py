@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpmesh._broker._routing import WorkerState
+from mpmesh._broker._jobs import WorkerState
 from mpmesh._wire._messages import ErrorCode
 
 from ._broker_harness import ORIGIN, Harness, failures_to, requests_to

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from mpmesh._broker._core import LOCAL_PEER
-from mpmesh._broker._routing import J_DONE, Job, JobQueue
+from mpmesh._broker._jobs import J_DONE, Job, JobQueue
 from mpmesh._wire._messages import ErrorCode, Failure, Hello, Reply, Request, Role
 
 from ._broker_harness import (

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mpmesh._broker._waiters import FOREVER, Effects, ParkingLot, Waiter, deadline_for
+from mpmesh._broker._limits import FOREVER
+from mpmesh._broker._waiters import Effects, ParkingLot, Waiter, deadline_for
 
 
 def test_deadline_for() -> None:
