@@ -20,11 +20,12 @@ lazily (a few per write, all of them before ``len``, ``keys``, eviction).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final, final
 
 from .._broker._cache import _check_size, _check_ttl
 from .._errors import FencedError
+from .._state._cache import CacheBase
 from .._wire import _codec
 from ._link import SEALED, Link
 from ._locks import (RedisGrant, RedisLocks, check_name, close_links, esc, grant_of, link_for, lock_keys,
@@ -232,7 +233,7 @@ def _decode_key(d: bytes, i: int = 0) -> tuple[Any, int]:
 # -- the cache ------------------------------------------------------------------------------
 
 @final
-class RedisCache(MutableMapping):  # type: ignore[type-arg]
+class RedisCache(CacheBase):
     """A named cache of the mesh held in Redis, with the public surface of ``Cache``.
 
     ``cache[k]`` and ``del cache[k]`` raise ``KeyError`` when ``k`` is missing; ``get``
@@ -295,9 +296,6 @@ class RedisCache(MutableMapping):  # type: ignore[type-arg]
     def __reduce__(self) -> tuple[Any, ...]:
         link = self._link
         return (_rebuild_cache, (link.url, link.mesh, link.timeout, self.name, self.options))
-
-    def __repr__(self) -> str:
-        return f"<mpmesh.Cache {self.name!r} {self.options}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RedisCache) and other._base == self._base and other._link.url == self._link.url
@@ -511,12 +509,6 @@ class RedisCache(MutableMapping):  # type: ignore[type-arg]
         lasts = self._new_ttl(ttl)
         if args:
             self._run("writing", "mset", self._maxsize, lasts, *args)
-
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        items = dict(other)
-        items.update(kwargs)
-        if items:
-            self.mset(items)
 
     def keys(self) -> list[Any]:  # type: ignore[override]
         """A snapshot of the keys, least recently used first."""

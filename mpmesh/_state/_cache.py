@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .._client._base import ClientBase
     from ._grant import LockGrant
 
-__all__ = ["Cache", "open_cache"]
+__all__ = ["Cache", "CacheBase", "open_cache"]
 
 _NOTHING: Any = object()
 _TIMES: Any = (int, float)
@@ -48,8 +48,30 @@ def open_cache(client: ClientBase, address: str, name: str, maxsize: int | None,
     return Cache(address, name, {**options, "near": bool(near)}, client)  # type: ignore[dict-item]
 
 
+class CacheBase(MutableMapping):  # type: ignore[type-arg]
+    """What a cache is whatever holds it (this mesh's broker, or Redis across hosts): a
+    mutable mapping whose ``update`` is one ``mset``, shown by name and options."""
+
+    __slots__ = ()
+    name: str
+    options: dict[str, Any]
+
+    def mset(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> None:
+        """Store every item of ``mapping`` at once (one round trip, atomic)."""
+        raise NotImplementedError
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        items = dict(other)
+        items.update(kwargs)
+        if items:
+            self.mset(items)
+
+    def __repr__(self) -> str:
+        return f"<mpmesh.Cache {self.name!r} {self.options}>"
+
+
 @final
-class Cache(MutableMapping):  # type: ignore[type-arg]
+class Cache(CacheBase):
     """A named cache shared by every process of a mesh (``m.cache(name)``).
 
     ``cache[k]`` and ``del cache[k]`` raise ``KeyError`` when ``k`` is missing; ``get``
@@ -70,9 +92,6 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self._address, self.name, self.options))
-
-    def __repr__(self) -> str:
-        return f"<mpmesh.Cache {self.name!r} {self.options}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Cache) and (other._address, other.name) == (self._address, self.name)
@@ -303,12 +322,6 @@ class Cache(MutableMapping):  # type: ignore[type-arg]
         blobs = [dumps(v) for v in mapping.values()]
         items = [(k, len(b)) for k, b in zip(mapping.keys(), blobs)]
         self._op("mset", pack((self.name, items, ttl), *blobs))
-
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        items = dict(other)
-        items.update(kwargs)
-        if items:
-            self.mset(items)
 
     def keys(self) -> list[Any]:  # type: ignore[override]
         """A snapshot of the keys (least recently used first, as the broker saw them used)."""
