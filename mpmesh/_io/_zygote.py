@@ -8,7 +8,8 @@ as a fresh interpreter (``python -m mpmesh._io._zygote``) — and asks it to for
 forked child runs the entry function the fork command names (pickled by reference), so
 this module knows nothing of what a child does.
 
-Channels between the two carry length-prefixed pickles (both ends are ours)::
+Channels between the two carry pickles in the wire's frames (``_wire._frames``; both ends
+are ours)::
 
     master ──ctl──► zygote     ("fork", token, config, entry) | ("exec", token, argv, env, cwd, config_blob)
                                | ("init", ...) | ("cleanup", files)
@@ -37,20 +38,22 @@ import contextlib
 import os
 import pickle
 import selectors
+import importlib
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any, Final, NoReturn
 
+from .._wire._frames import HEADER, FrameDecoder
 from ._forking import TERM_GRACE_S, stop_in_turn
 
 __all__ = ["CONFIG_FD_ENV", "FileId", "channel", "identify", "main", "read_frames", "read_report",
            "serve", "take_config", "write_frame"]
 
-_LEN: Final = struct.Struct("!I")
+# The kind byte of a zygote frame: its body is one pickled command or report.
+PICKLED: Final = 0
 # Names the descriptor an exec'd child reads its config from: "fd:device:inode".
 CONFIG_FD_ENV: Final = "MPMESH_CHILD_FD"
 # A file to remove at the end, as it was when named: (path, device, inode).
@@ -71,7 +74,7 @@ def write_frame(fd: int, obj: object, pass_fd: int = -1) -> None:
     """Write ``obj`` as one frame; ``pass_fd`` (a Unix socket ``fd`` only) travels with
     its first byte."""
     data = pickle.dumps(obj, 5)
-    view = memoryview(_LEN.pack(len(data)) + data)
+    view = memoryview(HEADER.pack(len(data), PICKLED) + data)
     while view:
         try:
             if pass_fd >= 0:
@@ -105,17 +108,10 @@ def channel() -> tuple[int, int]:
     return a.detach(), b.detach()
 
 
-def read_frames(buf: bytearray, data: bytes) -> list[Any]:
-    """Append ``data`` to ``buf``; return every complete object it now holds."""
-    buf += data
-    out = []
-    while len(buf) >= 4:
-        (size,) = _LEN.unpack_from(buf)
-        if len(buf) < 4 + size:
-            break
-        out.append(pickle.loads(bytes(buf[4 : 4 + size])))
-        del buf[: 4 + size]
-    return out
+def read_frames(decoder: FrameDecoder, data: bytes) -> list[Any]:
+    """Feed ``data`` to ``decoder``; return every complete object it now holds."""
+    decoder.feed(data)
+    return [pickle.loads(body) for _, body in decoder.frames()]
 
 
 class _Zygote:
@@ -123,7 +119,7 @@ class _Zygote:
         self.ctl, self.report, self.life = ctl, report, life
         self.children: set[int] = set()
         self.cleanup: list[FileId] = []
-        self.buf = bytearray()
+        self.decoder = FrameDecoder()
         self.sig_r, self.sig_w = os.pipe()
         os.set_blocking(self.sig_r, False)
         os.set_blocking(self.sig_w, False)
@@ -173,7 +169,7 @@ class _Zygote:
             return True
         if not data:
             return False
-        for cmd in read_frames(self.buf, data):
+        for cmd in read_frames(self.decoder, data):
             self._command(cmd)
         return True
 
@@ -358,7 +354,7 @@ def main() -> NoReturn:
     ctl, report, life = (int(arg) for arg in sys.argv[-3:])
     # Children unpickle by-value targets and tasks with dill: import it once here, not
     # in every child (~30 ms each).
-    import dill  # noqa: F401
+    importlib.import_module("dill")
     _Zygote(ctl, report, life).serve()
 
 

@@ -36,6 +36,7 @@ from .._errors import MeshError
 from .._io import _zygote
 from .._io._forking import fork_is_safe, reap
 from .._wire import _codec
+from .._wire._frames import FrameDecoder
 from ._child import process_main, run_target
 
 __all__ = ["ChildSpec", "ReaderLoop", "Supervisor", "default_start_method", "describe_exit"]
@@ -209,7 +210,7 @@ class Supervisor:
         self._ctl_w = self._report_r = self._life_w = -1
         self._zygote_pid = 0
         self._zygote_popen: subprocess.Popen[bytes] | None = None
-        self._report_buf = bytearray()
+        self._reports = FrameDecoder()
         self._report_fds: collections.deque[int] = collections.deque()  # came before their report
         self._adopt: Callable[[socket.socket, int], None] | None = None
         self.exited = threading.Condition(self._lock)
@@ -341,7 +342,7 @@ class Supervisor:
                 fut.set_exception(MeshError("the zygote (fork server) died before starting the child"))
             return
         proc: _Proc | None
-        for report in _zygote.read_frames(self._report_buf, data):
+        for report in _zygote.read_frames(self._reports, data):
             kind = report[0]
             if kind == "started":
                 _, token, pid, connected = report
@@ -552,7 +553,7 @@ class Supervisor:
         kept (a forked one is cheap to redo, and a fresh fork gives children this
         process's current state, as ``fork`` should)."""
         with self._lock:
-            return (self._ctl_w >= 0 and not self._starting and not self._report_buf
+            return (self._ctl_w >= 0 and not self._starting and not self._reports.buffered
                     and all(p.exitcode is not None for p in self._procs.values()))
 
 

@@ -308,7 +308,7 @@ def test_a_pool_on_a_master_has_the_same_corners() -> None:
         with pytest.raises(multiprocessing.pool.MaybeEncodingError):
             pool.apply(CW.return_lock)
         assert len(set(pool.map(W.getpid, range(4), chunksize=1))) == 4
-        assert wait_for(lambda: replaced(pool, first), WITHIN), pool._pool
+        assert wait_for(lambda p=pool: replaced(p, first), WITHIN), pool._pool
         with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
             del pool
             gc.collect()
