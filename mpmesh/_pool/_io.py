@@ -36,7 +36,7 @@ from .._errors import MeshClosed, RemoteProtocolError
 from .._io._readers import Reader, Readers
 from .._supervisor import describe_exit
 from .._wire._frames import RECV_BYTES, FrameDecoder
-from . import _protocol as P
+from .._wire import _pool as P
 from ._actions import Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding
 from ._engine import Engine
 from ._feeder import Feeder, LazySource

@@ -20,7 +20,7 @@ import pytest
 
 import mpmesh
 from mpmesh._pool import _io
-from mpmesh._pool import _protocol as P
+from mpmesh._wire import _pool as P
 from mpmesh._errors import RemoteProtocolError
 from mpmesh._pool._results import MapResult
 from mpmesh._wire._frames import FrameDecoder

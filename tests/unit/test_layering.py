@@ -78,7 +78,7 @@ PURE_FILES = sorted(p for pkg in PURE_PACKAGES for p in (PACKAGE_DIR / pkg).glob
 
 def test_the_pure_packages_exist() -> None:
     names = {p.name for p in PURE_FILES}
-    assert {"_frames.py", "_messages.py", "_connection.py", "_codec.py",
+    assert {"_frames.py", "_messages.py", "_connection.py", "_codec.py", "_pool.py",
             "_core.py", "_routing.py", "_actions.py"} <= names
 
 
