@@ -325,6 +325,17 @@ class Reactor(Readers, Generic[L]):
         """Count ``key`` among the strangers, due to prove the key within HANDSHAKE_TIMEOUT_S."""
         self._strangers[key] = (time.monotonic() + HANDSHAKE_TIMEOUT_S, pid)
 
+    def _hold_stranger(self, sock: socket.socket, key: object) -> None:
+        """Hold ``key`` and watch its ``sock``: ``_read_stranger(key)`` when it is readable."""
+        sock.setblocking(False)
+        self._hold(key)
+        self._sel.register(sock, selectors.EVENT_READ, key)
+
+    def _drop_stranger(self, sock: socket.socket, key: object) -> None:
+        """Close a stranger held with ``_hold_stranger`` (loop thread)."""
+        self._release(key)
+        self._unregister_and_close(sock)
+
     def _release(self, key: object) -> int | None:
         """``key`` proved the key or went: no longer a stranger. The pid it was held with."""
         return self._strangers.pop(key, (0.0, None))[1]

@@ -25,7 +25,6 @@ import hmac
 import logging
 import os
 import queue
-import selectors
 import socket
 import threading
 import time
@@ -263,10 +262,7 @@ class ChannelIO(Reactor[_Channel]):
         """A write to ``link`` failed: its reader sees the connection drop and settles the worker."""
 
     def _admit(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        pending = _Pending(sock)
-        self._hold(pending)
-        self._sel.register(sock, selectors.EVENT_READ, pending)
+        self._hold_stranger(sock, _Pending(sock))
 
     def _expired(self, key: object) -> None:
         assert isinstance(key, _Pending)
@@ -319,8 +315,7 @@ class ChannelIO(Reactor[_Channel]):
         self._feed(ch, b"")  # what came with the HELLO
 
     def _reject(self, p: _Pending) -> None:
-        self._release(p)
-        self._unregister_and_close(p.sock)
+        self._drop_stranger(p.sock, p)
 
     def _read(self, ch: _Channel) -> None:
         try:

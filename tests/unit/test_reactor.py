@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import select
-import selectors
 import socket
 from collections.abc import Iterator
 
@@ -35,10 +34,7 @@ class Toy(Reactor[Link]):
         self.expired: list[_Stranger] = []
 
     def _admit(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        stranger = _Stranger(sock)
-        self._hold(stranger)
-        self._sel.register(sock, selectors.EVENT_READ, stranger)
+        self._hold_stranger(sock, _Stranger(sock))
 
     def _read_stranger(self, data: object) -> None:
         assert isinstance(data, _Stranger)
@@ -47,14 +43,12 @@ class Toy(Reactor[Link]):
                 return
         except OSError:
             pass
-        self._release(data)
-        self._unregister_and_close(data.sock)
+        self._drop_stranger(data.sock, data)
 
     def _expired(self, key: object) -> None:
         assert isinstance(key, _Stranger)
         self.expired.append(key)
-        self._release(key)
-        self._unregister_and_close(key.sock)
+        self._drop_stranger(key.sock, key)
 
     def _is_live(self, link: Link) -> bool:
         return True
