@@ -108,9 +108,8 @@ class BrokerHost:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, (lambda *_: self.loop.stop()) if sig in stop_on else signal.SIG_IGN)
-        self.loop._thread = threading.current_thread()
         try:
-            self.loop._run()
+            self.loop.run_here()
         finally:
             self._remove_files()
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from .._io import _deadline
 from .._procs._supervisor import START_METHODS, Supervisor, default_start_method
-from . import _protocol as P
+from .._wire import _pool as P
 from ._engine import Engine, Source, State
 from ._feeder import LazySource, chunked
 from ._io import ChannelIO, listen_channel

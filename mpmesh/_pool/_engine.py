@@ -97,7 +97,7 @@ from typing import Any, Final
 # a new measurement in a worker's moving average of seconds per chunk.
 from .._broker._routing import EMA_ALPHA, LOST_GRACE_S
 from .._errors import MeshClosed, RequestTimeout, WorkerLost
-from . import _protocol as P
+from .._wire import _pool as P
 from ._actions import Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding
 from ._tasks import GARBAGE, Chunk, Event, FnBlobs, PoolWorker, Source, WState, encode_batch
 

@@ -17,8 +17,9 @@ from typing import Any, Final
 
 from .._errors import RemoteError, RemoteProtocolError, SerializationError
 from .._wire import _codec
+from .._wire import _pool as P
 from .._wire._frames import FrameDecoder
-from . import _protocol as P
+from ._local import LOCAL_TYPES
 from ._results import Lazy, UnpicklableException, UnpicklableResult
 
 __all__ = ["GARBAGE", "Chunk", "Event", "FnBlobs", "PoolWorker", "Source", "WState", "decode_result",
@@ -162,7 +163,7 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
     value. The whole batch is pickled at once; only if that fails is each task's data
     pickled on its own, so that one bad item fails its own chunk and nothing else, with
     the exception pickling raised (as the stdlib's Pool fails it; see ``_refused``).
-    Task data refuses ``P.LOCAL_TYPES`` (a lock, an open file), as pickle does, rather
+    Task data refuses ``LOCAL_TYPES`` (a lock, an open file), as pickle does, rather
     than travel as dill's look-alike.
     """
     fns: list[object] = []
@@ -189,7 +190,7 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
         data = c.data
         if isolated:
             try:
-                data = P.Blob(_codec.dumps_by_value(data, refuse=P.LOCAL_TYPES))
+                data = P.Blob(_codec.dumps_by_value(data, refuse=LOCAL_TYPES))
             except SerializationError as exc:
                 fail(c, _refused(exc, c.describe()))
                 continue
@@ -206,7 +207,7 @@ def encode_batch(chunks: list[Chunk], isolated: bool, known_by_value: Callable[[
     kept: list[Chunk] = []
     for c, (cid, kind, fi, data) in zip(sent, tasks):
         try:
-            slow.append((cid, kind, fi, P.Blob(_codec.dumps(data, refuse=P.LOCAL_TYPES))))
+            slow.append((cid, kind, fi, P.Blob(_codec.dumps(data, refuse=LOCAL_TYPES))))
         except SerializationError as exc:
             fail(c, _refused(exc, c.describe()))
             continue

@@ -29,9 +29,10 @@ from typing import Any, Final
 from .._procs._child import RDHUP, Child, Detached, keep
 from .._errors import SerializationError
 from .._wire import _codec
+from .._wire import _pool as P
 from .._wire._frames import RECV_BYTES, FrameDecoder
 from .._wire._messages import Goodbye, Message, Shutdown
-from . import _protocol as P
+from ._local import LOCAL_TYPES
 
 __all__ = ["main"]
 
@@ -192,7 +193,7 @@ def _run_batch(sock: socket.socket, body: bytes) -> int:
             status, payload = P.error_payload(*_codec.pack_exception(exc))
         else:
             try:
-                status, payload = P.OK, dumps(value, refuse=P.LOCAL_TYPES)
+                status, payload = P.OK, dumps(value, refuse=LOCAL_TYPES)
             except SerializationError as exc:
                 status, payload = P.UNSENDABLE, _unsendable(value, exc)
         frame = P.result_frame(cid, status, perf() - start, payload)

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 import mpmesh
-from mpmesh._pool import _io
-from mpmesh._pool import _protocol as P
+from mpmesh._io import _reactor
+from mpmesh._wire import _pool as P
 from mpmesh._errors import RemoteProtocolError
+from mpmesh._pool._io import listen_channel
 from mpmesh._pool._results import MapResult
 from mpmesh._wire._frames import FrameDecoder
 from tests.conftest import wait_for
@@ -48,7 +49,7 @@ def pool() -> Iterator[mpmesh.Pool]:
 def no_hello_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Connections accepted from now on get a minute to say HELLO: within the test, only
     what they send (or who they are) can get them closed."""
-    monkeypatch.setattr(_io, "HELLO_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(_reactor, "HANDSHAKE_TIMEOUT_S", 60.0)
 
 
 def connect(pool: mpmesh.Pool) -> socket.socket:
@@ -93,13 +94,13 @@ def start_blocked_map(pool: mpmesh.Pool, tmp_path: Path) -> tuple[MapResult, Pat
 @needs_peercred
 @pytest.mark.timeout(60)
 def test_the_real_peer_credentials_are_ours() -> None:
-    address, listener = _io.listen_channel()
+    address, listener = listen_channel()
     with listener, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(address)
         listener.setblocking(True)
         accepted, _ = listener.accept()
         with accepted:
-            assert _io.peer_credentials(accepted) == (os.getpid(), os.geteuid(), os.getegid())
+            assert _reactor.peer_credentials(accepted) == (os.getpid(), os.geteuid(), os.getegid())
 
 
 @needs_peercred
@@ -143,7 +144,7 @@ def test_a_peer_of_another_uid_is_refused_and_the_pool_goes_on(
         caplog: pytest.LogCaptureFixture) -> None:
     # Connections from this (the test's) process look as if another uid made them; the
     # workers' own connections keep their real credentials.
-    real = _io.peer_credentials
+    real = _reactor.peer_credentials
 
     def credentials(sock: socket.socket) -> tuple[int, int, int] | None:
         cred = real(sock)
@@ -151,7 +152,7 @@ def test_a_peer_of_another_uid_is_refused_and_the_pool_goes_on(
             return cred
         return cred[0], cred[1] + 1, cred[2]
 
-    monkeypatch.setattr(_io, "peer_credentials", credentials)
+    monkeypatch.setattr(_reactor, "peer_credentials", credentials)
     running, release = start_blocked_map(pool, tmp_path)
     with caplog.at_level(logging.WARNING, logger="mpmesh.pool"), connect(pool) as stranger:
         assert closed_by_peer(stranger, PROMPT_S)  # at accept: it need not say anything
@@ -203,8 +204,8 @@ def test_a_connection_that_never_says_hello_is_closed_after_the_deadline(pool: m
         assert closed_by_peer(silent, HELLO_DEADLINE_BOUND_S)
         assert closed_by_peer(halfway, HELLO_DEADLINE_BOUND_S)
         # Accepted after connect(), so closed no earlier than the deadline after it.
-        assert time.monotonic() - opened >= _io.HELLO_TIMEOUT_S
-    assert wait_for(lambda: not pool._io._pending)
+        assert time.monotonic() - opened >= _reactor.HANDSHAKE_TIMEOUT_S
+    assert wait_for(lambda: not pool._io._strangers)
     assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
 
 
@@ -214,22 +215,22 @@ def test_connections_waiting_for_hello_are_capped(pool: mpmesh.Pool) -> None:
     engine, io = pool._engine, pool._io
     # Every worker connected first: one still to say HELLO would wait behind the strangers.
     assert wait_for(lambda: engine.workers and all(w.connected for w in engine.workers.values()))
-    cap = _io.MAX_PENDING_HELLOS
+    cap = _reactor.MAX_HANDSHAKING
     idle: list[socket.socket] = []
     try:
         for _ in range(cap + 1):
             idle.append(connect(pool))
         # The pool holds the cap and leaves the next connection in the listen backlog.
-        assert wait_for(lambda: len(io._pending) == cap and backlog_waiting(pool))
+        assert wait_for(lambda: len(io._strangers) == cap and backlog_waiting(pool))
         assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
         for sock in idle[:cap]:
             sock.close()
         # Slots free: the pool accepts the one that waited.
-        assert wait_for(lambda: len(io._pending) == 1 and not backlog_waiting(pool))
+        assert wait_for(lambda: len(io._strangers) == 1 and not backlog_waiting(pool))
     finally:
         for sock in idle:
             sock.close()
-    assert wait_for(lambda: not io._pending)
+    assert wait_for(lambda: not io._strangers)
     assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
 
 

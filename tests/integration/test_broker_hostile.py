@@ -29,7 +29,7 @@ from mpmesh._client._base import make_hello
 from mpmesh._client._socket import SocketClient
 from mpmesh._errors import BrokerUnavailable
 from mpmesh._host import _inproc as _host
-from mpmesh._io import _loop
+from mpmesh._io import _reactor
 from mpmesh._wire._connection import Connection, Phase, Side
 from mpmesh._wire._frames import HEADER, MAX_HANDSHAKE_FRAME_BYTES
 from mpmesh._wire._messages import Hello, Role
@@ -98,7 +98,7 @@ def has_data(sock: socket.socket) -> bool:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("stage", ["silent", "half-answer", "no-hello"])
 def test_a_peer_that_stalls_is_closed_after_the_timeout(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_loop, "HANDSHAKE_TIMEOUT_S", SHORT_S)
+    monkeypatch.setattr(_reactor, "HANDSHAKE_TIMEOUT_S", SHORT_S)
     with master() as m:
         bystander = client(m.address, m.authkey)
         try:
@@ -153,8 +153,8 @@ def test_before_the_key_is_proven_reads_stay_small(monkeypatch: pytest.MonkeyPat
 @pytest.mark.timeout(60)
 def test_at_most_max_handshaking_peers_are_held_the_rest_wait_in_the_backlog(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_loop, "HANDSHAKE_TIMEOUT_S", 120.0)  # idle peers keep their slots here
-    cap = _loop.MAX_HANDSHAKING
+    monkeypatch.setattr(_reactor, "HANDSHAKE_TIMEOUT_S", 120.0)  # idle peers keep their slots here
+    cap = _reactor.MAX_HANDSHAKING
     with master() as m:
         bystander = client(m.address, m.authkey)
         idle = [raw(m.address) for _ in range(cap + 1)]
@@ -320,7 +320,7 @@ def test_a_hello_claiming_a_restarting_child_is_refused(monkeypatch: pytest.Monk
     """While a supervised child restarts, a process with the key says Hello with its name:
     refused (after the Hello deadline while the new pid is unknown, at once when it is
     reported), and the real child takes its place."""
-    monkeypatch.setattr(_loop, "HANDSHAKE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(_reactor, "HANDSHAKE_TIMEOUT_S", 1.0)
     gate = threading.Event()
     held = threading.Event()
     restart = mpmesh.Master._restart

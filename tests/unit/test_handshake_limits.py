@@ -14,7 +14,7 @@ import pytest
 
 from mpmesh._broker._actions import WARNING, Action, Send
 from mpmesh._broker._core import BrokerCore
-from mpmesh._io._loop import peer_pid
+from mpmesh._io._reactor import peer_pid
 from mpmesh._wire._messages import Hello, Ready, Role
 from tests.unit._broker_harness import closes, notes
 

@@ -29,7 +29,7 @@ import mpmesh
 from mpmesh._broker import _routing
 from mpmesh._errors import MeshClosed, RequestTimeout, WorkerLost
 from mpmesh._pool import _engine
-from mpmesh._pool import _protocol as P
+from mpmesh._wire import _pool as P
 from mpmesh._pool._actions import (
     Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding,
 )
@@ -852,10 +852,11 @@ def test_data_a_worker_cannot_unpickle_is_resent_one_chunk_at_a_time_by_value() 
 # -- the engine stays pure ------------------------------------------------------------------------
 
 PURE_MODULES = ("_engine.py", "_actions.py", "_tasks.py")
-# The engine's own modules, the wire, the broker core and the errors; ``_protocol`` names
-# the frames and ``_results`` holds the result objects the engine fills.
+# The engine's own modules, the wire (whose ``_pool`` names the frames), the broker core and
+# the errors; ``_results`` holds the result objects the engine fills, ``_local`` the types
+# that never travel.
 ALLOWED_INTERNAL = ("mpmesh._wire", "mpmesh._broker", "mpmesh._errors", "mpmesh._pool._engine",
-                    "mpmesh._pool._actions", "mpmesh._pool._tasks", "mpmesh._pool._protocol",
+                    "mpmesh._pool._actions", "mpmesh._pool._tasks", "mpmesh._pool._local",
                     "mpmesh._pool._results")
 
 

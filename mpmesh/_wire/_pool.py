@@ -1,6 +1,6 @@
-"""The Pool's direct channel between the pool and each worker: frame layout and decoding.
+"""The Pool's message set: the frames of the direct channel between a pool and each worker.
 
-Nothing here does I/O. Both ends are ours and the worker proves the pool's token in its
+Nothing here does I/O or pickles (the pool and the worker do; the codec helps them). Both ends are ours and the worker proves the pool's token in its
 first frame, before the pool unpickles anything it sends. A frame is the wire's
 (``_wire._frames``: a 5-byte header, body length and kind, then the body, read with its
 ``FrameDecoder``), with kinds of its own::
@@ -20,12 +20,10 @@ batch can still say which chunks it did not run.
 
 from __future__ import annotations
 
-import io
 import struct
-import threading
 from typing import Final
 
-from .._wire._frames import HEADER
+from ._frames import HEADER
 
 __all__ = [
     "BATCH",
@@ -36,7 +34,6 @@ __all__ = [
     "FNS_BY_VALUE",
     "HELLO",
     "INIT_FAILED",
-    "LOCAL_TYPES",
     "MAP",
     "MAP1",
     "MAX_FRAME_BYTES",
@@ -98,12 +95,6 @@ MAP1: Final = 1      # data = item                 -> fn(item)
 MAP: Final = 2       # data = [items]              -> [fn(x) for x in items]
 STAR1: Final = 3     # data = args                 -> fn(*args)
 STARMAP: Final = 4   # data = [args]               -> [fn(*a) for a in items]
-
-# What task data and results never travel as: objects that only mean something in the
-# process holding them. Pickle refuses them, as the standard Pool does; dill would send a
-# look-alike (a new, unrelated lock; the file opened again by name), so it must not.
-LOCAL_TYPES: Final = (type(threading.Lock()), type(threading.RLock()), io.FileIO, io.BufferedReader,
-                      io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
 
 # Result statuses.
 OK: Final = 0          # payload: the pickled result
