@@ -11,17 +11,17 @@ only it touches the selector (a channel another thread wants closed is handed ov
 is taken. User code never runs on the I/O thread: callbacks and progress bars run on
 the callback thread, lazy inputs on the feeder thread.
 
-New connections must prove the pool's token in their first frame (``HELLO``) before
-anything they send is unpickled. Until then a connection is a stranger: one whose peer
-runs as another uid is closed at accept; the others may send only a HELLO-sized frame,
-must send it within the loop's ``HANDSHAKE_TIMEOUT_S``, and at most ``MAX_HANDSHAKING``
-of them are held at once, so nobody can make the pool buffer or hold much before
-proving the token.
+New connections prove the pool's token with the broker's handshake (``_wire._connection``:
+a challenge each way, keyed with the token) and then say who they are (``HELLO``: pid,
+name) before anything they send is unpickled. Until then a connection is a stranger: one
+whose peer runs as another uid is closed at accept; the others may send only
+handshake-sized frames and a HELLO, must do it within the loop's
+``HANDSHAKE_TIMEOUT_S``, and at most ``MAX_HANDSHAKING`` of them are held at once, so
+nobody can make the pool buffer or hold much before proving the token.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import queue
@@ -31,11 +31,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._errors import MeshClosed, RemoteProtocolError
+from .._errors import AuthenticationError, MeshClosed, RemoteProtocolError
 from .._io import _reactor
-from .._io._reactor import Link, Reactor
+from .._io._reactor import Link, Reactor, peer_pid
 from .._procs._supervisor import describe_exit
 from .._wire import _pool as P
+from .._wire._connection import Connection, Phase, Side
 from .._wire._frames import FrameDecoder
 from ._actions import Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding
 from ._engine import Engine
@@ -47,12 +48,13 @@ __all__ = ["ChannelIO", "listen_channel"]
 log = logging.getLogger("mpmesh.pool")
 
 class _Pending:
-    """A connection that has not proved the token yet."""
+    """A connection that has not proved the token, or not said HELLO, yet."""
 
-    __slots__ = ("reader", "sock")
+    __slots__ = ("conn", "reader", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, token: bytes) -> None:
         self.sock = sock
+        self.conn = Connection(Side.BROKER, token, os.urandom)
         self.reader = FrameDecoder(P.MAX_HELLO_FRAME_BYTES)
 
 
@@ -262,7 +264,9 @@ class ChannelIO(Reactor[_Channel]):
         """A write to ``link`` failed: its reader sees the connection drop and settles the worker."""
 
     def _admit(self, sock: socket.socket) -> None:
-        self._hold_stranger(sock, _Pending(sock))
+        p = _Pending(sock, self.token)
+        self._hold_stranger(sock, p)
+        self._say(p, p.conn.initiate())
 
     def _expired(self, key: object) -> None:
         assert isinstance(key, _Pending)
@@ -281,11 +285,19 @@ class ChannelIO(Reactor[_Channel]):
             self._reject(p)
             return
         try:
+            if p.conn.phase is Phase.HANDSHAKE:
+                if not self._say(p, p.conn.receive_handshake(data)) or not p.conn.ready:
+                    return
+                data = p.conn.leftover()
             # Only the first frame under the HELLO limit: a worker's next one may be larger.
             p.reader.feed(data)
             frames = p.reader.frames(1)
+        except AuthenticationError:
+            log.warning("a process (pid %s) tried to join the pool without its token", peer_pid(p.sock))
+            self._reject(p)
+            return
         except RemoteProtocolError as exc:
-            log.debug("closed a connection to the pool that did not start with a HELLO: %s", exc)
+            log.debug("closed a connection to the pool that did not prove the token and say HELLO: %s", exc)
             self._reject(p)
             return
         if not frames:
@@ -295,12 +307,8 @@ class ChannelIO(Reactor[_Channel]):
             log.debug("closed a connection to the pool whose first frame (kind %d) is no HELLO", kind)
             self._reject(p)
             return
-        token, pid = P.HELLO_HEAD.unpack_from(body)
+        (pid,) = P.HELLO_HEAD.unpack_from(body)
         name = body[P.HELLO_HEAD.size:].decode("utf-8", "replace")
-        if not hmac.compare_digest(token, self.token):
-            log.warning("a process (pid %d) tried to join the pool without its token", pid)
-            self._reject(p)
-            return
         p.reader.max_frame = P.MAX_FRAME_BYTES
         ch = _Channel(name, p.sock, p.reader)
         with self.lock:
@@ -314,8 +322,22 @@ class ChannelIO(Reactor[_Channel]):
         self._sel.set_events(p.sock.fileno(), ch.interest(), ch)
         self._feed(ch, b"")  # what came with the HELLO
 
+    def _say(self, p: _Pending, data: bytes) -> bool:
+        """Send a handshake frame to a stranger (a few dozen bytes, into an empty socket
+        buffer); one that cannot take it is dropped. Whether it went."""
+        if not data:
+            return True
+        try:
+            if p.sock.send(data) == len(data):
+                return True
+        except OSError:
+            pass
+        self._reject(p)
+        return False
+
     def _reject(self, p: _Pending) -> None:
-        self._drop_stranger(p.sock, p)
+        if p in self._strangers:
+            self._drop_stranger(p.sock, p)
 
     def _read(self, ch: _Channel) -> None:
         try:

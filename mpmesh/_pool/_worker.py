@@ -27,9 +27,10 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from .._procs._child import RDHUP, Child, Detached, keep
-from .._errors import SerializationError
+from .._errors import AuthenticationError, RemoteProtocolError, SerializationError
 from .._wire import _codec
 from .._wire import _pool as P
+from .._wire._connection import Connection, Phase, Side
 from .._wire._frames import RECV_BYTES, FrameDecoder
 from .._wire._messages import Goodbye, Message, Shutdown
 from ._local import LOCAL_TYPES
@@ -55,7 +56,7 @@ def main(child: Child | Detached, address: str | bytes, token: bytes,
         sock.connect(address)
     except OSError:
         sys.exit(1)  # the pool is already gone
-    sock.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(token, os.getpid()) + child.name.encode()))
+    early = _prove(sock, token, P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + child.name.encode()))
     if isinstance(child, Child):
         _stop_on_shutdown(child, sock)
     elif not child.guarded:
@@ -69,9 +70,28 @@ def main(child: Child | Detached, address: str | bytes, token: bytes,
             sys.exit(1)
     _send(sock, P.frame(P.READY))
     try:
-        _serve(sock, maxtasks)
+        _serve(sock, maxtasks, early)
     finally:
         sock.close()
+
+
+def _prove(sock: socket.socket, token: bytes, hello: bytes) -> bytes:
+    """The handshake, from the worker's side: answer the pool's challenge (with ``hello``
+    right behind the answer), then check the pool's proof. Anything the pool sent after
+    its proof is returned; a pool that hangs up or fails its proof ends the process."""
+    conn = Connection(Side.PEER, token, os.urandom)
+    try:
+        while conn.phase is Phase.HANDSHAKE:
+            data = sock.recv(4096)
+            if not data:
+                sys.exit(1)  # the pool is gone (or refused us)
+            out = conn.receive_handshake(data)
+            if out:
+                sock.sendall(out + hello)
+                hello = b""
+    except (OSError, AuthenticationError, RemoteProtocolError):
+        sys.exit(1)
+    return conn.leftover()
 
 
 def _stop_on_shutdown(child: Child, sock: socket.socket) -> None:
@@ -109,18 +129,22 @@ def _send(sock: socket.socket, data: bytes) -> None:
         sys.exit(0)  # the pool closed our channel: nothing left to do
 
 
-def _serve(sock: socket.socket, maxtasks: int | None) -> None:
+def _serve(sock: socket.socket, maxtasks: int | None, early: bytes = b"") -> None:
     reader = FrameDecoder(P.MAX_FRAME_BYTES)
+    reader.feed(early)
     buf = bytearray(RECV_BYTES)
     done = 0
+    fresh = bool(early)  # frames the pool sent right behind its proof
     while True:
-        try:
-            n = sock.recv_into(buf)
-        except OSError:
-            return
-        if n == 0:
-            return
-        reader.feed(memoryview(buf)[:n])
+        if not fresh:
+            try:
+                n = sock.recv_into(buf)
+            except OSError:
+                return
+            if n == 0:
+                return
+            reader.feed(memoryview(buf)[:n])
+        fresh = False
         for kind, body in reader.frames():
             if kind == P.STOP:
                 return

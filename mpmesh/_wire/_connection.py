@@ -80,6 +80,11 @@ class Connection:
         conn._become_ready()
         return conn
 
+    @property
+    def ready(self) -> bool:
+        """Whether the handshake is done (or was never needed) and messages may flow."""
+        return self.phase is Phase.READY
+
     def initiate(self) -> bytes:
         """Broker side: the Challenge that opens the handshake."""
         if self.side is not Side.BROKER:
@@ -101,24 +106,46 @@ class Connection:
         if self.phase is Phase.CLOSED:
             return b""
         self._decoder.feed(data)
-        out = b""
         try:
-            # One frame at a time while the handshake runs: the frame limit grows with it.
-            while self.phase is Phase.HANDSHAKE:
-                frames = self._decoder.frames(1)
-                if not frames:
-                    return out
-                kind, body = frames[0]
-                if kind not in HANDSHAKE_KINDS:
-                    raise RemoteProtocolError(f"message kind {kind} before the handshake finished")
-                out += self._handshake(decode(kind, body))
-            for kind, body in self._decoder.frames():
-                if kind in HANDSHAKE_KINDS:
-                    raise RemoteProtocolError("handshake message after the handshake")
-                self._events.append(decode(kind, body))
+            out = self._shake() if self.phase is Phase.HANDSHAKE else b""
+            if self.phase is Phase.READY:
+                for kind, body in self._decoder.frames():
+                    if kind in HANDSHAKE_KINDS:
+                        raise RemoteProtocolError("handshake message after the handshake")
+                    self._events.append(decode(kind, body))
         except BaseException:
             self.phase = Phase.CLOSED
             raise
+        return out
+
+    def receive_handshake(self, data: bytes | bytearray | memoryview) -> bytes:
+        """``receive_data`` for a channel whose messages are not this module's (a Pool's):
+        the handshake only; what follows it stays buffered, undecoded, for ``leftover()``."""
+        if self.phase is Phase.CLOSED:
+            return b""
+        self._decoder.feed(data)
+        try:
+            return self._shake()
+        except BaseException:
+            self.phase = Phase.CLOSED
+            raise
+
+    def leftover(self) -> bytes:
+        """After ``receive_handshake``: the bytes that came after the handshake."""
+        return self._decoder.take_buffered()
+
+    def _shake(self) -> bytes:
+        """Run the handshake frames buffered, one at a time (the frame limit grows with
+        it); the bytes to send back."""
+        out = b""
+        while self.phase is Phase.HANDSHAKE:
+            frames = self._decoder.frames(1)
+            if not frames:
+                break
+            kind, body = frames[0]
+            if kind not in HANDSHAKE_KINDS:
+                raise RemoteProtocolError(f"message kind {kind} before the handshake finished")
+            out += self._handshake(decode(kind, body))
         return out
 
     def take_reply(self, data: bytes | bytearray | memoryview, rid: int) -> bytes | None:

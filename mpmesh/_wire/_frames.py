@@ -60,6 +60,13 @@ class FrameDecoder:
             del buf[:pos]
         return out
 
+    def take_buffered(self) -> bytes:
+        """Remove and return every byte buffered, whole frames or not (a channel that
+        changes hands after a handshake takes what came with it)."""
+        data = bytes(self._buf)
+        del self._buf[:]
+        return data
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete frame."""

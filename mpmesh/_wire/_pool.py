@@ -1,13 +1,15 @@
 """The Pool's message set: the frames of the direct channel between a pool and each worker.
 
-Nothing here does I/O or pickles (the pool and the worker do; the codec helps them). Both ends are ours and the worker proves the pool's token in its
-first frame, before the pool unpickles anything it sends. A frame is the wire's
+Nothing here does I/O or pickles (the pool and the worker do; the codec helps them). Both
+ends are ours: a worker proves the pool's token with the broker's handshake
+(``_connection``, keyed with the token; the pool proves it back) and then says HELLO,
+before the pool unpickles anything it sends. A frame is the wire's
 (``_wire._frames``: a 5-byte header, body length and kind, then the body, read with its
 ``FrameDecoder``), with kinds of its own::
 
     pool ──► worker   BATCH  u8 flags, u32 n, n × u64 chunk ids, pickle((functions, tasks))
                       STOP   (empty): finish the current task, then exit
-    worker ──► pool   HELLO  32-byte token, u32 pid, child name (UTF-8)
+    worker ──► pool   HELLO  u32 pid, child name (UTF-8)
                       READY  (empty): the initializer ran; send work
                       INIT_FAILED  an ERROR/ERROR_TEXT payload (the initializer raised)
                       RESULT u64 chunk id, u8 status, f64 seconds it took, payload
@@ -62,14 +64,14 @@ __all__ = [
 ]
 
 RESULT_HEAD: Final = struct.Struct("!QBd")
-HELLO_HEAD: Final = struct.Struct("!32sI")
+HELLO_HEAD: Final = struct.Struct("!I")
 _COUNT: Final = struct.Struct("!I")
 TOKEN_BYTES: Final = 32
 # A frame larger than this is a bug or an attack; the other side closes the channel. (A
 # pool's frames carry results, which may be larger than a broker's messages.)
 MAX_FRAME_BYTES: Final = 1 << 31
-# Until a connection has proven the token the pool reads only a HELLO: 36 bytes and a
-# worker's short name. Anything bigger is not one of our workers.
+# Until a connection has said HELLO the pool reads only that: 4 bytes and a worker's
+# short name. Anything bigger is not one of our workers.
 MAX_HELLO_FRAME_BYTES: Final = 4096
 
 # Frame kinds.

@@ -1,7 +1,8 @@
 """The standalone Pool's channel against strangers: a connection that has not proven the
-pool's token is refused if its peer runs as another uid, may send only a HELLO-sized
-first frame, gets a few seconds to send it, and only so many of them are held at once.
-Whatever a stranger does closes its own connection; the pool keeps serving its workers.
+pool's token (the broker's handshake, keyed with it) and said HELLO is refused if its
+peer runs as another uid, may send only handshake-sized frames and a HELLO-sized one,
+gets a few seconds for both, and only so many of them are held at once. Whatever a
+stranger does closes its own connection; the pool keeps serving its workers.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import pytest
 import mpmesh
 from mpmesh._io import _reactor
 from mpmesh._wire import _pool as P
-from mpmesh._errors import RemoteProtocolError
+from mpmesh._errors import AuthenticationError, RemoteProtocolError
 from mpmesh._pool._io import listen_channel
 from mpmesh._pool._results import MapResult
+from mpmesh._wire._connection import Connection, Side
 from mpmesh._wire._frames import FrameDecoder
 from tests.conftest import wait_for
 from tests.integration import pool_workers as W
@@ -60,6 +62,20 @@ def connect(pool: mpmesh.Pool) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def prove(sock: socket.socket, token: bytes) -> None:
+    """Do a worker's half of the handshake on ``sock`` with ``token`` (AuthenticationError
+    if the pool's proof fails, or the pool refuses it)."""
+    conn = Connection(Side.PEER, token, os.urandom)
+    sock.settimeout(PROMPT_S)
+    while not conn.ready:
+        data = sock.recv(4096)
+        if not data:
+            raise AuthenticationError("the pool hung up during the handshake")
+        out = conn.receive_handshake(data)
+        if out:
+            sock.sendall(out)
 
 
 def closed_by_peer(sock: socket.socket, within: float) -> bool:
@@ -176,6 +192,42 @@ def test_an_oversized_frame_before_hello_closes_only_that_connection(pool: mpmes
     assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_hello_deadline")
+def test_a_wrong_token_closes_only_that_connection(pool: mpmesh.Pool, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    running, release = start_blocked_map(pool, tmp_path)
+    with connect(pool) as stranger, caplog.at_level(logging.WARNING, logger="mpmesh.pool"):
+        with pytest.raises(AuthenticationError):
+            prove(stranger, bytes(len(pool._io.token)))
+        assert closed_by_peer(stranger, PROMPT_S)
+        assert wait_for(lambda: "without its token" in caplog.text)
+    release.touch()
+    assert len(running.get(LONG)) == 2
+    assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_hello_deadline")
+def test_a_hello_before_the_handshake_closes_the_connection(pool: mpmesh.Pool) -> None:
+    with connect(pool) as stranger:
+        # What a worker says once it proved the token, said first: refused unread.
+        stranger.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + b"pool-9"))
+        assert closed_by_peer(stranger, PROMPT_S)
+    assert wait_for(lambda: not pool._io._strangers)
+    assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_hello_deadline")
+def test_the_right_token_and_a_hello_join_only_under_a_name_the_pool_expects(pool: mpmesh.Pool) -> None:
+    with connect(pool) as impostor:
+        prove(impostor, pool._io.token)
+        impostor.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + b"nobody-we-started"))
+        assert closed_by_peer(impostor, PROMPT_S)
+    assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
+
+
 GARBAGE = {
     "http": b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
     "tls": bytes.fromhex("16030100f4010000f00303") + bytes(32),
@@ -199,7 +251,8 @@ def test_garbage_before_hello_closes_only_that_connection(pool: mpmesh.Pool, tmp
 def test_a_connection_that_never_says_hello_is_closed_after_the_deadline(pool: mpmesh.Pool) -> None:
     opened = time.monotonic()
     with connect(pool) as silent, connect(pool) as halfway:
-        halfway.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(pool._io.token, os.getpid()))[:9])
+        prove(halfway, pool._io.token)  # the token proven, but not a whole HELLO
+        halfway.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + b"x")[:7])
         assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
         assert closed_by_peer(silent, HELLO_DEADLINE_BOUND_S)
         assert closed_by_peer(halfway, HELLO_DEADLINE_BOUND_S)
@@ -238,7 +291,7 @@ def test_connections_waiting_for_hello_are_capped(pool: mpmesh.Pool) -> None:
 def test_the_hello_limit_holds_only_for_the_first_frame() -> None:
     # A worker whose initializer fails at once may have its HELLO and a long INIT_FAILED
     # read together; the pool must not take the second for a stranger's oversized frame.
-    hello = P.frame(P.HELLO, P.HELLO_HEAD.pack(bytes(P.TOKEN_BYTES), 1) + b"pool-0")
+    hello = P.frame(P.HELLO, P.HELLO_HEAD.pack(1) + b"pool-0")
     failed = P.frame(P.INIT_FAILED, bytes(64 * 1024))
     reader = FrameDecoder(P.MAX_HELLO_FRAME_BYTES)
     reader.feed(hello + failed)
