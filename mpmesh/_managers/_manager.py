@@ -49,7 +49,8 @@ from .._host import _process as _broker_process
 from .._host._inproc import BrokerHost
 from .._io import _deadline, _paths
 from .._wire._messages import Role
-from ._proxies import AutoProxy, _wait, create_proxy, flush_releases, pack
+from ._ops import client_for, flush_releases, pack, wait_call
+from ._proxies import AutoProxy, create_proxy
 from ._server import (
     Server, close_client, close_host, end_process, new_host, stop_broker, stop_server,
 )
@@ -273,15 +274,14 @@ class BaseManager:
             raise ProcessError("server not yet started")
         if os.getpid() == self._pid:
             return self._client
-        from ._proxies import client_for  # a forked child: its own connection
-        return client_for(self._address, self._authkey)
+        return client_for(self._address, self._authkey)  # a forked child: its own connection
 
     def _create(self, typeid: str, /, *args: Any, **kwds: Any) -> tuple[Token, tuple[str, ...]]:
         """Create a shared object; return ``(token, exposed)``. The reference it counts
         for this process is the caller's to drop (standard-library helper)."""
         client = self._client_here()
         fut = client.op(COMPONENT, "create", payload=pack((typeid, args, kwds)))
-        oid, exposed = _wait(client, fut, _deadline.FOREVER)
+        oid, exposed = wait_call(client, fut, _deadline.FOREVER)
         return Token(typeid, self._address, oid), tuple(exposed)
 
     def _new_object(self, typeid: str, args: tuple[Any, ...], kwargs: builtins.dict[str, Any]) -> Any:
@@ -295,12 +295,12 @@ class BaseManager:
         """How many shared objects the broker holds."""
         flush_releases()
         client = self._client_here()
-        return _wait(client, client.op(COMPONENT, "count"), _deadline.FOREVER)  # type: ignore[no-any-return]
+        return wait_call(client, client.op(COMPONENT, "count"), _deadline.FOREVER)  # type: ignore[no-any-return]
 
     def _debug_info(self) -> str:
         flush_releases()
         client = self._client_here()
-        return _wait(client, client.op(COMPONENT, "debug"), _deadline.FOREVER)  # type: ignore[no-any-return]
+        return wait_call(client, client.op(COMPONENT, "debug"), _deadline.FOREVER)  # type: ignore[no-any-return]
 
     @classmethod
     def register(cls, typeid: str, callable: Callable[..., object] | None = None,  # noqa: A002
