@@ -27,7 +27,6 @@ _DEFAULT_PROXIES: Final[dict[str, Any]] = {
 }
 
 
-
 class ObjectFactories:
     """``dict()``, ``list()``, ``Lock()``... as typed methods over ``_new_object``."""
 
