@@ -133,7 +133,7 @@ def worker(args: argparse.Namespace, suites: list[str]) -> int:
     rows, errors = run_suites(suites, cfg)
     # What mpmesh keeps for this process's next mesh or manager goes now, not as a stray.
     from mpmesh._host._process import discard_launcher
-    from mpmesh._procs._supervisor import discard_spare
+    from mpmesh._io._spare import discard_spare
 
     discard_launcher()
     discard_spare()

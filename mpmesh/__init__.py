@@ -23,7 +23,7 @@ from ._errors import RemoteError as RemoteError
 from ._errors import RequestTimeout as RequestTimeout
 from ._errors import SerializationError as SerializationError
 from ._errors import WorkerLost as WorkerLost
-from ._managers._manager import Manager as Manager
+from ._managers._sync import Manager as Manager
 from ._mesh._master import Master as Master
 from ._mesh._stats import ProcessStats as ProcessStats
 from ._pool import Pool as Pool

@@ -12,9 +12,9 @@ from ._broker._natives import Value as Value
 from ._broker._refs import Token as Token
 from ._errors import RemoteError as RemoteError
 from ._managers._manager import BaseManager as BaseManager
-from ._managers._manager import Server as Server
+from ._managers._server import Server as Server
 from ._managers._manager import State as State
-from ._managers._manager import SyncManager as SyncManager
+from ._managers._sync import SyncManager as SyncManager
 from ._managers._proxy_types import AcquirerProxy as AcquirerProxy
 from ._managers._proxy_types import ArrayProxy as ArrayProxy
 from ._managers._proxies import AutoProxy as AutoProxy

@@ -81,7 +81,7 @@ def leak_guard() -> Iterator[None]:
     # A zygote parked for the next mesh of this process, and the launcher of broker
     # processes, are kept on purpose; not leaks.
     from mpmesh._host._process import discard_launcher
-    from mpmesh._procs._supervisor import discard_spare
+    from mpmesh._io._spare import discard_spare
 
     discard_spare()
     discard_launcher()

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Final
 
 __all__ = [
-    "KILL_WAIT_S", "TERM_GRACE_S", "exited", "fork_is_safe", "on_cpu", "reap", "stop_in_turn", "threads_in_process",
+    "KILL_WAIT_S", "TERM_GRACE_S", "close_quietly", "exited", "fork_is_safe", "on_cpu", "reap", "stop_in_turn",
+    "threads_in_process",
 ]
 
 # After SIGTERM, how long processes get to exit before SIGKILL (they clean up in time).
@@ -37,6 +38,14 @@ def stop_in_turn(send: Callable[[int], None], gone: Callable[[float], bool],
         if gone(wait):
             return True
     return False
+
+
+def close_quietly(fd: int) -> None:
+    """Close ``fd``, already closed or not (a forked copy dropping what it inherited)."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def on_cpu(pid: int) -> bool:

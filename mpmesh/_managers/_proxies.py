@@ -9,8 +9,7 @@ create/incref/decref (managers.py 604-614, 850-856, 871-880).
 
 Each proxy object counts as one reference of its process (see ``_broker/_objects``):
 ``create`` counts the first; a proxy rebuilt from a pickle posts ``incref``; one that is
-garbage queues a ``decref``, sent with the process's next call (never from a finalizer,
-which may run while this thread holds the client's or the broker's lock). A proxy used
+garbage queues a ``decref``, sent with the process's next call (``_ops``). A proxy used
 in a forked child notices the new pid, connects that process's own client and takes a
 reference of its own.
 
@@ -23,38 +22,31 @@ without one (TCP, a custom path), with ``current_process().authkey``.
 
 from __future__ import annotations
 
-import collections
 import os
 import random
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from multiprocessing import process
 from multiprocessing.context import get_spawning_popen
 from typing import Any, ClassVar, Final
 
-from .._client import _binding
-from .._io import _deadline
 from .._broker._limits import FOREVER
 from .._broker._objects import COMPONENT
 from .._broker._refs import Token, install_proxy_builder, rebuild_ref
 from .._broker._versions import bulk_slot, key_slot, stable_hash, whole_slot
-from .._client._near import ETERNAL, immutable
 from .._client._base import ClientBase
-from .._client._futures import Call
-from .._errors import SerializationError
-from .._wire import _codec
+from .._client._near import ETERNAL, immutable
+from .._io import _deadline
+from ._ops import (
+    client_for, flush_releases, pack, pending_releases, post, release, wait_call, withdraw,
+)
 
-__all__ = [
-    "AutoProxy", "BaseProxy", "MakeProxyType", "Token", "client_for", "create_proxy",
-    "flush_releases", "pack",
-]
+__all__ = ["AutoProxy", "BaseProxy", "MakeProxyType", "Token", "create_proxy"]
 
 _getpid = os.getpid
 _WHOLE: Final[Any] = object()  # a read that covers the whole object, not one key
 _get_ident = threading.get_ident
-_dumps = _codec.dumps
 # Client grace ids are drawn below the broker's own (``_objects.BROKER_GIDS``).
 _GID_BITS: Final = 62
 # The built-in typeids whose plain writes may go through the write ring (``_write``).
@@ -85,74 +77,6 @@ def _plain(values: tuple[Any, ...]) -> bool:
         else:
             todo.extend(value)
     return True
-
-
-def _reset_after_fork() -> None:
-    _releases.clear()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def client_for(address: object, authkey: bytes | None = None) -> ClientBase:
-    """This process's client for the manager at ``address``, connecting on first use
-    with ``authkey``, or this process's ``authkey`` as the standard library's proxies do."""
-    return _binding.client_for(address, bytes(authkey if authkey is not None
-                                              else process.current_process().authkey))
-
-
-def pack(call: object) -> bytes:
-    """The payload of a call or create: what pickling raised propagates as itself, as from
-    the standard library's proxies (they pickle as they send), not as SerializationError."""
-    try:
-        return _dumps(call)
-    except SerializationError as exc:
-        raise (exc.__cause__ or exc) from None
-
-
-def _post(client: ClientBase, op: str, args: object, timeout: float = -1.0) -> None:
-    """Send an objects op that gets no answer (request id 0); quietly skip a closed client."""
-    client.post_op(COMPONENT, op, args, timeout)
-
-
-# -- releasing references ----------------------------------------------------------------
-
-_releases: collections.deque[tuple[ClientBase, int]] = collections.deque()
-
-
-def _release(box: list[Any]) -> None:
-    """Finalizer of a proxy: queue its decref (``deque.append`` is safe from any GC point)."""
-    client, oid, pid = box
-    if pid == _getpid():
-        _releases.append((client, oid))
-
-
-def flush_releases() -> None:
-    """Send the decrefs of this process's collected proxies, one message per client."""
-    batch: dict[ClientBase, list[int]] = {}
-    while True:
-        try:
-            client, oid = _releases.popleft()
-        except IndexError:
-            break
-        batch.setdefault(client, []).append(oid)
-    for client, oids in batch.items():
-        if client._closed is None:
-            _post(client, "decref", oids)
-
-
-def _wait(client: ClientBase, fut: Call, deadline: float) -> Any:
-    try:
-        return client.wait(fut, deadline)
-    except BaseException:
-        if not fut.done():  # interrupted (Ctrl-C) while parked: withdraw the call
-            _post(client, "cancel", fut._rid)
-        raise
-
-
-def _withdraw(client: ClientBase, rid: int) -> None:
-    """The caller of ``rid`` gave up waiting (Ctrl-C while parked): withdraw the call."""
-    _post(client, "cancel", rid)
 
 
 # -- the base proxy ------------------------------------------------------------------------
@@ -201,10 +125,10 @@ class BaseProxy:
     def _adopt(self) -> None:
         """Count this proxy as one reference of this process (already counted by the broker)."""
         self._box = box = [self._client, self._id, self._pid]
-        weakref.finalize(self, _release, box).atexit = False
+        weakref.finalize(self, release, box).atexit = False
 
     def _take_ref(self, gid: int) -> None:
-        _post(self._client, "incref", (self._id, gid))
+        post(self._client, "incref", (self._id, gid))
         self._adopt()
 
     def _rebind(self) -> ClientBase:
@@ -212,7 +136,7 @@ class BaseProxy:
         client = self._bind()
         box = self._box
         if box is not None:
-            _post(client, "incref", (self._id, 0))
+            post(client, "incref", (self._id, 0))
             box[0], box[2] = client, self._pid  # the finalizer copied with the fork sees this
         return client
 
@@ -220,10 +144,10 @@ class BaseProxy:
                     kwds: dict[str, Any] | None = None) -> Any:
         """Call ``methodname`` on the shared object; return a copy of its result."""
         client = self._client if self._pid == _getpid() else self._rebind()
-        if _releases:
+        if pending_releases:
             flush_releases()
         return client.call_op(COMPONENT, "call", pack((self._id, methodname, args, kwds or {}, _get_ident())),
-                              _withdraw)
+                              withdraw)
 
     def _write(self, methodname: str, args: tuple[Any, ...], key: Any = _WHOLE,
                reads: tuple[str, tuple[Any, ...], Any] | None = None) -> None:
@@ -260,21 +184,21 @@ class BaseProxy:
         if timeout is None:
             return self._callmethod(methodname, args, kwds)
         client = self._client if self._pid == _getpid() else self._rebind()
-        if _releases:
+        if pending_releases:
             flush_releases()
         fut = client.op(COMPONENT, "call", timeout=max(0.0, timeout), payload=pack(
             (self._id, methodname, args, kwds or {}, _get_ident())))
-        return _wait(client, fut, time.monotonic() + max(0.0, timeout) + _deadline.GUARD_SLACK_S)
+        return wait_call(client, fut, time.monotonic() + max(0.0, timeout) + _deadline.GUARD_SLACK_S)
 
     def _callmethod_waking(self, methodname: str, args: tuple[Any, ...] = ()) -> Any:
         """``_callmethod`` for a call that may wait until a deadline only the broker knows
         (a Barrier's default timeout): op timeout 0 wakes the broker's loop to look."""
         client = self._client if self._pid == _getpid() else self._rebind()
-        if _releases:
+        if pending_releases:
             flush_releases()
         fut = client.op(COMPONENT, "call", timeout=0.0, payload=pack(
             (self._id, methodname, args, {}, _get_ident())))
-        return _wait(client, fut, FOREVER)
+        return wait_call(client, fut, FOREVER)
 
     # -- reads served from this process's copy (``_near``) --------------------------------
 
@@ -308,10 +232,10 @@ class BaseProxy:
 
     def _fetch(self, client: ClientBase, methodname: str, args: tuple[Any, ...]) -> tuple[Any, bytes | None]:
         """Call a reading method; its result and the pickle it came as."""
-        if _releases:
+        if pending_releases:
             flush_releases()
         return client.fetch_op(COMPONENT, "call", pack((self._id, methodname, args, {}, _get_ident())),
-                               _withdraw)
+                               withdraw)
 
     def _whole_version(self) -> int | None:
         """The object's whole version in this process's table (None: no table)."""
@@ -334,7 +258,7 @@ class BaseProxy:
         gid = random.getrandbits(_GID_BITS) or 1
         # The grace covers the token until its receiver's incref (same connection as any
         # later decref of ours, so it always arrives first).
-        _post(client, "grace", (self._id, gid), timeout=60.0)
+        post(client, "grace", (self._id, gid), timeout=60.0)
         authkey = self._authkey if get_spawning_popen() is not None else None
         factory: Any = AutoProxy if self._isauto else type(self)
         exposed = self._exposed_ if self._isauto else None
@@ -371,10 +295,10 @@ def create_proxy(client: ClientBase, address: object, authkey: bytes, typeid: st
                  proxytype: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                  manager: Any = None) -> Any:
     """Create a shared object of ``typeid`` (one round trip) and return its proxy."""
-    if _releases:
+    if pending_releases:
         flush_releases()
     fut = client.op(COMPONENT, "create", payload=pack((typeid, args, kwargs)))
-    oid, exposed = _wait(client, fut, FOREVER)
+    oid, exposed = wait_call(client, fut, FOREVER)
     proxy = proxytype(Token(typeid, address, oid), "pickle", manager=manager, authkey=authkey,
                       exposed=exposed, incref=False)
     proxy._adopt()

@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 from .._broker._lockcells import LockCells
 from .._broker._sync import BrokenBarrier
 from .._client._near import immutable
-from ._proxies import BaseProxy, _post, pack
+from ._ops import pack, post
+from ._proxies import BaseProxy
 from .._wire import _codec
 
 __all__ = [
@@ -155,7 +156,7 @@ class AcquirerProxy(BaseProxy):
         if tell is None:
             return False
         if tell:
-            _post(client, "wake", (self._id,))
+            post(client, "wake", (self._id,))
         return True
 
 

@@ -35,7 +35,7 @@ from .._host import _process as _broker_process
 from .._io import _paths
 from .._io._forking import stop_in_turn
 from .._host._inproc import BrokerHost, listen, write_key
-from .._managers._manager import SharedObjects
+from .._managers._factories import SharedObjects
 from ._stats import GroupStats, ProcessStats
 from .._procs._restarts import RestartPolicy
 from .._client._retry_on import RetryOn

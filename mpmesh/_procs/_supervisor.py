@@ -14,7 +14,6 @@ exitcode)`` then runs on the loop thread.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import concurrent.futures
 import itertools
@@ -34,7 +33,8 @@ from typing import Any, Final, Protocol
 from .._client._futures import dispatcher
 from .._errors import MeshError
 from .._io import _zygote
-from .._io._forking import fork_is_safe, reap
+from .._io._forking import close_quietly, fork_is_safe, reap
+from .._io._spare import ZYGOTE_EXIT_S, Spare, park_spare, reap_zygote, take_spare
 from .._wire import _codec
 from .._wire._frames import FrameDecoder
 from ._child import process_main, run_target
@@ -76,92 +76,17 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-@dataclass
-class _Spare:
-    """An exec'd zygote a closed mesh left running, for the next mesh of this process that
-    cannot fork one (it would have to exec a fresh interpreter: ~100 ms instead of ~3 ms)."""
-
-    owner: int  # the pid that parked it: a forked copy of this module must not take it
-    fds: tuple[int, int, int]  # ctl_w, report_r, life_w
-    popen: subprocess.Popen[bytes]
-
-
-_spare: _Spare | None = None
-# A zygote exits at once when its pipes close (after stopping what it still runs, which
-# takes at most its TERM_GRACE_S); one that has not by then is killed.
-ZYGOTE_EXIT_S: Final = 5.0
-_spare_lock = threading.Lock()
-
-
-def _park(spare: _Spare) -> bool:
-    global _spare
-    with _spare_lock:
-        if _spare is not None and _spare.owner == os.getpid():
-            return False
-        _spare = spare
-    return True
-
-
-def _take_spare() -> _Spare | None:
-    global _spare
-    with _spare_lock:
-        spare, _spare = _spare, None
-    if spare is None or spare.owner != os.getpid():
-        return None  # inherited through a fork: not ours to command
-    if spare.popen.poll() is not None:
-        _stop_zygote(spare)
-        return None
-    return spare
-
-
-def _stop_zygote(spare: _Spare) -> None:
-    """Close our ends (the zygote exits on EOF) and reap it."""
-    for fd in spare.fds:
-        _close_quietly(fd)
-    _reap_popen(spare.popen)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def _reap_popen(popen: subprocess.Popen[bytes]) -> None:
-    try:
-        popen.wait(ZYGOTE_EXIT_S)
-    except subprocess.TimeoutExpired:  # it exits on EOF; if it does not, make it
-        popen.kill()
-        popen.wait()
-
-
-def discard_spare() -> None:
-    """Stop the parked zygote, if any (at exit; tests call it to account for processes)."""
-    global _spare
-    with _spare_lock:
-        spare, _spare = _spare, None
-    if spare is not None and spare.owner == os.getpid():
-        _stop_zygote(spare)
-
-
-atexit.register(discard_spare)
-
 # Every supervisor of this process with a zygote. A process forked from ours by anyone
 # (multiprocessing's fork, a ProcessPoolExecutor) must not keep their ends of the zygote's
-# pipes: the zygote learns that its master is gone, or done, from those pipes' EOF.
+# pipes: the zygote learns that its master is gone, or done, from those pipes' EOF (the
+# parked spare's are ``_io/_spare``'s to drop).
 _with_zygote: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
 
 def _drop_inherited_zygotes() -> None:
-    global _spare
     for sup in list(_with_zygote):
         sup._disown_zygote()
     _with_zygote.clear()
-    if _spare is not None:
-        for fd in _spare.fds:
-            _close_quietly(fd)
-        _spare = None
 
 
 os.register_at_fork(after_in_child=_drop_inherited_zygotes)
@@ -247,7 +172,7 @@ class Supervisor:
                     self._exec_zygote()
 
     def _adopt_spare(self) -> bool:
-        spare = _take_spare()
+        spare = take_spare()
         if spare is None:
             return False
         self._adopt_zygote(*spare.fds)
@@ -304,7 +229,7 @@ class Supervisor:
         forget it (it is the original's to stop and reap)."""
         for fd in (self._ctl_w, self._report_r, self._life_w, *self._report_fds):
             if fd >= 0:
-                _close_quietly(fd)
+                close_quietly(fd)
         self._ctl_w = self._report_r = self._life_w = -1
         self._report_fds.clear()
         self._zygote_pid = 0
@@ -526,7 +451,7 @@ class Supervisor:
                 pass
             else:
                 fds = (self._ctl_w, self._report_r, self._life_w)
-                if _park(_Spare(os.getpid(), fds, self._zygote_popen)):
+                if park_spare(Spare(os.getpid(), fds, self._zygote_popen)):
                     self._ctl_w = self._report_r = self._life_w = -1
                     self._zygote_popen = None
                     return
@@ -538,7 +463,7 @@ class Supervisor:
             reap(self._zygote_pid, ZYGOTE_EXIT_S)
             self._zygote_pid = 0
         if self._zygote_popen is not None:
-            _reap_popen(self._zygote_popen)
+            reap_zygote(self._zygote_popen)
             self._zygote_popen = None
         if self._report_r >= 0:
             if self._loop is not None:

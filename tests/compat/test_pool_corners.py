@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import mpmesh
-from mpmesh._procs._supervisor import discard_spare
+from mpmesh._io._spare import discard_spare
 from tests.conftest import descendants, wait_for
 from tests.integration import pool_workers as W
 

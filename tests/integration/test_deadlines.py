@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import mpmesh
-from mpmesh._managers._manager import SyncManager
+from mpmesh._managers._sync import SyncManager
 from mpmesh._state._shared import LockGrant
 from tests.conftest import wait_for
 

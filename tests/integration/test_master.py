@@ -671,7 +671,7 @@ def test_a_threaded_process_reuses_its_execd_zygote_for_the_next_mesh(tmp_path: 
     # A thread of ours makes forking unsafe, so the first mesh execs its zygote; the
     # second adopts it (same process) instead of booting another interpreter, briefed
     # with its own working directory, and still cleans up after itself.
-    from mpmesh._procs._supervisor import discard_spare
+    from mpmesh._io._spare import discard_spare
 
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait, daemon=True)

@@ -653,7 +653,7 @@ class Soak:
 
     def _check_leaks(self, fds0: set[int], threads0: set[str], tasks0: int, procs0: set[int]) -> None:
         from mpmesh._host._process import discard_launcher
-        from mpmesh._procs._supervisor import discard_spare
+        from mpmesh._io._spare import discard_spare
 
         # A zygote parked for the next mesh and the broker launcher are kept on purpose.
         discard_spare()
