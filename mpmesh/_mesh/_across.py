@@ -32,7 +32,7 @@ class Retry:
     long to wait and where the next attempt goes (another host, or this host's broker
     with the retries left)."""
 
-    __slots__ = ("_across", "action", "target", "timeout", "priority", "retries", "delay", "again", "number")
+    __slots__ = ("_across", "action", "again", "delay", "number", "priority", "retries", "target", "timeout")
 
     def __init__(self, across: Across, action: str, target: str | int, *, timeout: float | None,
                  priority: int, retries: int, retry_delay: float,

@@ -12,7 +12,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import BrokerUnavailable, MeshClosed, MeshError, MessageTooLarge, NotFound, RequestTimeout, WorkerLost
+from .._errors import (
+    BrokerUnavailable,
+    MeshClosed,
+    MeshError,
+    MessageTooLarge,
+    NotFound,
+    RequestTimeout,
+    WorkerLost,
+)
 from .._wire import _codec
 from ._mail import CALL, LISTEN_S, MAX_REDIS_VALUE_BYTES, REQUEST, RETRY_S, Mail
 
