@@ -202,9 +202,6 @@ class Across:
         self.log.warning("node %d on %s left the mesh", iid, node.hostname)
         self.emit("node-left", node)
 
-    def close(self) -> None:
-        self.remote.close()
-
 
 def _copy(source: concurrent.futures.Future[Any], target: concurrent.futures.Future[Any]) -> None:
     exc = source.exception()
