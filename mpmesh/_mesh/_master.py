@@ -1,15 +1,17 @@
 """Master: hosts the broker, spawns and supervises children, talks to them both ways.
 
-It composes four pieces: the broker loop (a thread of this process, see
+It composes its pieces: the broker loop (a thread of this process, see
 ``docs/architecture.md`` for why), the supervisor (process lifecycle), the local client
-(this process's requests go straight into the broker core) and a handler registry for
-requests children send to the master. Each public method is a few lines over them.
+(this process's requests go straight into the broker core), a handler registry for
+requests children send to the master, and collaborators it owns, one per job: exits,
+restarts and stopping (``_lifecycle``), the statistics (``_stats``), the state broker
+(``_statebroker``) and, on a Redis backend, routing across hosts (``_across``). Each
+public method is a few lines over them.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import concurrent.futures
 import logging
 import os
@@ -20,33 +22,32 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from .._client import _binding, _near
+from .._client import _near
 from .._io import _deadline
 from .._broker._actions import Notify
-from .._broker._jobs import Worker, WorkerState
+from .._broker._jobs import WorkerState
 from .._broker._routing import STRATEGIES
 from .._procs._child import check_mode
 from .._client._futures import MeshFuture, dispatcher
 from .._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
 from .._client._handlers import AsyncRunner, HandlerRegistry, invoke
-from .._client._base import ClientBase, make_hello
-from .._client._socket import SocketClient
+from .._client._base import ClientBase
 from .._host import _process as _broker_process
 from .._io import _paths
-from .._io._forking import stop_in_turn
-from .._host._inproc import BrokerHost, listen, write_key
+from .._host._inproc import BrokerHost
 from .._managers._factories import SharedObjects
-from ._stats import GroupStats, ProcessStats
+from ._across import Across
+from ._lifecycle import Lifecycle
+from ._statebroker import StateBroker
+from ._stats import Census, GroupStats, ProcessStats
 from .._procs._restarts import RestartPolicy
 from .._client._retry_on import RetryOn
 from .._redis._link import Link, backend_from_env, shared_authkey
 from .._redis._node import ID_BLOCK
 from .._redis._remote import Remote, reserve_ids
-from .._broker._payload import pack
-from .._errors import MeshError
-from .._state._shared import SharedState, state_address
-from .._procs._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method, describe_exit
-from .._wire._messages import ErrorCode, Message, Request, Role
+from .._state._shared import SharedState
+from .._procs._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method
+from .._wire._messages import Message, Request
 
 __all__ = ["EVENTS", "GroupStats", "Master", "ProcessStats"]
 
@@ -103,7 +104,7 @@ class Master(SharedState, SharedObjects):
         self.heartbeat_miss_threshold = heartbeat_miss_threshold
         self.start_method = method
         self.log = logger or logging.getLogger("mpmesh")
-        self._restarts = RestartPolicy(restart_limit, restart_window, restart_backoff, restart_backoff_max)
+        restarts = RestartPolicy(restart_limit, restart_window, restart_backoff, restart_backoff_max)
         self._closed = False
         self._pid = os.getpid()  # a forked copy of this process never shuts the mesh down
         self._specs: dict[str, ChildSpec] = {}
@@ -120,9 +121,10 @@ class Master(SharedState, SharedObjects):
             raise ValueError(f"a mesh is already listening at {self.address}")
         # Shared state lives in a broker process of its own (see docs/architecture.md):
         # started first, while this process may still fork it directly.
-        self._state_proc: _broker_process.BrokerProcess | None = None
+        self._state_broker: StateBroker | None = None
         if broker == "process":
-            self._start_state_broker()
+            self._state_broker = StateBroker(self.address, self.authkey, near_cache=self._near_cache,
+                                             timeout=timeout)
         # No files for the zygote to remove yet: the socket and key file are the mesh's
         # only once it is bound (else they may be another Master's of the same name).
         # A mesh across hosts: its instance ids come from one counter in Redis, a block
@@ -150,16 +152,21 @@ class Master(SharedState, SharedObjects):
         self._loop = self._host.loop
         self._client = self._host.client
         self._client.on_incoming = self._on_incoming
+        self._lifecycle = Lifecycle(self._specs, self._core, self._loop, self._supervisor, restarts, self.log,
+                                    self._emit, lambda: self._closed, self._start)
+        self._census = Census(self._specs, self._core, self._loop, self._supervisor)
         self._core.enable_heartbeats(heartbeat_interval, heartbeat_miss_threshold, time.monotonic(),
                                      inspect=True)
         self._supervisor.attach(self._loop, adopt=self._loop.adopt)
         self._host.start_thread()
         self._remote = None
+        self._across: Across | None = None
         if link is not None:
             try:
-                self._remote = Remote(link, self.instance_id, role="master", name="master",
-                                      record=self._record, serve=self._serve_remote,
-                                      on_left=self._node_left, id_floor=first_instance + ID_BLOCK - 1)
+                self._across = Across(link, self.instance_id, first_instance + ID_BLOCK - 1, core=self._core,
+                                      loop=self._loop, client=self._client, closed=lambda: self._closed,
+                                      check_open=self._check_open, emit=self._emit, log=self.log)
+                self._remote = self._across.remote
             except BaseException:
                 self._closed = True
                 self._host.close()
@@ -174,59 +181,28 @@ class Master(SharedState, SharedObjects):
         """This Master's instance id (unique in the mesh for its lifetime)."""
         return self._core.instance_id()
 
-    def _start_state_broker(self) -> None:
-        """Fork the state broker without waiting for it: its socket and key file are made
-        here first, so a child or ``connect()``ed process that comes early waits in the
-        socket's backlog, and this Master's own connection is made on first use."""
-        dispatcher.retire()  # our idle callback thread would cost the fork
-        address = state_address(self.address)
-        name = os.path.basename(address)[: -len(".sock")]
-        listener = listen(address)
-        try:
-            write_key(_paths.key_path(name), self.authkey)
-            self._state_proc = _broker_process.start(
-                _broker_process.Config(name, self.authkey, host_name="master-state", address=address,
-                                       near_cache=self._near_cache, lazy=True),
-                listener=listener, wait=False)
-        except BaseException:
-            for path in (address, _paths.key_path(name)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            raise
-        finally:
-            listener.close()  # the broker's now: we must not keep connections waiting on it
-        self._state_lock = threading.Lock()
+    @property
+    def _state_proc(self) -> _broker_process.BrokerProcess | None:
+        """The state broker's process (None: the state is in this process's broker)."""
+        return self._state_broker.proc if self._state_broker is not None else None
 
     def _open_state_conn(self) -> ClientBase:
         """Our end of the socketpair made with the state broker, once it listens."""
-        proc = self._state_proc
-        if proc is None:
+        if self._state_broker is None:
             return self._client  # broker="thread": the state is in our own broker
-        with self._state_lock:
-            client: ClientBase | None = self.__dict__.get("_state_client")  # another thread's
-            if client is None:
-                self._check_open()
-                proc.ready()
-                # The Master's timeout: a shared-state call ends within it if the state
-                # broker stops answering (None: no deadline, but a broker silent for
-                # DEFAULT_TIMEOUT_S is still given up).
-                client = SocketClient(proc.address, self.authkey, make_hello(Role.CLIENT), sock=proc.sock,
-                                      timeout=self.timeout)
-                self.__dict__["_state_client"] = client  # before a second caller takes the lock
-                _binding.bind(state_address(self.address), client)
-        return client
+        return self._state_broker.connect(self._check_open)
 
     def _objects_home(self) -> tuple[ClientBase, str]:
-        if self._state_proc is None:
+        if self._state_broker is None:
             return super()._objects_home()
-        return self._state_conn, state_address(self.address)
+        return self._state_conn, self._state_broker.address
 
     def _stop_state_broker(self) -> None:
         client = self.__dict__.pop("_state_client", None)
         if client is not None:
             client.close()
-        if self._state_proc is not None:
-            self._state_proc.stop()
+        if self._state_broker is not None:
+            self._state_broker.stop()
 
     # -- context manager ----------------------------------------------------------------------
 
@@ -374,9 +350,9 @@ class Master(SharedState, SharedObjects):
         """
         self._check_open()
         options = self._options(timeout, retries, retry_delay)
-        host = self._other_host(target)
-        if host is not None:
-            return self._cross_host(host, action, target, data, priority=priority, retry_on=retry_on, **options)
+        if self._across is not None and (host := self._across.other_host(target)) is not None:
+            return self._across.request(host, action, target, data, priority=priority, retry_on=retry_on,
+                                        **options)
         if retry_on and options["retries"]:
             # One budget for every cause: each attempt goes out alone, retried here.
             once = dict(options, retries=0, priority=priority)
@@ -398,9 +374,8 @@ class Master(SharedState, SharedObjects):
         """
         self._check_open()
         options = self._options(timeout, retries, retry_delay)
-        host = self._other_host(target)
-        if host is not None:
-            return self._ask_host(host, action, target, data, priority=priority, retry_on=retry_on, **options)
+        if self._across is not None and (host := self._across.other_host(target)) is not None:
+            return self._across.ask(host, action, target, data, priority=priority, retry_on=retry_on, **options)
         if retry_on and options["retries"]:
             fut = self.request(action, target, data, priority=priority, retry_on=retry_on, **options)
             attempts = options["retries"] + 1
@@ -418,136 +393,6 @@ class Master(SharedState, SharedObjects):
                            retry_delay=retry_delay, priority=priority)
         return await asyncio.wrap_future(fut)
 
-    # -- across hosts ---------------------------------------------------------------------------
-
-    def _other_host(self, target: str | int) -> int | None:
-        """The node of another host a request for ``target`` goes to; None: this host's.
-
-        This host's children come first; another host's when none here is free (or
-        none here serves ``target``), and this host's queue when no other has room.
-        """
-        remote = self._remote
-        if remote is None or target == "":
-            return None
-        # Read without the core lock: a routing hint, and the lock would cost the loop.
-        if self._core.serves(target, free_only=True):
-            return None
-        here = self._core.serves(target, free_only=False)
-        try:
-            return remote.host_for(target, free_only=here)
-        except MeshError:
-            if here:  # Redis is away: what this host serves still works
-                return None
-            raise
-
-    def _cross_host(self, host: int, action: str, target: str | int, data: object, *, timeout: float | None,
-                    retries: int, retry_delay: float, priority: int,
-                    retry_on: tuple[type[BaseException], ...]) -> MeshFuture:
-        """A request sent to another host's node, re-sent (to wherever ``target`` is
-        served then) after WorkerLost, RequestTimeout or ``retry_on``."""
-        assert self._remote is not None
-        remote = self._remote
-        outer = MeshFuture()
-        again: tuple[type[BaseException], ...] = (WorkerLost, RequestTimeout, *retry_on)
-
-        def attempt(number: int, to: int) -> None:
-            try:
-                fut = remote.send(to, action, target, data, timeout=timeout, priority=priority)
-            except BaseException as exc:
-                outer.set_exception(exc)
-                return
-            fut.add_done_callback(lambda done: settle(number, done))
-
-        def settle(number: int, done: concurrent.futures.Future[Any]) -> None:
-            exc = done.exception()
-            if exc is None:
-                outer.set_result(done.result())
-            elif isinstance(exc, again) and number < retries and not self._closed:
-                self._emit("request-retry", {"action": action, "target": target, "attempt": number + 2,
-                                             "attempts": retries + 1, "reason": str(exc)})
-                timer = threading.Timer(retry_delay, resend, (number + 1, exc))
-                timer.daemon = True
-                timer.start()
-            else:
-                outer.set_exception(exc)
-
-        def resend(number: int, last: BaseException) -> None:
-            try:
-                to = self._other_host(target)
-            except BaseException as exc:
-                outer.set_exception(exc)
-                return
-            if to is None:  # served here now
-                local = self._client.request(action, target, data, timeout=timeout, priority=priority,
-                                             retries=retries - number, retry_delay=retry_delay)
-                local.add_done_callback(lambda done: _copy(done, outer))
-            else:
-                attempt(number, to)
-
-        attempt(0, host)
-        return outer
-
-    def _ask_host(self, host: int, action: str, target: str | int, data: object, *, timeout: float | None,
-                  retries: int, retry_delay: float, priority: int,
-                  retry_on: tuple[type[BaseException], ...]) -> object:
-        """``_cross_host`` waited for in this thread (the reply comes straight to it)."""
-        assert self._remote is not None
-        again: tuple[type[BaseException], ...] = (WorkerLost, RequestTimeout, *retry_on)
-        number = 0
-        while True:
-            try:
-                return self._remote.ask(host, action, target, data, timeout=timeout, priority=priority)
-            except again as exc:
-                if number >= retries or self._closed:
-                    raise
-                number += 1
-                self._emit("request-retry", {"action": action, "target": target, "attempt": number + 1,
-                                             "attempts": retries + 1, "reason": str(exc)})
-            time.sleep(retry_delay)  # the retry delay the caller asked for
-            found = self._other_host(target)
-            if found is None:  # served here now
-                return self._client.call(action, target, data, timeout=timeout, priority=priority,
-                                         retries=retries - number, retry_delay=retry_delay)
-            host = found
-
-    def _serve_remote(self, action: str, target: str | int, data: object, priority: int,
-                      timeout: float | None) -> object:
-        """Run a request another host sent here.
-
-        One that a child here can take at once runs with no timeout: its caller keeps
-        waiting while this host beats for it, however long the handler takes. One that
-        must queue waits at most its caller's ``timeout``, and never runs once that passed.
-        """
-        self._check_open()
-        free = self._core.serves(target, free_only=True)  # a hint: see _other_host
-        return self._client.call(action, target, data, timeout=None if free else timeout, priority=priority)
-
-    def _record(self) -> dict[str, Any]:
-        """What this host's node says in the registry: its processes, and which of its
-        groups and children could take a request now."""
-        nodes = [list(row) for row in self._host_nodes()]
-        with self._loop.locked():
-            groups, children = self._core.free_members()
-        return {"iid": self.instance_id, "role": "master", "hostname": socket.gethostname(),
-                "nodes": nodes, "groups": groups, "children": children}
-
-    def _host_nodes(self) -> list[tuple[Any, ...]]:
-        """(instance_id, name, group, pid, hostname, role) of every process of this host."""
-        call = self._client.op("admin", "nodes", payload=pack(()))
-        found = self._client.wait(call, self._client.due())
-        return list(found[1])  # type: ignore[index]
-
-    def _node_left(self, record: dict[str, Any]) -> None:
-        from .._state._shared import Node
-
-        iid = record["iid"]
-        row = next((r for r in record["nodes"] if r[0] == iid), [iid, "", None, 0, record.get("hostname", ""),
-                                                                  record.get("role", "")])
-        node = Node(row[0], row[1], row[2], row[3], row[4], False, row[5])
-        self.log.warning("node %d on %s left the mesh", iid, node.hostname)
-        for callback in self._callbacks["node-left"]:
-            dispatcher.submit(callback, node)
-
     def _options(self, timeout: float | None, retries: int | None, retry_delay: float | None) -> dict[str, Any]:
         _deadline.check_timeout(timeout)
         _deadline.check_timeout(retry_delay, "retry_delay")
@@ -561,7 +406,7 @@ class Master(SharedState, SharedObjects):
                   timeout: float | None = None) -> dict[str, object]:
         """Run ``action`` on every member of ``group``; map each name to its result or exception."""
         self._check_open()
-        members = [w.name for w in self._group(group).members if w.state is not WorkerState.DOWN]
+        members = [w.name for w in self._census.group(group).members if w.state is not WorkerState.DOWN]
         futures = {name: self.request(action, name, data, timeout=timeout) for name in members}
         results: dict[str, object] = {}
         for name, fut in futures.items():
@@ -618,13 +463,7 @@ class Master(SharedState, SharedObjects):
         for note in notes:
             info: dict[str, Any] = dict(note.info)
             if note.event == "heartbeat-missed":
-                name = str(info["name"])
-                spec = self._specs.get(name)
-                restart = spec is not None and spec.auto_restart and not self._closed
-                self.log.warning("child %r (pid %s) missed its heartbeats for %.1f s%s", name,
-                                 info["pid"], info["silent_for"], "; killing it to restart it" if restart else "")
-                if restart:
-                    self._supervisor.kill(name)
+                self._lifecycle.beats_missed(info)
             elif note.event == "request-retry":
                 self.log.info("retrying %r on %r (attempt %s of %s): %s", info["action"],
                               info["target"], info["attempt"], info["attempts"], info["reason"])
@@ -637,69 +476,18 @@ class Master(SharedState, SharedObjects):
             self._emit(note.event, info)
 
     def _on_exit(self, name: str, pid: int, exitcode: int) -> None:
-        """A child process ended (broker thread): restart it, or mark it down for good."""
-        how = describe_exit(exitcode)
-        spec = self._specs.get(name)
-        worker = self._core.child(name)
-        stopping = worker is None or worker.state is WorkerState.STOPPING
-        delay: float | None = None
-        if spec is not None and spec.auto_restart and not self._closed and not stopping:
-            delay = self._restarts.next_delay(name, time.monotonic())
-        level = logging.INFO if exitcode == 0 or self._closed or stopping else logging.WARNING
-        self.log.log(level, "child %r (pid %d) %s", name, pid, how)
-        self._emit("child-exit", {"name": name, "pid": pid, "exitcode": exitcode,
-                                  "signal": -exitcode if exitcode < 0 else None,
-                                  "group": spec.group if spec else None})
-        restarting = delay is not None
-        if spec is not None and spec.auto_restart and not restarting and not self._closed and not stopping:
-            why = (f"restarted {self._restarts.limit} times within {self._restarts.window:g} s; "
-                   f"giving up (last: {how})")
-            self.log.error("child %r %s", name, why)
-            self._emit("auto-restart", {"name": name, "given_up": True, "reason": why})
-            how = f"{how}; not restarted: {why}"
-
-        if worker is not None and worker.peer is not None:
-            self._loop.drain(worker.peer)  # its last replies first
-        self._loop.run_core(lambda now: self._core.child_down(name, how, now, restarting=restarting))
-        if restarting:
-            assert delay is not None
-            timer = threading.Timer(delay, self._restart, (name, delay, how))
-            timer.daemon = True
-            timer.start()
-
-    def _restart(self, name: str, delay: float, how: str) -> None:
-        """Start child ``name`` again from its original spec (on a timer thread)."""
-        spec = self._specs.get(name)
-        worker = self._core.child(name)
-        if (self._closed or spec is None or not spec.auto_restart or worker is None
-                or worker.state is not WorkerState.STARTING):
-            return
-        try:
-            pid = self._supervisor.wait_started(name, self._start(spec))
-        except Exception as exc:
-            if self._closed:
-                return
-            self.log.error("could not restart child %r: %s", name, exc)
-            reason = f"{how}; restart failed: {exc}"
-            self._loop.run_core(lambda now: self._core.child_down(name, reason, now))
-            return
-        worker.restarts += 1
-        self.log.warning("restarted child %r as pid %d (restart %d, after %.2f s)", name, pid, worker.restarts, delay)
-        self._emit("auto-restart", {"name": name, "pid": pid, "restarts": worker.restarts,
-                                    "delay": delay, "reason": how, "given_up": False})
+        """A child process ended (the supervisor's report, on the broker thread)."""
+        self._lifecycle.on_exit(name, pid, exitcode)
 
     # -- introspection ------------------------------------------------------------------------------
 
     def children(self) -> list[str]:
         """Names of the children that are running or being restarted, in spawn order."""
-        with self._loop.locked():  # a Pool's thread may add or forget children meanwhile
-            workers = self._core.children()
-            return [n for n in self._specs
-                    if (w := workers.get(n)) is not None and w.state is not WorkerState.DOWN]
+        return self._census.children()
 
     def is_alive(self, name: str) -> bool:
         """Whether child ``name``'s process is running."""
-        if self._worker(name).state is WorkerState.DOWN:
+        if self._census.worker(name).state is WorkerState.DOWN:
             # The router knows it ended (a request it held has failed) a moment before the
             # supervisor's record says so.
             return False
@@ -707,61 +495,24 @@ class Master(SharedState, SharedObjects):
 
     def unhealthy(self) -> list[str]:
         """Children whose heartbeats stopped (they leave the list when beats resume)."""
-        with self._loop.locked():
-            return self._unhealthy()
-
-    def _unhealthy(self) -> list[str]:
-        """``unhealthy()`` with the core lock held."""
-        return [n for n, w in self._core.children().items()
-                if n in self._specs and not w.healthy and w.state is not WorkerState.DOWN]
+        return self._census.unhealthy()
 
     def process_stats(self, name: str) -> ProcessStats:
         """Counters for one child: requests handled and active, response time, errors, restarts."""
-        return self._process_stats(self._worker(name))
-
-    def _process_stats(self, w: Worker) -> ProcessStats:
-        return ProcessStats(w.name, self._supervisor.pid(w.name), self._supervisor.alive(w.name),
-                            w.handled, len(w.running), w.ema, w.errors, w.restarts, w.healthy,
-                            w.group.name if w.group else None)
+        return self._census.process(self._census.worker(name))
 
     def group_stats(self, group: str) -> GroupStats:
         """Totals for a group: members, strategy, cap, queue length, requests and errors."""
-        with self._loop.locked():
-            g = self._group(group)
-            return GroupStats(g.name, g.strategy, [w.name for w in g.members], g.max_concurrency,
-                              len(g.queue), g.busy, sum(w.handled for w in g.members),
-                              sum(w.errors for w in g.members), sum(w.restarts for w in g.members))
+        return self._census.group_stats(group)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the whole mesh (cheap enough to poll every second)."""
-        with self._loop.locked():
-            core = self._core
-            children = {n: self._process_stats(w) for n, w in core.children().items() if n in self._specs}
-            groups = list(core.groups())
-            queued, in_flight = core.requests()
-            snapshot: dict[str, Any] = {
-                "mesh": self.name, "address": self.address, "children": children,
-                "requests_queued": queued, "requests_in_flight": in_flight,
-                "connections": len(self._core.peers) - 1, "unhealthy": self._unhealthy(),
-            }
-        snapshot["groups"] = {g: self.group_stats(g) for g in groups}
+        snapshot = self._census.snapshot(self.name, self.address)
         # The shared-state counters (and the memory and CPU of the broker that keeps them);
         # the mesh's own figures above win where names meet (its connections).
         shared: dict[str, Any] = super().stats()
         shared.update(snapshot)
         return shared
-
-    def _worker(self, name: str) -> Worker:
-        worker = self._core.child(name)
-        if worker is None or name not in self._specs:
-            raise NotFound(f"no child named {name!r}")
-        return worker
-
-    def _group(self, group: str) -> Any:
-        g = self._core.group(group)
-        if g is None:
-            raise NotFound(f"no group named {group!r}")
-        return g
 
     # -- shutting down ------------------------------------------------------------------------------
 
@@ -769,26 +520,8 @@ class Master(SharedState, SharedObjects):
         """Stop child ``name`` for good: let it finish what it holds, then terminate, then kill."""
         _deadline.check_timeout(timeout)
         self._check_open()
-        self._worker(name)
-        self._specs[name].auto_restart = False
-        self._stop([name], timeout)
-        if not self._supervisor.alive(name):
-            self._loop.run_core(lambda now: self._core.child_down(name, "was shut down", now, unless_down=True))
-
-    def _stop(self, names: list[str], timeout: float | None) -> None:
-        self._loop.run_core(lambda now: self._core.stop_children(names, timeout))
-        live = [n for n in names if self._supervisor.alive(n)]
-        if self._supervisor.wait_exited(live, timeout):
-            return
-        sup = self._supervisor
-
-        def send(sig: int) -> None:
-            for name in live:
-                sup.kill(name, sig)
-
-        if stop_in_turn(send, lambda t: sup.wait_exited(live, t)):
-            return
-        self.log.error("children %s did not exit after SIGKILL", [n for n in live if self._supervisor.alive(n)])
+        self._census.worker(name)
+        self._lifecycle.shutdown_child(name, timeout)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every child (in parallel, gracefully first) and the broker. Idempotent.
@@ -805,12 +538,7 @@ class Master(SharedState, SharedObjects):
             return
         try:
             atexit.unregister(self._atexit)
-            with self._loop.locked():
-                specs = list(self._specs.values())
-            for spec in specs:
-                spec.auto_restart = False
-            self._stop([spec.name for spec in specs], timeout)
-            self._loop.run_core(lambda now: self._core.fail_all(ErrorCode.CLOSED, "the mesh was shut down"))
+            self._lifecycle.shutdown_all(timeout)
         finally:
             if self._remote is not None:
                 self._remote.close()
@@ -845,10 +573,3 @@ def _make_atexit(ref: weakref.ref[Master]) -> Callable[[], None]:
             master.shutdown(timeout=2.0)
     return shutdown_at_exit
 
-
-def _copy(source: concurrent.futures.Future[Any], target: concurrent.futures.Future[Any]) -> None:
-    exc = source.exception()
-    if exc is None:
-        target.set_result(source.result())
-    else:
-        target.set_exception(exc)

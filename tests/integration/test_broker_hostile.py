@@ -30,6 +30,7 @@ from mpmesh._client._socket import SocketClient
 from mpmesh._errors import BrokerUnavailable
 from mpmesh._host import _inproc as _host
 from mpmesh._io import _reactor
+from mpmesh._mesh._lifecycle import Lifecycle
 from mpmesh._wire._connection import Connection, Phase, Side
 from mpmesh._wire._frames import HEADER, MAX_HANDSHAKE_FRAME_BYTES
 from mpmesh._wire._messages import Hello, Role
@@ -323,14 +324,14 @@ def test_a_hello_claiming_a_restarting_child_is_refused(monkeypatch: pytest.Monk
     monkeypatch.setattr(_reactor, "HANDSHAKE_TIMEOUT_S", 1.0)
     gate = threading.Event()
     held = threading.Event()
-    restart = mpmesh.Master._restart
+    restart = Lifecycle._restart
 
-    def restart_when_let(self: mpmesh.Master, *args: Any) -> None:
+    def restart_when_let(self: Lifecycle, *args: Any) -> None:
         held.set()
         gate.wait(WAIT_S)
         restart(self, *args)
 
-    monkeypatch.setattr(mpmesh.Master, "_restart", restart_when_let)
+    monkeypatch.setattr(Lifecycle, "_restart", restart_when_let)
     with master(start_method="fork") as m:
         m.spawn_child("victim", workers.basic)
         old_pid = m.send_request("whoami", "victim")["pid"]  # type: ignore[index]

@@ -400,11 +400,11 @@ def test_the_example_runs_across_two_hosts(redis_url: str) -> None:
 
 def test_a_request_too_big_for_redis_is_refused_before_it_is_sent(
         master: mpmesh.Master, hosts: Callable[..., Host], monkeypatch: pytest.MonkeyPatch) -> None:
-    from mpmesh._redis import _node
+    from mpmesh._redis import _send
 
     b = hosts("b")
     assert wait_for(lambda: sees(master, b))
-    monkeypatch.setattr(_node, "MAX_REDIS_VALUE_BYTES", 10_000)  # Redis's 512 MiB, scaled down
+    monkeypatch.setattr(_send, "MAX_REDIS_VALUE_BYTES", 10_000)  # Redis's 512 MiB, scaled down
     with pytest.raises(mpmesh.MessageTooLarge):
         master.send_request("where", "api", b"x" * 20_000)
     with pytest.raises(mpmesh.MessageTooLarge):
