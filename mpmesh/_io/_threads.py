@@ -77,7 +77,10 @@ class WorkerThreads:
             running = len(self._threads)
             if self._outstanding > running and running < self._max:
                 self._start_locked()
-            self._queue.put((fn, args))
+            jobs = self._queue
+        # Put after the lock: a woken thread must not find it held. Counted already, the job
+        # keeps retire() waiting and an idle thread from leaving until it is in the queue.
+        jobs.put((fn, args))
 
     def start(self) -> None:
         """Start a thread now if none runs, for a caller that wants it before the first job."""
