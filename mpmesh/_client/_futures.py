@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -21,6 +19,7 @@ from .._errors import (
     MeshClosed, MeshError, NoHandler, NotFound, RemoteError, RequestTimeout, SerializationError,
     WorkerLost,
 )
+from .._io._threads import WorkerThreads
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Reply
 
@@ -38,54 +37,10 @@ log = logging.getLogger("mpmesh.client")
 
 # -- callbacks -----------------------------------------------------------------------------
 
-class _Dispatcher:
-    """One daemon thread per process that runs user callbacks off the I/O threads.
-
-    The thread starts with the first callback and can be retired when idle: a Master
-    forks its zygote only from a single-threaded process.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[..., object], *args: object) -> None:
-        with self._lock:
-            if self._thread is None or self._pid != os.getpid():
-                self._queue = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._run, args=(self._queue,),
-                                                name="mpmesh-callbacks", daemon=True)
-                self._thread.start()
-                self._pid = os.getpid()
-            self._queue.put((fn, args))
-
-    def retire(self, timeout: float = 1.0) -> None:
-        """End the thread if it has nothing queued (the next ``submit`` starts another)."""
-        with self._lock:
-            thread = self._thread
-            if (thread is None or self._pid != os.getpid() or thread is threading.current_thread()
-                    or not self._queue.empty()):
-                return
-            self._queue.put(None)
-            self._thread = None
-        thread.join(timeout)
-
-    @staticmethod
-    def _run(q: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None]) -> None:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("callback %r raised", fn)
-
-
-dispatcher = _Dispatcher()
+# One thread per process runs user callbacks off the I/O threads, in the order they come;
+# it starts with the first callback and can be retired when idle: a Master forks its
+# zygote only from a single-threaded process.
+dispatcher: Final = WorkerThreads("mpmesh-callbacks", logger=log, failed="callback %r raised")
 
 
 # Guards making a future's Condition, or a Latch's Event, against it settling.

@@ -8,7 +8,6 @@ cost no socket hop at all) or in the current thread (``python -m mpmesh serve``)
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -27,6 +26,7 @@ from .._client._local import LocalClient
 from .._wire._messages import Message
 from .._io import _paths, _segment
 from .._io._loop import LEASE_S, BrokerLoop
+from .._io._threads import WorkerThreads
 
 __all__ = ["BrokerHost", "listen", "write_key"]
 
@@ -83,8 +83,11 @@ class BrokerHost:
         self.core.components.update(default_components(self.core, versions=versions, cells=cells)
                                     if components is None else components)
         self._on_notify = on_notify or (lambda notes: None)
-        # Its threads start only when used.
-        self._offload_pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, "mpmesh-offload")
+        # Their threads start only when used; a job's own thread leaves once it is done.
+        self._offload_pool = WorkerThreads(lambda n: f"mpmesh-offload_{n}", OFFLOAD_THREADS,
+                                           logger=log, failed="an offloaded job %r raised")
+        self._offload_extra = WorkerThreads("mpmesh-offload-extra", EXTRA_OFFLOAD_THREADS, idle_exit=0.0,
+                                            logger=log, failed="an offloaded job %r raised")
         self._offload_lock = threading.Lock()  # jobs come from any thread that delivers
         self._offloaded = 0  # jobs running or queued, pooled or not
         self.loop = BrokerLoop(self.core, listener, authkey, on_notify=self._notes)
@@ -143,10 +146,7 @@ class BrokerHost:
                 with self._offload_lock:
                     self._offloaded -= 1
 
-        if pooled:
-            self._offload_pool.submit(run)
-        else:
-            threading.Thread(target=run, name="mpmesh-offload-extra", daemon=True).start()
+        (self._offload_pool if pooled else self._offload_extra).submit(run)
 
     def deliver_to(self, on_incoming: Callable[[Message], None]) -> None:
         self.client.on_incoming = on_incoming
@@ -158,7 +158,8 @@ class BrokerHost:
         self._closed = True
         self.client.close()
         self.loop.stop()
-        self._offload_pool.shutdown(wait=False, cancel_futures=True)
+        self._offload_pool.close(wait=False, cancel=True)
+        self._offload_extra.close(wait=False)
         self._remove_files()
 
     def _remove_files(self) -> None:

@@ -35,6 +35,7 @@ from .._client._base import ClientBase
 from .._host import _process as _broker_process
 from .._io import _paths
 from .._host._inproc import BrokerHost
+from .._io._threads import WorkerThreads
 from .._managers._factories import SharedObjects
 from ._across import Across
 from ._lifecycle import Lifecycle
@@ -110,8 +111,9 @@ class Master(SharedState, SharedObjects):
         self._specs: dict[str, ChildSpec] = {}
         self._callbacks: dict[str, list[Callable[[dict[str, Any]], object]]] = {e: [] for e in EVENTS}
         self._handlers = HandlerRegistry("the master")
-        # Threads for child-to-master handlers: the executor starts them only when used.
-        self._pool = concurrent.futures.ThreadPoolExecutor(MASTER_HANDLER_THREADS, "mpmesh-master-handler")
+        # Threads for child-to-master handlers: the pool starts them only when used.
+        self._pool = WorkerThreads(lambda n: f"mpmesh-master-handler_{n}", MASTER_HANDLER_THREADS,
+                                   logger=self.log, failed="a request to the master failed outside its handler")
         self._async: AsyncRunner | None = None  # an event loop thread, made on first use
         self._async_lock = threading.Lock()  # by whichever thread delivers that request
         self.address = _paths.socket_path(self.name)
@@ -545,7 +547,7 @@ class Master(SharedState, SharedObjects):
             self._host.close()
             self._supervisor.close()
             self._stop_state_broker()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.close(wait=False, cancel=True)
             if self._async is not None:
                 self._async.close()
 

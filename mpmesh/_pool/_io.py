@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Any
 from .._errors import AuthenticationError, MeshClosed, RemoteProtocolError
 from .._io import _reactor
 from .._io._reactor import Link, Reactor, peer_pid
+from .._io._threads import WorkerThreads
 from .._procs._supervisor import describe_exit
 from .._wire import _pool as P
 from .._wire._connection import Connection, Phase, Side
@@ -87,8 +87,8 @@ class ChannelIO(Reactor[_Channel]):
         self.all_gone = threading.Condition(self.lock)
         self._closed = False
         self._channels: dict[str, _Channel] = {}
-        self._callbacks: queue.SimpleQueue[Callable[[], object] | None] | None = None
-        self._callback_thread: threading.Thread | None = None
+        # Callbacks and progress bars run here, one at a time, in the order they came.
+        self._callbacks = WorkerThreads("mpmesh-pool-callbacks", logger=log, failed="a pool callback raised")
         self.feeder = Feeder(self)
         self.start("mpmesh-pool-io")
 
@@ -197,29 +197,13 @@ class ChannelIO(Reactor[_Channel]):
         self._close_soon(ch.sock)
 
     def _to_callbacks(self, fn: Callable[[], object]) -> None:
-        if self._callbacks is None:
-            self._callbacks = queue.SimpleQueue()
-            self._callback_thread = threading.Thread(target=self._run_callbacks, args=(self._callbacks,),
-                                                     name="mpmesh-pool-callbacks", daemon=True)
-            self._callback_thread.start()
-        self._callbacks.put(fn)
-
-    @staticmethod
-    def _run_callbacks(q: queue.SimpleQueue[Callable[[], object] | None]) -> None:
-        while (fn := q.get()) is not None:
-            try:
-                fn()
-            except Exception:
-                log.exception("a pool callback raised")
-            # Held while waiting for the next one, the last callback would keep its result
-            # alive (its value, an exception's traceback, and through it the pool).
-            del fn
+        self._callbacks.submit(fn)
 
     # -- threads ----------------------------------------------------------------------------------
 
     def on_own_thread(self) -> bool:
         """Whether the caller is one of the pool's threads (I/O, feeder, callbacks)."""
-        return threading.current_thread() in (self._thread, self.feeder._thread, self._callback_thread)
+        return threading.current_thread() in (self._thread, self.feeder._thread) or self._callbacks.is_worker()
 
     def shutdown_threads(self) -> None:
         """Stop the I/O, feeder and callback threads and close every descriptor."""
@@ -231,13 +215,8 @@ class ChannelIO(Reactor[_Channel]):
             self.engine.forget_workers()
             self.all_gone.notify_all()
         self.feeder.stop()
-        me = threading.current_thread()
         self.stop(10.0)
-        q, thread = self._callbacks, self._callback_thread
-        if q is not None and thread is not None:
-            q.put(None)
-            if thread is not me:
-                thread.join(30.0)
+        self._callbacks.close(timeout=30.0)
 
     # -- the I/O thread (the loop's hooks) -------------------------------------------------------
 

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import logging
 import os
-import queue
 import select
 import signal
 import socket
@@ -35,6 +34,7 @@ from .._errors import MeshClosed, MeshError
 from .._state._shared import SharedState
 from .._client._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async
 from .._io import _zygote
+from .._io._threads import WorkerThreads
 from .._wire import _codec
 from .._wire._messages import (
     Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Message, Reply, Request, Role, Serve, Shutdown,
@@ -122,7 +122,7 @@ class Child(SharedState):
         self._stopping = False
         self._master_gone = False
         self._ran = False
-        self._workers: _WorkerThreads | None = None
+        self._workers: WorkerThreads | None = None
         self._async: AsyncRunner | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
         fd = config.get("socket_fd")  # forked by the zygote: connected already
@@ -282,11 +282,12 @@ class Child(SharedState):
             return
         self._pending[req.rid] = req
         if self._workers is None:
-            self._workers = _WorkerThreads(self.max_concurrency, f"mpmesh-{self.name}", self._run_pending)
-        self._workers.submit((fn, req.rid))
+            prefix = f"mpmesh-{self.name}"
+            self._workers = WorkerThreads(lambda n: f"{prefix}-{n}", self.max_concurrency, logger=log,
+                                          failed="a concurrent request failed outside its handler")
+        self._workers.submit(self._run_pending, fn, req.rid)
 
-    def _run_pending(self, item: tuple[Callable[[Any], Any], int]) -> None:
-        fn, rid = item
+    def _run_pending(self, fn: Callable[[Any], Any], rid: int) -> None:
         req = self._pending.pop(rid, None)  # atomic claim: None means it was cancelled
         if req is not None:
             self._finish_concurrent(invoke(fn, req))
@@ -311,7 +312,7 @@ class Child(SharedState):
         if self._remote is not None:
             self._remote.close()
         if self._workers is not None:
-            self._workers.close()
+            self._workers.close(timeout=10.0)
         if self._async is not None:
             self._async.close()
         if self._aloop is not None:
@@ -320,53 +321,6 @@ class Child(SharedState):
 
     def __repr__(self) -> str:
         return f"<Child {self.name!r} group={self.group!r} mode={self.mode} pid={self.pid}>"
-
-
-class _WorkerThreads:
-    """Up to ``size`` threads running items from one queue, started only when needed.
-
-    Lighter than a ThreadPoolExecutor: no Future per request, one queue hand-off.
-    """
-
-    def __init__(self, size: int, name: str, run: Callable[[Any], None]) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._size, self._name, self._run = size, name, run
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._busy = 0
-        self._backlog = 0
-
-    def submit(self, item: Any) -> None:
-        with self._lock:
-            self._backlog += 1
-            if self._busy + self._backlog > len(self._threads) and len(self._threads) < self._size:
-                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
-                                          daemon=True)
-                self._threads.append(thread)
-                thread.start()
-        self._queue.put(item)
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            with self._lock:
-                self._backlog -= 1
-                self._busy += 1
-            try:
-                self._run(item)
-            except Exception:
-                log.exception("a concurrent request failed outside its handler")
-            finally:
-                with self._lock:
-                    self._busy -= 1
-
-    def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join(10)
 
 
 def keep(fd: int, interval: float | None, beat: Callable[[], bool], stopped: Callable[[], bool]) -> None:

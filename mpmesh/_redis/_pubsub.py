@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, Final, final
 
 from .._errors import AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, RequestTimeout, SerializationError
+from .._io._threads import WorkerThreads
 from .._wire import _codec
 from ._link import CONNECT_TIMEOUT_S, Link, _redis_module
 from ._locks import check_name, remember_link
@@ -126,10 +127,9 @@ class RedisPubSub:
         self._acks: collections.deque[_Ack] = collections.deque()
         self._ping: float | None = None  # when the unanswered PING was sent
         self._last_read = 0.0
-        self._lane: collections.deque[tuple[RedisSubscription, bytes, str]] = collections.deque()
-        self._lane_cv = threading.Condition(threading.Lock())
+        self._lane = WorkerThreads("mpmesh-redis-callbacks", logger=log, failed="pub/sub delivery %r raised")
+        self._lane_lock = threading.Lock()  # the counts, and each subscription's messages waiting
         self._reader: threading.Thread | None = None
-        self._runner: threading.Thread | None = None
         self._closing = threading.Event()
         self._counts = dict.fromkeys(("pubsub_received", "pubsub_delivered", "pubsub_dropped",
                                       "pubsub_reconnects"), 0)
@@ -257,9 +257,8 @@ class RedisPubSub:
 
     def _start(self) -> None:
         self._reader = threading.Thread(target=self._read, name="mpmesh-redis-pubsub", daemon=True)
-        self._runner = threading.Thread(target=self._run, name="mpmesh-redis-callbacks", daemon=True)
         self._reader.start()
-        self._runner.start()
+        self._lane.start()
 
     def _read(self) -> None:
         """The reader thread: read, sort, reconnect; until ``close()``."""
@@ -336,7 +335,7 @@ class RedisPubSub:
             return
         text = channel[len(self._prefix):].decode("utf-8", "surrogateescape")
         counts = self._counts
-        with self._lane_cv:
+        with self._lane_lock:
             counts["pubsub_received"] += 1
             for sub in list(subs):
                 if not sub._armed:
@@ -345,43 +344,35 @@ class RedisPubSub:
                     counts["pubsub_dropped"] += 1
                     continue
                 sub._waiting += 1
-                self._lane.append((sub, data, text))
-            self._lane_cv.notify()
+                self._lane.submit(self._run, sub, data, text)
 
     # -- the callbacks --------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        """The helper thread: one callback at a time, in arrival order."""
-        lane, cv = self._lane, self._lane_cv
-        while True:
-            with cv:
-                while not lane and not self._closing.is_set():
-                    cv.wait()
-                if self._closing.is_set():
-                    return
-                sub, data, channel = lane.popleft()
-                sub._waiting -= 1
-            if not sub._active:
-                continue
-            try:
-                value = _codec.loads(self._link.unseal(data))
-            except (AuthenticationError, SerializationError):
-                log.exception("cannot read a message on %r for %r", channel, sub.pattern)
-                continue
-            try:
-                sub.callback(value, channel)
-            except Exception:
-                log.exception("subscriber callback %r for %r raised on %r", sub.callback, sub.pattern, channel)
-            with cv:
-                self._counts["pubsub_delivered"] += 1
+    def _run(self, sub: RedisSubscription, data: bytes, channel: str) -> None:
+        """On the lane's one thread: one callback at a time, in arrival order."""
+        with self._lane_lock:
+            sub._waiting -= 1
+        if not sub._active:
+            return
+        try:
+            value = _codec.loads(self._link.unseal(data))
+        except (AuthenticationError, SerializationError):
+            log.exception("cannot read a message on %r for %r", channel, sub.pattern)
+            return
+        try:
+            sub.callback(value, channel)
+        except Exception:
+            log.exception("subscriber callback %r for %r raised on %r", sub.callback, sub.pattern, channel)
+        with self._lane_lock:
+            self._counts["pubsub_delivered"] += 1
 
     # -- the rest -------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """This process's counters: messages received, delivered to callbacks, dropped (past
         a subscription's high-water mark), waiting; subscriptions; reconnections."""
-        with self._lane_cv:
-            found = dict(self._counts, pubsub_waiting=len(self._lane))
+        with self._lane_lock:
+            found = dict(self._counts, pubsub_waiting=self._lane.queued())
         with self._lock:
             found["subscriptions"] = sum(len(subs) for subs in self._names.values())
         return found
@@ -394,13 +385,10 @@ class RedisPubSub:
                 for sub in subs:
                     sub._active = False
             self._names.clear()
-            threads = [t for t in (self._reader, self._runner) if t is not None]
-        with self._lane_cv:
-            self._lane.clear()
-            self._lane_cv.notify_all()
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(CONNECT_TIMEOUT_S + 2 * READ_WAIT_S)
+            reader = self._reader
+        self._lane.close(timeout=CONNECT_TIMEOUT_S + 2 * READ_WAIT_S, cancel=True)
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(CONNECT_TIMEOUT_S + 2 * READ_WAIT_S)
         with self._lock:
             self._drop_locked(self._conn)
 

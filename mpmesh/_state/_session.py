@@ -18,7 +18,6 @@ process keeps none of them.
 from __future__ import annotations
 
 import asyncio
-import collections
 import inspect
 import itertools
 import logging
@@ -31,6 +30,7 @@ from .._broker._pubsub import ACK, STREAM_BASE, push_cost
 from .._broker._rpc import CALL_BASE, OK, pack_result
 from .._errors import MeshError, MessageTooLarge, SerializationError
 from .._client._handlers import failure_from
+from .._io._threads import WorkerThreads
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Op, Push
 
@@ -45,49 +45,6 @@ log = logging.getLogger("mpmesh.shared")
 RPC_THREADS: Final = 16
 # A worker thread with nothing to do for this long exits (a new one starts on demand).
 IDLE_EXIT_S: Final = 5.0
-
-
-class _Workers:
-    """Up to ``size`` daemon threads running submitted calls; FIFO, so ``size=1`` is ordered."""
-
-    def __init__(self, name: str, size: int) -> None:
-        self._name = name
-        self._size = size
-        self._queue: collections.deque[tuple[Callable[..., object], tuple[object, ...]]] = collections.deque()
-        self._cv = threading.Condition(threading.Lock())
-        self._threads = 0
-        self._idle = 0
-
-    def submit(self, fn: Callable[..., object], *args: object) -> None:
-        with self._cv:
-            self._queue.append((fn, args))
-            if self._idle:
-                self._cv.notify()
-            elif self._threads < self._size:
-                self._threads += 1
-                threading.Thread(target=self._run, name=self._name, daemon=True).start()
-
-    def pending(self) -> int:
-        return len(self._queue)
-
-    def _run(self) -> None:
-        queue, cv = self._queue, self._cv
-        while True:
-            with cv:
-                while not queue:
-                    self._idle += 1
-                    try:
-                        notified = cv.wait(IDLE_EXIT_S)
-                    finally:
-                        self._idle -= 1
-                    if not notified and not queue:
-                        self._threads -= 1
-                        return
-                fn, args = queue.popleft()
-            try:
-                fn(*args)
-            except Exception:  # pragma: no cover - callers catch their own errors
-                log.exception("%s: %r raised", self._name, fn)
 
 
 @final
@@ -145,8 +102,10 @@ class Session:
         self._ids = itertools.count(STREAM_BASE)
         self._consumed = 0
         self._acked = 0
-        self._lane = _Workers("mpmesh-pubsub", 1)
-        self._pool = _Workers("mpmesh-rpc", RPC_THREADS)
+        self._lane = WorkerThreads("mpmesh-pubsub", idle_exit=IDLE_EXIT_S, logger=log,
+                                   failed="mpmesh-pubsub: %r raised")
+        self._pool = WorkerThreads("mpmesh-rpc", RPC_THREADS, idle_exit=IDLE_EXIT_S, logger=log,
+                                   failed="mpmesh-rpc: %r raised")
         self._calls: set[int] = set()       # received, not started (a cancel removes them)
         self._calls_lock = threading.Lock()
         self._fallback = client.on_push

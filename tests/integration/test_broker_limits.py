@@ -42,4 +42,4 @@ def test_threads_serving_blocking_user_code_are_capped(monkeypatch: pytest.Monke
     finally:
         release.set()
         host.close()
-        host._offload_pool.shutdown(wait=True)
+        host._offload_pool.close()

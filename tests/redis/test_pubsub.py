@@ -169,7 +169,7 @@ def test_publish_counts_the_subscriptions_redis_reached(pubsub: RedisPubSub, pro
 def test_a_subscription_gets_no_message_published_before_it(pubsub: RedisPubSub) -> None:
     first, second = Inbox(), Inbox()
     pubsub.subscribe("c", first)
-    with pubsub._lane_cv:  # the reader cannot hand over what it reads next...
+    with pubsub._lane_lock:  # the reader cannot hand over what it reads next...
         pubsub.publish("c", "before")
         joining = threading.Thread(target=lambda: pubsub.subscribe("c", second))
         joining.start()  # ...while the second subscription joins the pattern's Redis subscription
