@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 
-from ._procs._child import Child as Child
-from ._mesh._connect import connect as connect
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import FencedError as FencedError
@@ -24,9 +22,11 @@ from ._errors import RequestTimeout as RequestTimeout
 from ._errors import SerializationError as SerializationError
 from ._errors import WorkerLost as WorkerLost
 from ._managers._sync import Manager as Manager
+from ._mesh._connect import connect as connect
 from ._mesh._master import Master as Master
 from ._mesh._stats import ProcessStats as ProcessStats
 from ._pool import Pool as Pool
+from ._procs._child import Child as Child
 from ._wire._messages import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 
 __version__ = "0.1.0.dev0"

@@ -12,24 +12,24 @@ from ._broker._natives import Value as Value
 from ._broker._refs import Token as Token
 from ._errors import RemoteError as RemoteError
 from ._managers._manager import BaseManager as BaseManager
-from ._managers._server import Server as Server
 from ._managers._manager import State as State
-from ._managers._sync import SyncManager as SyncManager
+from ._managers._proxies import AutoProxy as AutoProxy
+from ._managers._proxies import BaseProxy as BaseProxy
+from ._managers._proxies import MakeProxyType as MakeProxyType
 from ._managers._proxy_types import AcquirerProxy as AcquirerProxy
 from ._managers._proxy_types import ArrayProxy as ArrayProxy
-from ._managers._proxies import AutoProxy as AutoProxy
 from ._managers._proxy_types import BarrierProxy as BarrierProxy
-from ._managers._proxies import BaseProxy as BaseProxy
 from ._managers._proxy_types import ConditionProxy as ConditionProxy
 from ._managers._proxy_types import DictProxy as DictProxy
 from ._managers._proxy_types import EventProxy as EventProxy
 from ._managers._proxy_types import IteratorProxy as IteratorProxy
 from ._managers._proxy_types import ListProxy as ListProxy
-from ._managers._proxies import MakeProxyType as MakeProxyType
 from ._managers._proxy_types import NamespaceProxy as NamespaceProxy
 from ._managers._proxy_types import PoolProxy as PoolProxy
 from ._managers._proxy_types import QueueProxy as QueueProxy
 from ._managers._proxy_types import ValueProxy as ValueProxy
+from ._managers._server import Server as Server
+from ._managers._sync import SyncManager as SyncManager
 
 __all__ = [
     "AcquirerProxy", "Array", "ArrayProxy", "AutoProxy", "BarrierProxy", "BaseManager",

@@ -10,10 +10,9 @@ from typing import Final
 from .._errors import SerializationError
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Reply
+from ._entries import Entry
 from ._plain import Blob
 from ._refs import TypeSpec, public_methods
-
-from ._entries import Entry
 
 __all__ = [
     "FALLBACKS", "PICKLED_NONE", "PICKLED_TRUE", "create_failed", "exposed_of", "gone", "not_exposed",

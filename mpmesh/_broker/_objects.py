@@ -66,8 +66,8 @@ from typing import Any, Final
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Op, Reply
 from ._actions import WARNING, Action, Notify, Offload, Send
-from ._entries import Entry, Lane
 from ._answers import FALLBACKS, PICKLED_NONE, create_failed, gone, not_exposed, to_failure, to_reply
+from ._entries import Entry, Lane
 from ._limits import MAX_OBJECTS, MAX_PARKED_PER_PEER, TooMany
 from ._lockcells import LockCells
 from ._natives import CUSTOM, DATA, KEYED, KEYED_WRITES, NATIVE, READS, SYNC

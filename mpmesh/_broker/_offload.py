@@ -18,14 +18,13 @@ from .._wire import _codec
 from .._wire._messages import ErrorCode, Failure, Op, Reply
 from ._actions import Action, Offload, Send
 from ._answers import FALLBACKS, create_failed, exposed_of, gone, not_exposed, to_failure, to_reply
+from ._entries import Entry, Lane
 from ._natives import CUSTOM, DATA, NATIVE
 from ._plain import ARGS_BUDGET, Blob, Grants, Pending, holds_user, peek, plain, read_call, read_create
 from ._queues import Queue
 from ._refs import NewRef, ProxyRef, TypeSpec, grants
 from ._versions import VersionTable
 from ._waiters import Effects
-
-from ._entries import Entry, Lane
 
 __all__ = ["OffLoop"]
 

@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import ClassVar
 
-from ._lockcells import BROKER, WAITING, LockCells
 from ._limits import FOREVER
+from ._lockcells import BROKER, WAITING, LockCells
 from ._waiters import PARKED, Effects, Native, ObjectGone, Waiter, deadline_for, remove
 
 __all__ = [

@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .._io import _deadline
-from .._errors import BrokerUnavailable, MeshClosed, MeshError, RequestTimeout, SerializationError
-from ._futures import Call, MeshFuture, error_for
 from .._broker._lockcells import LockCells
 from .._broker._ring import OBJECTS, RingWriter
-from ._near import NearCache
+from .._errors import BrokerUnavailable, MeshClosed, MeshError, RequestTimeout, SerializationError
+from .._io import _deadline
 from .._wire import _codec
 from .._wire._messages import Cancel, Failure, Hello, Message, Op, Push, Reply, Request
+from ._futures import Call, MeshFuture, error_for
+from ._near import NearCache
 
 
 __all__ = ["ClientBase", "make_hello"]

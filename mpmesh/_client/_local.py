@@ -11,10 +11,10 @@ from __future__ import annotations
 import concurrent.futures
 from typing import TYPE_CHECKING
 
-from .._io import _deadline
 from .._errors import MeshClosed
-from ._futures import Call, MeshFuture
+from .._io import _deadline
 from .._wire._messages import Failure, Message, Push, Reply, Request, check_size
+from ._futures import Call, MeshFuture
 
 if TYPE_CHECKING:
     from .._io._loop import BrokerLoop, Lease

@@ -38,23 +38,21 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from .._io import _deadline
 from .._broker._payload import pack
+from .._broker._ring import OBJECTS
 from .._errors import (
     AuthenticationError, BrokerUnavailable, MeshClosed, MeshError, MessageTooLarge, RemoteProtocolError, RequestTimeout,
 )
-from ._futures import Call, MeshFuture, error_for
-from ._handlers import failure_from
+from .._io import _deadline
 from .._io import _segment
-from .._broker._ring import OBJECTS
-from ._near import NearCache
 from .._wire import _codec, _frames
 from .._wire._connection import Connection, Phase, Side
 from .._wire._messages import Failure, Goodbye, Hello, Message, Push, Ready, Reply, encode, encode_op
-
-
 from ._base import ClientBase
 from ._exit import ends_uncleanly, watch_exit
+from ._futures import Call, MeshFuture, error_for
+from ._handlers import failure_from
+from ._near import NearCache
 
 __all__ = ["DEFAULT_TIMEOUT_S", "SocketClient"]
 

@@ -23,10 +23,10 @@ from .._broker._actions import WARNING, Notify, Offload
 from .._broker._components import default_components
 from .._broker._core import BrokerCore, Component
 from .._client._local import LocalClient
-from .._wire._messages import Message
 from .._io import _paths, _segment
 from .._io._loop import LEASE_S, BrokerLoop
 from .._io._threads import WorkerThreads
+from .._wire._messages import Message
 
 __all__ = ["BrokerHost", "listen", "write_key"]
 

@@ -36,8 +36,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .._io import _deadline
 from .._errors import BrokerUnavailable
+from .._io import _deadline
 from .._io import _paths
 from .._io._forking import exited, fork_is_safe, reap
 

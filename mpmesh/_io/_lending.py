@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from . import _deadline
 from .._broker._actions import Action, Send
 from .._broker._core import LOCAL_PEER
 from .._wire._connection import Connection
 from .._wire._frames import RECV_BYTES
 from .._wire._messages import Request
+from . import _deadline
 from ._reactor import Link, Selector
 from ._readers import drain_pipe
 

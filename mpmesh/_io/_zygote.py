@@ -35,10 +35,10 @@ reads and closes it, and removes the variable, so no process it starts inherits 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pickle
 import selectors
-import importlib
 import signal
 import socket
 import sys

@@ -23,9 +23,9 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 from .._broker._lockcells import LockCells
 from .._broker._sync import BrokenBarrier
 from .._client._near import immutable
+from .._wire import _codec
 from ._ops import pack, post
 from ._proxies import BaseProxy
-from .._wire import _codec
 
 __all__ = [
     "AcquirerProxy", "ArrayProxy", "BarrierProxy", "ConditionProxy", "DictProxy", "EventProxy",

@@ -15,12 +15,12 @@ import sys
 import time
 from typing import Any, Final
 
-from .._io import _deadline
-from .._client._binding import read_key
 from .._broker._payload import pack
 from .._client._base import make_hello
+from .._client._binding import read_key
 from .._client._socket import SocketClient
 from .._errors import AuthenticationError, MeshError
+from .._io import _deadline
 from .._io import _paths
 from .._wire._messages import Role
 

@@ -24,16 +24,16 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final
 
-from .._io import _deadline
-from .._client import _near
-from .._client._binding import read_key
-from .._broker._admin import STOP_EVENT, Admin
 from .._broker._actions import Notify
+from .._broker._admin import STOP_EVENT, Admin
+from .._client import _near
 from .._client._base import ClientBase, make_hello
+from .._client._binding import read_key
 from .._client._socket import DEFAULT_TIMEOUT_S, SocketClient
 from .._errors import BrokerUnavailable
-from .._io import _paths
 from .._host._process import read_line
+from .._io import _deadline
+from .._io import _paths
 from .._redis._handle import RedisHandle
 from .._redis._link import Link, backend_from_env, shared_authkey
 from .._redis._remote import Remote

@@ -22,33 +22,33 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from .._client import _near
-from .._io import _deadline
 from .._broker._actions import Notify
 from .._broker._jobs import WorkerState
 from .._broker._routing import STRATEGIES
-from .._procs._child import check_mode
-from .._client._futures import MeshFuture, dispatcher
-from .._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
-from .._client._handlers import AsyncRunner, HandlerRegistry, invoke
+from .._client import _near
 from .._client._base import ClientBase
+from .._client._futures import MeshFuture, dispatcher
+from .._client._handlers import AsyncRunner, HandlerRegistry, invoke
+from .._client._retry_on import RetryOn
+from .._errors import MeshClosed, NotFound, RequestTimeout, WorkerLost
 from .._host import _process as _broker_process
-from .._io import _paths
 from .._host._inproc import BrokerHost
+from .._io import _deadline
+from .._io import _paths
 from .._io._threads import WorkerThreads
 from .._managers._factories import SharedObjects
-from ._across import Across
-from ._lifecycle import Lifecycle
-from ._statebroker import StateBroker
-from ._stats import Census, GroupStats, ProcessStats
+from .._procs._child import check_mode
 from .._procs._restarts import RestartPolicy
-from .._client._retry_on import RetryOn
+from .._procs._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method
 from .._redis._link import Link, backend_from_env, shared_authkey
 from .._redis._node import ID_BLOCK
 from .._redis._remote import Remote, reserve_ids
 from .._state._shared import SharedState
-from .._procs._supervisor import START_METHODS, ChildSpec, Supervisor, default_start_method
 from .._wire._messages import Message, Request
+from ._across import Across
+from ._lifecycle import Lifecycle
+from ._statebroker import StateBroker
+from ._stats import Census, GroupStats, ProcessStats
 
 __all__ = ["EVENTS", "GroupStats", "Master", "ProcessStats"]
 

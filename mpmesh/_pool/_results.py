@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 from typing import Any, ClassVar, Protocol
 
-from .._errors import RemoteError, SerializationError
 from .._client._futures import Latch
+from .._errors import RemoteError, SerializationError
 
 __all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "IMapUnorderedIterator", "Lazy", "MapResult",
            "UnpicklableException", "UnpicklableResult"]

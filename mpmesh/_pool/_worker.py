@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._procs._child import RDHUP, Child, Detached, keep
 from .._errors import AuthenticationError, RemoteProtocolError, SerializationError
+from .._procs._child import RDHUP, Child, Detached, keep
 from .._wire import _codec
 from .._wire import _pool as P
 from .._wire._connection import Connection, Phase, Side

@@ -25,16 +25,16 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
-from .._io import _deadline
 from .._client._base import make_hello
 from .._client._exit import process_ends
-from .._client._socket import SocketClient
 from .._client._futures import MeshFuture
-from .._errors import MeshClosed, MeshError
-from .._state._shared import SharedState
 from .._client._handlers import AsyncRunner, HandlerRegistry, invoke, invoke_async
+from .._client._socket import SocketClient
+from .._errors import MeshClosed, MeshError
+from .._io import _deadline
 from .._io import _zygote
 from .._io._threads import WorkerThreads
+from .._state._shared import SharedState
 from .._wire import _codec
 from .._wire._messages import (
     Cancel, ErrorCode, Failure, Goodbye, Heartbeat, Message, Reply, Request, Role, Serve, Shutdown,

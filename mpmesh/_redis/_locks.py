@@ -22,8 +22,8 @@ import time
 import weakref
 from typing import Any, Final, final
 
-from .._io._deadline import check_timeout
 from .._errors import MeshError
+from .._io._deadline import check_timeout
 from .._state._grant import Grant
 from ._link import Link, _redis_module, shared_authkey
 

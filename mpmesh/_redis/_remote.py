@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     import concurrent.futures
 
     from .._state._shared import Node
-    from ._pubsub import RedisPubSub, RedisSubscription
     from ._locks import RedisGrant, RedisLocks
+    from ._pubsub import RedisPubSub, RedisSubscription
     from ._state import RedisCache
 
 __all__ = ["Remote", "reserve_ids", "take_id"]

@@ -19,13 +19,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, final
 
-from .._client import _binding
 from .._broker._cache import ENTRY_OVERHEAD_BYTES
 from .._broker._payload import MISSING, pack
 from .._broker._ring import CACHE
 from .._broker._versions import bulk_slot, cache_ident, key_slot, stable_hash, whole_slot
-from .._errors import NotFound
+from .._client import _binding
 from .._client._near import ETERNAL, NearCache
+from .._errors import NotFound
 from .._wire import _codec
 
 if TYPE_CHECKING:

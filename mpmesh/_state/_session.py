@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Final, cast, final
 from .._broker._payload import pack
 from .._broker._pubsub import ACK, STREAM_BASE, push_cost
 from .._broker._rpc import CALL_BASE, OK, pack_result
-from .._errors import MeshError, MessageTooLarge, SerializationError
 from .._client._handlers import failure_from
+from .._errors import MeshError, MessageTooLarge, SerializationError
 from .._io._threads import WorkerThreads
 from .._wire import _codec
 from .._wire._messages import ErrorCode, Op, Push

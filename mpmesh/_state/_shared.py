@@ -19,17 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from .._client import _binding, _near
-from .._io import _deadline
 from .._broker._payload import pack
 from .._broker._pubsub import pack_publish
 from .._broker._rpc import pack_call
+from .._client import _binding, _near
 from .._errors import LockTimeout, MeshError, RequestTimeout
+from .._io import _deadline
+from .._wire import _codec
+from .._wire._messages import Op
 from ._cache import Cache, open_cache
 from ._grant import LockGrant
 from ._session import Subscription, session_for
-from .._wire import _codec
-from .._wire._messages import Op
 
 if TYPE_CHECKING:
     from .._client._base import ClientBase

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 import mpmesh
-from mpmesh._io import _reactor
-from mpmesh._wire import _pool as P
 from mpmesh._errors import AuthenticationError, RemoteProtocolError
+from mpmesh._io import _reactor
 from mpmesh._pool._io import listen_channel
 from mpmesh._pool._results import MapResult
+from mpmesh._wire import _pool as P
 from mpmesh._wire._connection import Connection, Side
 from mpmesh._wire._frames import FrameDecoder
 from tests.conftest import wait_for

@@ -25,8 +25,8 @@ import pytest
 
 import mpmesh
 from mpmesh._client._binding import read_key
-from mpmesh._io import _paths
 from mpmesh._host._inproc import write_key
+from mpmesh._io import _paths
 from mpmesh._state._shared import state_address
 from tests.integration import workers
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from .shared_fakes import Driver, answer, blob
 from mpmesh._broker._cache import SWEEP_INTERVAL_S, CacheStore
 from mpmesh._broker._locks import LockTable
 from mpmesh._broker._payload import MISSING, pack
 from mpmesh._errors import FencedError, NotFound
-
-from .shared_fakes import Driver, answer, blob
 
 P = 1  # the peer every test talks as
 

@@ -12,8 +12,8 @@ import collections
 from collections.abc import Iterator
 from typing import Any
 
-from mpmesh._procs._child import Child
 from mpmesh._client._handlers import HandlerRegistry
+from mpmesh._procs._child import Child
 from mpmesh._wire import _codec
 from mpmesh._wire._messages import Cancel, ErrorCode, Failure, Reply, Request
 

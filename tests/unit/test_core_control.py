@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from ._broker_harness import ORIGIN, Harness, failures_to, requests_to
 from mpmesh._broker._jobs import WorkerState
 from mpmesh._wire._messages import ErrorCode
-
-from ._broker_harness import ORIGIN, Harness, failures_to, requests_to
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from mpmesh._client._local import LocalClient
 from mpmesh._client._futures import Call, Latch, MeshFuture
+from mpmesh._client._local import LocalClient
 from tests.conftest import wait_for
 
 LONG = 10.0

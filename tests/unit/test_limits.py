@@ -7,15 +7,14 @@ import math
 
 import pytest
 
+from ._broker_harness import Harness, failures_to, replies_to, requests_to
+from .shared_fakes import Driver
 from mpmesh._broker import _cache, _limits, _locks, _pubsub, _routing, _rpc
 from mpmesh._broker._cache import CacheStore
 from mpmesh._broker._locks import LockTable
 from mpmesh._broker._pubsub import STREAM_BASE, PubSub
 from mpmesh._broker._rpc import RpcPools
 from mpmesh._wire._messages import ErrorCode
-
-from ._broker_harness import Harness, failures_to, replies_to, requests_to
-from .shared_fakes import Driver
 
 P = 1
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from .shared_fakes import Driver, answers
 from mpmesh._broker._locks import LockTable
 from mpmesh._broker._payload import pack
 from mpmesh._errors import LockTimeout
-
-from .shared_fakes import Driver, answers
 
 A, B, C = 1, 2, 3
 

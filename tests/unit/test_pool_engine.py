@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 
 import mpmesh
+from .test_layering import FORBIDDEN
 from mpmesh._broker import _routing
 from mpmesh._errors import MeshClosed, RequestTimeout, WorkerLost
 from mpmesh._pool import _engine
-from mpmesh._wire import _pool as P
 from mpmesh._pool._actions import (
     Action, Complete, Deadline, Gone, Hangup, Kill, Log, Progress, Send, Spawn, StopFeeding,
 )
@@ -37,10 +37,9 @@ from mpmesh._pool._engine import Engine, State
 from mpmesh._pool._feeder import LazySource
 from mpmesh._pool._results import ApplyResult, IMapIterator, MapResult
 from mpmesh._pool._tasks import Source, read_frames
+from mpmesh._wire import _pool as P
 from mpmesh._wire import _codec
 from mpmesh._wire._frames import HEADER, FrameDecoder
-
-from .test_layering import FORBIDDEN
 
 FAST = 1e-4  # seconds a trivial chunk reports: a worker then holds ~QUEUE_TARGET_S / FAST
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from .shared_fakes import Driver, answers, blob, closes, pushes
 from mpmesh._broker._pubsub import ACK, STREAM_BASE, PubSub, pack_publish, push_cost
 from mpmesh._broker._rpc import CALL_BASE, OK, RpcPools, pack_call, pack_result
 from mpmesh._errors import NotFound, RequestTimeout, WorkerLost
 from mpmesh._wire._messages import ErrorCode
-
-from .shared_fakes import Driver, answers, blob, closes, pushes
 
 A, B, C = 1, 2, 3
 

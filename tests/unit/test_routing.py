@@ -9,13 +9,12 @@ import random
 
 import pytest
 
-from mpmesh._broker._core import LOCAL_PEER
-from mpmesh._broker._jobs import J_DONE, Job, JobQueue
-from mpmesh._wire._messages import ErrorCode, Failure, Hello, Reply, Request, Role
-
 from ._broker_harness import (
     ORIGIN, Harness, closes, failures_to, replies_to, requests_to, where_sent,
 )
+from mpmesh._broker._core import LOCAL_PEER
+from mpmesh._broker._jobs import J_DONE, Job, JobQueue
+from mpmesh._wire._messages import ErrorCode, Failure, Hello, Reply, Request, Role
 
 
 @pytest.fixture

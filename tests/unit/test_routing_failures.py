@@ -6,13 +6,12 @@ import random
 
 import pytest
 
-from mpmesh._broker._actions import Inspect, Send
-from mpmesh._broker._routing import LOST_GRACE_S
-from mpmesh._wire._messages import Cancel, ErrorCode, Reply
-
 from ._broker_harness import (
     ORIGIN, Harness, cancels_to, failures_to, notes, replies_to, requests_to, where_sent,
 )
+from mpmesh._broker._actions import Inspect, Send
+from mpmesh._broker._routing import LOST_GRACE_S
+from mpmesh._wire._messages import Cancel, ErrorCode, Reply
 
 
 @pytest.fixture

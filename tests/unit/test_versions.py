@@ -9,16 +9,15 @@ import sys
 
 import pytest
 
-from mpmesh._client import _near
+from .shared_fakes import Driver, answer, blob
+from .test_objects import ADDRESS
 from mpmesh._broker import _versions as v
 from mpmesh._broker._cache import CacheStore
 from mpmesh._broker._objects import ObjectTable
+from mpmesh._client import _near
 from mpmesh._client._near import NearCache
 from mpmesh._wire import _codec
 from mpmesh._wire._messages import Op
-
-from .shared_fakes import Driver, answer, blob
-from .test_objects import ADDRESS
 
 P = 1
 
