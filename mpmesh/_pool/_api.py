@@ -99,7 +99,7 @@ class Pool:
             raise ValueError(f"start method must be one of {', '.join(START_METHODS)}, not {method!r}")
         self._processes = processes
         channel = listen_channel()
-        token = os.urandom(P.TOKEN_BYTES)
+        token, challenge = os.urandom(P.TOKEN_BYTES), os.urandom(P.TOKEN_BYTES)
         home: Home | tuple[Supervisor, str]
         if master is None:
             # No Master, no broker: the pool's own zygote, forked before any thread of ours
@@ -112,13 +112,14 @@ class Pool:
                 raise
         else:
             home = master
-        procs = WorkerProcesses(home, (channel[0], token, initializer, tuple(initargs), maxtasksperchild))
+        procs = WorkerProcesses(home, (channel[0], token, challenge, initializer, tuple(initargs),
+                                             maxtasksperchild))
         names = [procs.next_name() for _ in range(processes)]
         try:
             procs.launch(names)  # the zygote forks them while we build the engine
             engine = Engine(maxtasks=maxtasksperchild, task_timeout=task_timeout, retries=retries,
                             workers=names, next_name=procs.next_name)
-            io = ChannelIO(engine, channel, token, spawn=procs.request_spawn, kill=procs.kill)
+            io = ChannelIO(engine, channel, token, challenge, spawn=procs.request_spawn, kill=procs.kill)
         except BaseException:
             channel[1].close()
             procs.close()

@@ -13,7 +13,10 @@ the callback thread, lazy inputs on the feeder thread.
 
 New connections prove the pool's token with the broker's handshake (``_wire._connection``:
 a challenge each way, keyed with the token) and then say who they are (``HELLO``: pid,
-name) before anything they send is unpickled. Until then a connection is a stranger: one
+name) before anything they send is unpickled. The pool's challenge reaches its workers
+the way the token does, through the fork, so a worker answers the moment it connects
+instead of waiting for this thread to accept it (that wait cost a fresh pool ~1 ms on
+one CPU); the pool still proves the token back before a worker reads anything it sends. Until then a connection is a stranger: one
 whose peer runs as another uid is closed at accept; the others may send only
 handshake-sized frames and a HELLO, must do it within the loop's
 ``HANDSHAKE_TIMEOUT_S``, and at most ``MAX_HANDSHAKING`` of them are held at once, so
@@ -52,9 +55,10 @@ class _Pending:
 
     __slots__ = ("conn", "reader", "sock")
 
-    def __init__(self, sock: socket.socket, token: bytes) -> None:
+    def __init__(self, sock: socket.socket, token: bytes, challenge: bytes) -> None:
         self.sock = sock
-        self.conn = Connection(Side.BROKER, token, os.urandom)
+        self.conn = Connection(Side.BROKER, token, lambda n: challenge)
+        self.conn.initiate()  # already in the worker's hands: not sent
         self.reader = FrameDecoder(P.MAX_HELLO_FRAME_BYTES)
 
 
@@ -73,15 +77,17 @@ class ChannelIO(Reactor[_Channel]):
     """Runs one pool's engine: the listening socket, each worker's channel, the I/O,
     feeder and callback threads, and the lock every call into the engine holds."""
 
-    def __init__(self, engine: Engine, channel: tuple[str | bytes, socket.socket], token: bytes, *,
-                 spawn: Callable[[str], None], kill: Callable[[str], None]) -> None:
+    def __init__(self, engine: Engine, channel: tuple[str | bytes, socket.socket], token: bytes,
+                 challenge: bytes, *, spawn: Callable[[str], None], kill: Callable[[str], None]) -> None:
         """``channel``: the listening socket workers connect to; ``token``: what they
-        prove; ``spawn(name)`` / ``kill(name)``: start or SIGKILL a worker process
-        (``_processes.py``, without blocking)."""
+        prove, answering ``challenge`` (both given to them when they start); ``spawn(name)``
+        / ``kill(name)``: start or SIGKILL a worker process (``_processes.py``, without
+        blocking)."""
         self.address, listener = channel
         super().__init__(listener, _Channel, logger=log.name, same_uid_only=True)
         self.engine = engine
         self.token = token
+        self.challenge = challenge
         self._spawn = spawn
         self._kill = kill
         self.all_gone = threading.Condition(self.lock)
@@ -243,9 +249,8 @@ class ChannelIO(Reactor[_Channel]):
         """A write to ``link`` failed: its reader sees the connection drop and settles the worker."""
 
     def _admit(self, sock: socket.socket) -> None:
-        p = _Pending(sock, self.token)
+        p = _Pending(sock, self.token, self.challenge)
         self._hold_stranger(sock, p)
-        self._say(p, p.conn.initiate())
 
     def _expired(self, key: object) -> None:
         assert isinstance(key, _Pending)

@@ -30,9 +30,9 @@ from .._errors import AuthenticationError, RemoteProtocolError, SerializationErr
 from .._procs._child import RDHUP, Child, Detached, keep
 from .._wire import _codec
 from .._wire import _pool as P
-from .._wire._connection import Connection, Phase, Side
+from .._wire._connection import Connection, Side
 from .._wire._frames import RECV_BYTES, FrameDecoder
-from .._wire._messages import Goodbye, Message, Shutdown
+from .._wire._messages import Challenge, Goodbye, Message, Shutdown, encode
 from ._local import LOCAL_TYPES
 
 __all__ = ["main"]
@@ -47,7 +47,7 @@ class _Undecodable(Exception):
     """A function or task that could not be unpickled here."""
 
 
-def main(child: Child | Detached, address: str | bytes, token: bytes,
+def main(child: Child | Detached, address: str | bytes, token: bytes, challenge: bytes,
          initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
          maxtasks: int | None) -> None:
     """The target of every pool worker (runs in the child process)."""
@@ -56,7 +56,7 @@ def main(child: Child | Detached, address: str | bytes, token: bytes,
         sock.connect(address)
     except OSError:
         sys.exit(1)  # the pool is already gone
-    early = _prove(sock, token, P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + child.name.encode()))
+    conn = _answer(sock, token, challenge, P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + child.name.encode()))
     if isinstance(child, Child):
         _stop_on_shutdown(child, sock)
     elif not child.guarded:
@@ -70,28 +70,21 @@ def main(child: Child | Detached, address: str | bytes, token: bytes,
             sys.exit(1)
     _send(sock, P.frame(P.READY))
     try:
-        _serve(sock, maxtasks, early)
+        _serve(sock, maxtasks, conn)
     finally:
         sock.close()
 
 
-def _prove(sock: socket.socket, token: bytes, hello: bytes) -> bytes:
-    """The handshake, from the worker's side: answer the pool's challenge (with ``hello``
-    right behind the answer), then check the pool's proof. Anything the pool sent after
-    its proof is returned; a pool that hangs up or fails its proof ends the process."""
+def _answer(sock: socket.socket, token: bytes, challenge: bytes, hello: bytes) -> Connection:
+    """Answer the pool's challenge (given to us with the token, so nothing to wait for),
+    with ``hello`` right behind the answer. The pool's proof is checked in ``_serve``,
+    before anything it sends is read; the initializer runs meanwhile."""
     conn = Connection(Side.PEER, token, os.urandom)
     try:
-        while conn.phase is Phase.HANDSHAKE:
-            data = sock.recv(4096)
-            if not data:
-                sys.exit(1)  # the pool is gone (or refused us)
-            out = conn.receive_handshake(data)
-            if out:
-                sock.sendall(out + hello)
-                hello = b""
-    except (OSError, AuthenticationError, RemoteProtocolError):
-        sys.exit(1)
-    return conn.leftover()
+        sock.sendall(conn.receive_handshake(encode(Challenge(challenge))) + hello)
+    except OSError:
+        sys.exit(1)  # the pool is already gone
+    return conn
 
 
 def _stop_on_shutdown(child: Child, sock: socket.socket) -> None:
@@ -129,22 +122,30 @@ def _send(sock: socket.socket, data: bytes) -> None:
         sys.exit(0)  # the pool closed our channel: nothing left to do
 
 
-def _serve(sock: socket.socket, maxtasks: int | None, early: bytes = b"") -> None:
+def _serve(sock: socket.socket, maxtasks: int | None, conn: Connection) -> None:
+    """Run what the pool sends until it says STOP or hangs up, once it has proven the
+    token (a pool that fails its proof ends the process, having run nothing)."""
     reader = FrameDecoder(P.MAX_FRAME_BYTES)
-    reader.feed(early)
     buf = bytearray(RECV_BYTES)
     done = 0
-    fresh = bool(early)  # frames the pool sent right behind its proof
+    proven = conn.ready
     while True:
-        if not fresh:
+        try:
+            n = sock.recv_into(buf)
+        except OSError:
+            return
+        if n == 0:
+            return
+        data: bytes | memoryview = memoryview(buf)[:n]
+        if not proven:
             try:
-                n = sock.recv_into(buf)
-            except OSError:
-                return
-            if n == 0:
-                return
-            reader.feed(memoryview(buf)[:n])
-        fresh = False
+                conn.receive_handshake(data)
+            except (AuthenticationError, RemoteProtocolError):
+                sys.exit(1)
+            if not conn.ready:
+                continue
+            proven, data = True, conn.leftover()
+        reader.feed(data)
         for kind, body in reader.frames():
             if kind == P.STOP:
                 return

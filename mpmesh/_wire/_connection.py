@@ -55,7 +55,7 @@ def _digest(key: bytes, label: bytes, nonce: bytes) -> bytes:
     # HMAC pads a short key with zero bytes and hashes a long one, which would make
     # b"k" and b"k\0" (or a long key and its hash) one key: the key's length goes in first.
     mac_key = hashlib.sha256(len(key).to_bytes(8, "big") + key).digest()
-    return hmac.new(mac_key, b"mpmesh-1 " + label + b" " + nonce, hashlib.sha256).digest()
+    return hmac.digest(mac_key, b"mpmesh-1 " + label + b" " + nonce, "sha256")
 
 
 class Connection:

@@ -27,6 +27,7 @@ from mpmesh._pool._results import MapResult
 from mpmesh._wire import _pool as P
 from mpmesh._wire._connection import Connection, Side
 from mpmesh._wire._frames import FrameDecoder
+from mpmesh._wire._messages import Challenge, encode
 from tests.conftest import wait_for
 from tests.integration import pool_workers as W
 
@@ -64,18 +65,18 @@ def connect(pool: mpmesh.Pool) -> socket.socket:
     return sock
 
 
-def prove(sock: socket.socket, token: bytes) -> None:
-    """Do a worker's half of the handshake on ``sock`` with ``token`` (AuthenticationError
-    if the pool's proof fails, or the pool refuses it)."""
-    conn = Connection(Side.PEER, token, os.urandom)
+def prove(sock: socket.socket, pool: mpmesh.Pool, token: bytes | None = None) -> None:
+    """Do a worker's half of the handshake on ``sock``: answer the pool's challenge with
+    ``token`` (the pool's own by default), then check the pool's proof
+    (AuthenticationError if it fails, or the pool hangs up on us)."""
+    conn = Connection(Side.PEER, pool._io.token if token is None else token, os.urandom)
+    sock.sendall(conn.receive_handshake(encode(Challenge(pool._io.challenge))))
     sock.settimeout(PROMPT_S)
     while not conn.ready:
         data = sock.recv(4096)
         if not data:
             raise AuthenticationError("the pool hung up during the handshake")
-        out = conn.receive_handshake(data)
-        if out:
-            sock.sendall(out)
+        conn.receive_handshake(data)
 
 
 def closed_by_peer(sock: socket.socket, within: float) -> bool:
@@ -199,7 +200,7 @@ def test_a_wrong_token_closes_only_that_connection(pool: mpmesh.Pool, tmp_path: 
     running, release = start_blocked_map(pool, tmp_path)
     with connect(pool) as stranger, caplog.at_level(logging.WARNING, logger="mpmesh.pool"):
         with pytest.raises(AuthenticationError):
-            prove(stranger, bytes(len(pool._io.token)))
+            prove(stranger, pool, bytes(len(pool._io.token)))
         assert closed_by_peer(stranger, PROMPT_S)
         assert wait_for(lambda: "without its token" in caplog.text)
     release.touch()
@@ -222,7 +223,7 @@ def test_a_hello_before_the_handshake_closes_the_connection(pool: mpmesh.Pool) -
 @pytest.mark.usefixtures("no_hello_deadline")
 def test_the_right_token_and_a_hello_join_only_under_a_name_the_pool_expects(pool: mpmesh.Pool) -> None:
     with connect(pool) as impostor:
-        prove(impostor, pool._io.token)
+        prove(impostor, pool)
         impostor.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + b"nobody-we-started"))
         assert closed_by_peer(impostor, PROMPT_S)
     assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
@@ -251,7 +252,7 @@ def test_garbage_before_hello_closes_only_that_connection(pool: mpmesh.Pool, tmp
 def test_a_connection_that_never_says_hello_is_closed_after_the_deadline(pool: mpmesh.Pool) -> None:
     opened = time.monotonic()
     with connect(pool) as silent, connect(pool) as halfway:
-        prove(halfway, pool._io.token)  # the token proven, but not a whole HELLO
+        prove(halfway, pool)  # the token proven, but not a whole HELLO
         halfway.sendall(P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + b"x")[:7])
         assert pool.map(W.square, range(20)) == [x * x for x in range(20)]
         assert closed_by_peer(silent, HELLO_DEADLINE_BOUND_S)
