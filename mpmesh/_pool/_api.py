@@ -99,7 +99,8 @@ class Pool:
             raise ValueError(f"start method must be one of {', '.join(START_METHODS)}, not {method!r}")
         self._processes = processes
         channel = listen_channel()
-        token, challenge = os.urandom(P.TOKEN_BYTES), os.urandom(P.TOKEN_BYTES)
+        token, challenge, nonce = (os.urandom(P.TOKEN_BYTES) for _ in range(3))
+        answer, proof = P.handshake_for_workers(token, challenge, nonce)
         home: Home | tuple[Supervisor, str]
         if master is None:
             # No Master, no broker: the pool's own zygote, forked before any thread of ours
@@ -112,7 +113,7 @@ class Pool:
                 raise
         else:
             home = master
-        procs = WorkerProcesses(home, (channel[0], token, challenge, initializer, tuple(initargs),
+        procs = WorkerProcesses(home, (channel[0], answer, proof, initializer, tuple(initargs),
                                              maxtasksperchild))
         names = [procs.next_name() for _ in range(processes)]
         try:

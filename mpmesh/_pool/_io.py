@@ -13,10 +13,10 @@ the callback thread, lazy inputs on the feeder thread.
 
 New connections prove the pool's token with the broker's handshake (``_wire._connection``:
 a challenge each way, keyed with the token) and then say who they are (``HELLO``: pid,
-name) before anything they send is unpickled. The pool's challenge reaches its workers
-the way the token does, through the fork, so a worker answers the moment it connects
-instead of waiting for this thread to accept it (that wait cost a fresh pool ~1 ms on
-one CPU); the pool still proves the token back before a worker reads anything it sends. Until then a connection is a stranger: one
+name) before anything they send is unpickled. A worker's half is computed by the pool
+and handed to it through the fork (``_wire._pool.handshake_for_workers``), so it
+answers the moment it connects; the pool still proves the token back before a worker
+reads anything it sends. Until then a connection is a stranger: one
 whose peer runs as another uid is closed at accept; the others may send only
 handshake-sized frames and a HELLO, must do it within the loop's
 ``HANDSHAKE_TIMEOUT_S``, and at most ``MAX_HANDSHAKING`` of them are held at once, so

@@ -16,6 +16,7 @@ the current chunk.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import os
 import pickle
@@ -26,13 +27,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._errors import AuthenticationError, RemoteProtocolError, SerializationError
+from .._errors import SerializationError
 from .._procs._child import RDHUP, Child, Detached, keep
 from .._wire import _codec
 from .._wire import _pool as P
-from .._wire._connection import Connection, Side
 from .._wire._frames import RECV_BYTES, FrameDecoder
-from .._wire._messages import Challenge, Goodbye, Message, Shutdown, encode
+from .._wire._messages import Goodbye, Message, Shutdown
 from ._local import LOCAL_TYPES
 
 __all__ = ["main"]
@@ -47,16 +47,19 @@ class _Undecodable(Exception):
     """A function or task that could not be unpickled here."""
 
 
-def main(child: Child | Detached, address: str | bytes, token: bytes, challenge: bytes,
+def main(child: Child | Detached, address: str | bytes, answer: bytes, proof: bytes,
          initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
          maxtasks: int | None) -> None:
-    """The target of every pool worker (runs in the child process)."""
+    """The target of every pool worker (runs in the child process). ``answer``: this
+    worker's half of the pool's handshake, ``proof``: the pool's, both computed by the
+    pool (``_wire._pool.handshake_for_workers``)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(address)
+        # The answer, and who we are right behind it: nothing to wait for.
+        sock.sendall(answer + P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + child.name.encode()))
     except OSError:
         sys.exit(1)  # the pool is already gone
-    conn = _answer(sock, token, challenge, P.frame(P.HELLO, P.HELLO_HEAD.pack(os.getpid()) + child.name.encode()))
     if isinstance(child, Child):
         _stop_on_shutdown(child, sock)
     elif not child.guarded:
@@ -70,21 +73,9 @@ def main(child: Child | Detached, address: str | bytes, token: bytes, challenge:
             sys.exit(1)
     _send(sock, P.frame(P.READY))
     try:
-        _serve(sock, maxtasks, conn)
+        _serve(sock, maxtasks, proof)
     finally:
         sock.close()
-
-
-def _answer(sock: socket.socket, token: bytes, challenge: bytes, hello: bytes) -> Connection:
-    """Answer the pool's challenge (given to us with the token, so nothing to wait for),
-    with ``hello`` right behind the answer. The pool's proof is checked in ``_serve``,
-    before anything it sends is read; the initializer runs meanwhile."""
-    conn = Connection(Side.PEER, token, os.urandom)
-    try:
-        sock.sendall(conn.receive_handshake(encode(Challenge(challenge))) + hello)
-    except OSError:
-        sys.exit(1)  # the pool is already gone
-    return conn
 
 
 def _stop_on_shutdown(child: Child, sock: socket.socket) -> None:
@@ -122,13 +113,13 @@ def _send(sock: socket.socket, data: bytes) -> None:
         sys.exit(0)  # the pool closed our channel: nothing left to do
 
 
-def _serve(sock: socket.socket, maxtasks: int | None, conn: Connection) -> None:
-    """Run what the pool sends until it says STOP or hangs up, once it has proven the
-    token (a pool that fails its proof ends the process, having run nothing)."""
+def _serve(sock: socket.socket, maxtasks: int | None, proof: bytes) -> None:
+    """Run what the pool sends until it says STOP or hangs up, once its first bytes are
+    the ``proof`` of the token (a pool that does not prove it ends the process, having
+    run nothing)."""
     reader = FrameDecoder(P.MAX_FRAME_BYTES)
     buf = bytearray(RECV_BYTES)
     done = 0
-    proven = conn.ready
     while True:
         try:
             n = sock.recv_into(buf)
@@ -136,15 +127,12 @@ def _serve(sock: socket.socket, maxtasks: int | None, conn: Connection) -> None:
             return
         if n == 0:
             return
-        data: bytes | memoryview = memoryview(buf)[:n]
-        if not proven:
-            try:
-                conn.receive_handshake(data)
-            except (AuthenticationError, RemoteProtocolError):
+        data = memoryview(buf)[:n]
+        if proof:
+            got = bytes(data[:len(proof)])
+            if not hmac.compare_digest(got, proof[:len(got)]):
                 sys.exit(1)
-            if not conn.ready:
-                continue
-            proven, data = True, conn.leftover()
+            proof, data = proof[len(got):], data[len(got):]
         reader.feed(data)
         for kind, body in reader.frames():
             if kind == P.STOP:

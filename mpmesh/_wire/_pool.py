@@ -25,7 +25,9 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from ._connection import Connection, Side
 from ._frames import HEADER
+from ._messages import Challenge, encode
 
 __all__ = [
     "BATCH",
@@ -55,6 +57,7 @@ __all__ = [
     "HEADER",
     "error_payload",
     "frame",
+    "handshake_for_workers",
     "pack_ids",
     "pack_pair",
     "result_frame",
@@ -104,6 +107,18 @@ ERROR: Final = 1       # payload: u32 n, n bytes of pickled (exception, tracebac
 ERROR_TEXT: Final = 2  # payload: the traceback text (the exception could not be pickled)
 UNSENDABLE: Final = 3  # payload: a pair (pack_pair): repr of why the result could not be pickled, repr of the result (UTF-8)
 UNREADABLE: Final = 4  # payload: why the task could not be unpickled (UTF-8)
+
+
+def handshake_for_workers(token: bytes, challenge: bytes, nonce: bytes) -> tuple[bytes, bytes]:
+    """A worker's half of the handshake, done by the pool, which knows the token and both
+    nonces: the answer a worker sends to ``challenge``, and the proof the pool sends back.
+    A fresh worker then sends and compares bytes: no hashing in a process whose every
+    first touch of an object copies a page."""
+    worker = Connection(Side.PEER, token, lambda n: nonce)
+    answer = worker.receive_handshake(encode(Challenge(challenge)))
+    pool = Connection(Side.BROKER, token, lambda n: challenge)
+    pool.initiate()
+    return answer, pool.receive_handshake(answer)
 
 
 class Blob:

@@ -13,6 +13,7 @@ import mpmesh._wire
 from mpmesh._errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from mpmesh._wire._connection import NONCE_BYTES, Connection, Phase, Side, _digest
 from mpmesh._wire._frames import HEADER, MAX_HANDSHAKE_FRAME_BYTES
+from mpmesh._wire._pool import handshake_for_workers
 from mpmesh._wire._messages import (
     Answer,
     Challenge,
@@ -307,3 +308,23 @@ def test_wire_modules_never_reference_a_deserializer(path: Path) -> None:
 
 def test_the_reference_check_can_fail() -> None:
     assert "pickle" in _referenced_modules(WIRE_DIR / "_codec.py")
+
+
+# -- a Pool's workers: their half of the handshake, computed by the pool ----------------------
+
+def test_the_pools_precomputed_handshake_is_the_brokers() -> None:
+    token, challenge, nonce = b"t" * 32, b"c" * 32, b"n" * 32
+    answer, proof = handshake_for_workers(token, challenge, nonce)
+    pool = Connection(Side.BROKER, token, lambda n: challenge)
+    pool.initiate()
+    assert pool.receive_handshake(answer) == proof and pool.ready
+    # The same answer to another pool's challenge, or under another token, is refused.
+    other = Connection(Side.BROKER, token, lambda n: b"x" * 32)
+    other.initiate()
+    with pytest.raises(AuthenticationError):
+        other.receive_handshake(answer)
+    forged, _ = handshake_for_workers(b"u" * 32, challenge, nonce)
+    pool = Connection(Side.BROKER, token, lambda n: challenge)
+    pool.initiate()
+    with pytest.raises(AuthenticationError):
+        pool.receive_handshake(forged)
