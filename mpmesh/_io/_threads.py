@@ -16,22 +16,26 @@ import os
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
 
 __all__ = ["WorkerThreads"]
 
 _Job = tuple[Callable[..., object], tuple[object, ...]]
 
-_pools: weakref.WeakSet[WorkerThreads] = weakref.WeakSet()
+# Bumped in a forked child: a pool whose generation is older holds its parent's threads
+# and jobs, and starts afresh on its next use. (Resetting every pool in the hook would cost
+# each fork, a pool's workers' among them, time in proportion to the pools ever made.)
+_generation = 0
+_fresh_lock = threading.Lock()
 
 
-def _forget_parents_threads() -> None:
-    for pool in list(_pools):
-        pool._reset()
+def _forked() -> None:
+    global _generation, _fresh_lock
+    _generation += 1
+    _fresh_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_parents_threads)
+os.register_at_fork(after_in_child=_forked)
 
 
 class WorkerThreads:
@@ -55,10 +59,10 @@ class WorkerThreads:
         self._idle_exit = idle_exit
         self._closed = False
         self._reset()
-        _pools.add(self)
 
     def _reset(self) -> None:
         """No thread and no job: a new pool, or a forked child's copy of one."""
+        self._gen = _generation
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when the last job finishes
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # None: a thread's cue to end
@@ -68,8 +72,16 @@ class WorkerThreads:
         self._waiters = 0  # retire() calls waiting for ``_idle``
         self._stops = 0  # cues to end in the current queue
 
+    def _forget_parent(self) -> None:
+        """In a forked child, on first use: the parent's threads and jobs are not ours."""
+        with _fresh_lock:
+            if self._gen != _generation:
+                self._reset()
+
     def submit(self, fn: Callable[..., object], /, *args: object) -> None:
         """Run ``fn(*args)`` on a pool thread; ignored once the pool is closed."""
+        if self._gen != _generation:
+            self._forget_parent()
         with self._lock:
             if self._closed:
                 return
@@ -84,6 +96,8 @@ class WorkerThreads:
 
     def start(self) -> None:
         """Start a thread now if none runs, for a caller that wants it before the first job."""
+        if self._gen != _generation:
+            self._forget_parent()
         with self._lock:
             if not self._threads and not self._closed:
                 self._start_locked()
@@ -97,19 +111,27 @@ class WorkerThreads:
 
     def pending(self) -> int:
         """Jobs submitted and not finished: queued or running."""
+        if self._gen != _generation:
+            self._forget_parent()
         return self._outstanding
 
     def queued(self) -> int:
         """Jobs waiting for a thread."""
+        if self._gen != _generation:
+            self._forget_parent()
         return max(0, self._queue.qsize() - self._stops)
 
     def is_worker(self) -> bool:
         """Whether the calling thread is one of this pool's."""
+        if self._gen != _generation:
+            self._forget_parent()
         return threading.current_thread() in self._threads
 
     def retire(self, timeout: float = 1.0) -> bool:
         """End every thread once idle (the next ``submit`` starts another); whether none is
         left. Refuses while jobs are queued, and waits up to ``timeout`` for a running one."""
+        if self._gen != _generation:
+            self._forget_parent()
         deadline = time.monotonic() + timeout
         with self._lock:
             if not self._threads:
@@ -135,6 +157,8 @@ class WorkerThreads:
         """Take no more jobs; the threads end once the queue is empty (``cancel``: queued
         jobs are dropped, running ones finish). ``wait``: join them (all but the calling
         one) for up to ``timeout`` in all."""
+        if self._gen != _generation:
+            self._forget_parent()
         with self._lock:
             self._closed = True
             if cancel:
