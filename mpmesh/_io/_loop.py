@@ -100,9 +100,6 @@ class BrokerLoop(Lending, Reactor[Peer]):
     def start(self, name: str = "mpmesh-broker") -> None:
         super().start(name)
 
-    def _crashed(self) -> None:  # pragma: no cover - a bug; make it loud, then fail peers
-        log.exception("broker loop crashed")
-
     def _timers(self) -> float | None:
         # Timers first, and the next deadline, under the lock (other threads push timers).
         ticked: tuple[list[Message], list[Notify]] | None = None

@@ -72,16 +72,17 @@ class WorkerThreads:
         self._waiters = 0  # retire() calls waiting for ``_idle``
         self._stops = 0  # cues to end in the current queue
 
-    def _forget_parent(self) -> None:
+    def _own(self) -> None:
         """In a forked child, on first use: the parent's threads and jobs are not ours."""
-        with _fresh_lock:
-            if self._gen != _generation:
-                self._reset()
+        if self._gen != _generation:
+            with _fresh_lock:
+                if self._gen != _generation:
+                    self._reset()
 
     def submit(self, fn: Callable[..., object], /, *args: object) -> None:
         """Run ``fn(*args)`` on a pool thread; ignored once the pool is closed."""
-        if self._gen != _generation:
-            self._forget_parent()
+        if self._gen != _generation:  # checked inline: the hot path
+            self._own()
         with self._lock:
             if self._closed:
                 return
@@ -96,8 +97,7 @@ class WorkerThreads:
 
     def start(self) -> None:
         """Start a thread now if none runs, for a caller that wants it before the first job."""
-        if self._gen != _generation:
-            self._forget_parent()
+        self._own()
         with self._lock:
             if not self._threads and not self._closed:
                 self._start_locked()
@@ -111,27 +111,23 @@ class WorkerThreads:
 
     def pending(self) -> int:
         """Jobs submitted and not finished: queued or running."""
-        if self._gen != _generation:
-            self._forget_parent()
+        self._own()
         return self._outstanding
 
     def queued(self) -> int:
         """Jobs waiting for a thread."""
-        if self._gen != _generation:
-            self._forget_parent()
+        self._own()
         return max(0, self._queue.qsize() - self._stops)
 
     def is_worker(self) -> bool:
         """Whether the calling thread is one of this pool's."""
-        if self._gen != _generation:
-            self._forget_parent()
+        self._own()
         return threading.current_thread() in self._threads
 
     def retire(self, timeout: float = 1.0) -> bool:
         """End every thread once idle (the next ``submit`` starts another); whether none is
         left. Refuses while jobs are queued, and waits up to ``timeout`` for a running one."""
-        if self._gen != _generation:
-            self._forget_parent()
+        self._own()
         deadline = time.monotonic() + timeout
         with self._lock:
             if not self._threads:
@@ -157,8 +153,7 @@ class WorkerThreads:
         """Take no more jobs; the threads end once the queue is empty (``cancel``: queued
         jobs are dropped, running ones finish). ``wait``: join them (all but the calling
         one) for up to ``timeout`` in all."""
-        if self._gen != _generation:
-            self._forget_parent()
+        self._own()
         with self._lock:
             self._closed = True
             if cancel:
